@@ -1,0 +1,159 @@
+"""argv -> Settings, with websockify 0.13's spelling; no behaviour here."""
+
+import argparse
+import os
+import sys
+from typing import List, Optional, Tuple
+
+from websockify import __version__
+from websockify.errors import EXIT_USAGE
+from websockify.settings import OPTIONS, Settings
+
+USAGE = """
+    %(prog)s [options] [source_addr:]source_port target_addr:target_port
+    %(prog)s [options] --token-plugin=CLASS [source_addr:]source_port
+    %(prog)s [options] --unix-target=FILE [source_addr:]source_port
+    %(prog)s [options] [source_addr:]source_port -- WRAP_COMMAND_LINE"""
+
+
+class UsageError(Exception):
+    """A command line that cannot run; printed with the usage, exit 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="websockify", usage=USAGE.lstrip("\n"),
+        description="WebSockets to TCP socket bridge.")
+    parser.add_argument("--version", action="version",
+                        version="websockify %s" % __version__)
+    for opt in OPTIONS:
+        kwargs = {"dest": opt.dest, "help": opt.help}
+        if opt.pending:
+            kwargs["help"] = "%s (not supported yet)" % opt.help
+        if opt.kind == "flag":
+            kwargs["action"] = "store_true"
+        else:
+            # Defaults are applied after parsing so that an explicitly given
+            # option can be told from its default.
+            kwargs["default"] = None
+            if opt.metavar:
+                kwargs["metavar"] = opt.metavar
+            if opt.kind == "int":
+                kwargs["type"] = int
+            elif opt.kind == "float":
+                kwargs["type"] = float
+            elif opt.kind == "choice":
+                kwargs["choices"] = list(opt.choices)
+            if opt.default is not None and opt.kind != "flag":
+                kwargs["help"] += " (default: %s)" % (opt.default,)
+        parser.add_argument(*opt.flags, **kwargs)
+    parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+    return parser
+
+
+def _split_address(text: str, what: str) -> Tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or a bare port -> (host, port)."""
+    if ":" in text:
+        host, port = text.rsplit(":", 1)
+        host = host.strip("[]")
+    else:
+        host, port = "", text
+    try:
+        number = int(port)
+    except ValueError:
+        raise UsageError("Error parsing %s port: %r" % (what, port)) from None
+    if not 0 <= number <= 65535:
+        raise UsageError("%s port out of range: %d" % (what.capitalize(), number))
+    return host, number
+
+
+def parse_args(argv: List[str]) -> Settings:
+    """Parse ``argv`` (without the program name) into Settings."""
+    wrap_cmd: Optional[List[str]] = None
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, wrap_cmd = argv[:cut], argv[cut + 1:]
+        if not wrap_cmd:
+            raise UsageError("'--' must be followed by the command line to wrap")
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    values = vars(namespace)
+    args: List[str] = values.pop("args")
+
+    explicit = {opt.dest for opt in OPTIONS
+                if values.get(opt.dest) not in (None, False)}
+    for opt in OPTIONS:
+        if values.get(opt.dest) is None:
+            values[opt.dest] = opt.default if opt.kind != "flag" else False
+
+    for opt in OPTIONS:
+        if opt.pending and opt.dest in explicit:
+            raise UsageError("%s: %s is not supported yet" % (opt.flags[-1], opt.pending))
+    if wrap_cmd is not None:
+        raise UsageError("-- WRAP_COMMAND_LINE: wrapping a program is not supported yet")
+
+    _check_values(values)
+    settings = Settings(options=values, wrap_cmd=wrap_cmd)
+
+    if values["inetd"] or values["unix_listen"]:
+        if values["inetd"] and values["unix_listen"]:
+            raise UsageError("--inetd and --unix-listen cannot be used together")
+    else:
+        if not args:
+            raise UsageError("Too few arguments")
+        settings.listen_host, settings.listen_port = _split_address(args.pop(0), "listen")
+
+    if values["unix_target"]:
+        pass
+    else:
+        if not args:
+            raise UsageError("Too few arguments")
+        target = args.pop(0)
+        if ":" not in target:
+            raise UsageError("Error parsing target: %r" % target)
+        settings.target_host, settings.target_port = _split_address(target, "target")
+        if not settings.target_host:
+            raise UsageError("Error parsing target: %r" % target)
+    if args:
+        raise UsageError("Too many arguments")
+
+    if values["unix_listen_mode"] is not None:
+        try:
+            values["unix_listen_mode"] = int(values["unix_listen_mode"], 8)
+        except ValueError:
+            raise UsageError("Error parsing listen unix socket mode") from None
+    else:
+        values["unix_listen_mode"] = 0o600
+    # The daemon changes directory; keep every path the user gave us usable.
+    for dest in ("web", "log_file", "pid_file", "unix_listen", "unix_target"):
+        if values[dest]:
+            values[dest] = os.path.abspath(values[dest])
+    return settings
+
+
+def _check_values(values: dict) -> None:
+    for dest in ("timeout", "idle_timeout", "heartbeat", "graceful_timeout"):
+        if values[dest] < 0:
+            raise UsageError("--%s must not be negative" % dest.replace("_", "-"))
+    if values["connect_timeout"] <= 0:
+        raise UsageError("--connect-timeout must be positive")
+    if values["workers"] is not None and values["workers"] < 1:
+        raise UsageError("--workers must be at least 1")
+    if values["worker_connections"] is not None and values["worker_connections"] < 1:
+        raise UsageError("--worker-connections must be at least 1")
+    if values["max_frame_size"] < 126:
+        raise UsageError("--max-frame-size must be at least 126 bytes")
+    if values["web"] and not os.path.isdir(values["web"]):
+        raise UsageError("--web: %s is not a directory" % values["web"])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = parse_args(argv)
+    except UsageError as exc:
+        sys.stderr.write("%s\nwebsockify: error: %s\n" % (
+            USAGE.strip("\n").replace("%(prog)s", "websockify"), exc))
+        return EXIT_USAGE
+    from websockify.master import Master
+    return Master(settings).run()

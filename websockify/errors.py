@@ -1,0 +1,85 @@
+"""Errors that carry their own HTTP status or WebSocket close code, and the
+process exit codes the master uses.
+
+Exceptions are mapped to an answer in one place (the handshake handler for
+HTTP statuses, the relay for close codes), so code that refuses a session
+only has to raise.
+"""
+
+from typing import Iterable, Optional, Tuple
+
+# Process exit statuses (also documented in man/websockify.1).
+EXIT_OK = 0
+EXIT_FAILURE = 1        # an unexpected error in the master
+EXIT_USAGE = 2          # bad command line
+EXIT_WORKER_BOOT = 3    # a worker could not start: respawning would loop forever
+EXIT_LISTEN = 4         # the listening socket could not be opened
+EXIT_CONFIG = 5         # a file or setting named on the command line is unusable
+
+
+class HTTPError(Exception):
+    """Refuse a request before any upgrade with an HTTP status and a short body."""
+
+    def __init__(self, status: int, reason: str, text: Optional[str] = None,
+                 headers: Iterable[Tuple[str, str]] = ()):
+        super().__init__(text or reason)
+        self.status = status
+        self.reason = reason
+        self.text = text or reason
+        self.headers = list(headers)
+
+    @property
+    def status_line(self) -> str:
+        return "%d %s" % (self.status, self.reason)
+
+
+class BadRequest(HTTPError):
+    def __init__(self, text: str, headers: Iterable[Tuple[str, str]] = ()):
+        super().__init__(400, "Bad Request", text, headers)
+
+
+class BadGateway(HTTPError):
+    def __init__(self, text: str):
+        super().__init__(502, "Bad Gateway", text)
+
+
+class GatewayTimeout(HTTPError):
+    def __init__(self, text: str):
+        super().__init__(504, "Gateway Timeout", text)
+
+
+class HeaderTooLarge(HTTPError):
+    def __init__(self, limit: int):
+        super().__init__(431, "Request Header Fields Too Large",
+                         "request header block exceeds %d bytes" % limit)
+
+
+class WebSocketError(Exception):
+    """A WebSocket protocol failure; the session is closed with close_code."""
+
+    close_code = 1002
+
+    def __init__(self, reason: str, close_code: Optional[int] = None):
+        super().__init__(reason)
+        self.reason = reason
+        if close_code is not None:
+            self.close_code = close_code
+
+
+class ProtocolError(WebSocketError):
+    close_code = 1002
+
+
+class InvalidPayload(WebSocketError):
+    """Text that is not UTF-8 (close 1007)."""
+    close_code = 1007
+
+
+class MessageTooBig(WebSocketError):
+    close_code = 1009
+
+
+class ConfigError(Exception):
+    """A setting that cannot work; the master exits with EXIT_CONFIG."""
+
+    exit_code = EXIT_CONFIG

@@ -1,0 +1,349 @@
+"""The HTTP side of a connection: request head, upgrade checks, refusals.
+
+A subclass of gevent-websocket's handler (itself a gevent pywsgi handler)
+that reads the request head under a byte budget and a deadline, validates
+the WebSocket upgrade itself (gevent-websocket crashes on a key that is not
+base64 and has no header limit), maps every ``HTTPError`` to a response with
+one log line, and hands an accepted WebSocket to the proxy service.  Plain
+requests go to the WSGI application: static files or 405.
+"""
+
+import base64
+import binascii
+import hashlib
+import logging
+import socket
+from io import BytesIO
+from typing import Optional
+
+import gevent
+from gevent.pywsgi import WSGIHandler
+from geventwebsocket.handler import WebSocketHandler
+
+from websockify.errors import BadRequest, HeaderTooLarge, HTTPError
+from websockify.websocket import GUID, SUPPORTED_VERSIONS
+
+log = logging.getLogger("websockify")
+
+HEADER_LIMIT = 16 * 1024
+HANDSHAKE_TIMEOUT = 10.0
+_READ_SIZE = 4096
+
+
+class ClientGone(Exception):
+    """The client closed or reset the connection before its request was complete."""
+
+
+class HeadReader:
+    """Reads the request head under a byte budget and keeps what follows it.
+
+    Stands in for pywsgi's ``rfile``: the bytes after the head (a request
+    body, or WebSocket frames a client sends before seeing the 101) stay in
+    ``buffer`` for whoever reads next.
+    """
+
+    def __init__(self, sock, limit: int = HEADER_LIMIT):
+        self.sock = sock
+        self.limit = limit
+        self.buffer = b""
+        self.closed = False
+
+    def read_head(self) -> Optional[bytes]:
+        """The head up to and without the blank line; None if the client sent nothing."""
+        data = self.buffer
+        searched = 0
+        while True:
+            end = data.find(b"\r\n\r\n", max(0, searched - 3))
+            if end >= 0:
+                if end + 4 > self.limit:
+                    raise HeaderTooLarge(self.limit)
+                self.buffer = data[end + 4:]
+                return data[:end]
+            # Tolerate bare LF line endings from hand-written clients.
+            end = data.find(b"\n\n", max(0, searched - 1))
+            if end >= 0:
+                self.buffer = data[end + 2:]
+                return data[:end]
+            if len(data) > self.limit:
+                raise HeaderTooLarge(self.limit)
+            searched = len(data)
+            try:
+                chunk = self.sock.recv(_READ_SIZE)
+            except OSError as exc:
+                raise ClientGone(exc.strerror or str(exc)) from None
+            if not chunk:
+                if not data:
+                    return None
+                raise ClientGone("connection closed after %d bytes of request head" % len(data))
+            data += chunk
+
+    def take_buffer(self) -> bytes:
+        data, self.buffer = self.buffer, b""
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        if self.buffer:
+            if size < 0 or size >= len(self.buffer):
+                return self.take_buffer()
+            data, self.buffer = self.buffer[:size], self.buffer[size:]
+            return data
+        if size == 0:
+            return b""
+        return self.sock.recv(size if size > 0 else 65536)
+
+    def readline(self, size: int = -1) -> bytes:
+        line = b""
+        while not line.endswith(b"\n") and (size < 0 or len(line) < size):
+            want = -1 if size < 0 else size - len(line)
+            if not self.buffer:
+                chunk = self.sock.recv(_READ_SIZE)
+                if not chunk:
+                    break
+                self.buffer = chunk
+            cut = self.buffer.find(b"\n")
+            cut = len(self.buffer) if cut < 0 else cut + 1
+            if want >= 0:
+                cut = min(cut, want)
+            line += self.buffer[:cut]
+            self.buffer = self.buffer[cut:]
+        return line
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def response_bytes(status_line: str, text: str, headers=()) -> bytes:
+    body = (text + "\n").encode("utf-8", "replace")
+    lines = ["HTTP/1.1 %s" % status_line,
+             "Content-Type: text/plain; charset=utf-8",
+             "Content-Length: %d" % len(body),
+             "Connection: close"]
+    lines += ["%s: %s" % (name, value) for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def accept_key(key: str) -> str:
+    digest = hashlib.sha1((key + GUID).encode("latin-1")).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def choose_subprotocol(offer: Optional[str]) -> Optional[str]:
+    """``binary`` wherever the client lists it; otherwise none is chosen."""
+    if not offer:
+        return None
+    protocols = [item.strip() for item in offer.split(",")]
+    if "binary" in protocols:
+        return "binary"
+    return None
+
+
+def is_upgrade_request(environ: dict) -> bool:
+    if environ.get("REQUEST_METHOD") != "GET":
+        return False
+    if environ.get("HTTP_UPGRADE", "").strip().lower() != "websocket":
+        return False
+    tokens = [t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(",")]
+    return "upgrade" in tokens
+
+
+class Handler(WebSocketHandler):
+    """One client connection until it is upgraded, refused or done."""
+
+    def __init__(self, sock, address, server):  # pylint: disable=super-init-not-called
+        # pywsgi would wrap the socket in a buffered file; ours keeps the budget.
+        self.socket = sock
+        self.client_address = address
+        self.server = server
+        self.rfile = HeadReader(sock)
+        self.detached = False
+        self._header_block = b""
+        self._logged_refusal = False
+
+    @property
+    def peer(self) -> str:
+        address = self.client_address
+        if isinstance(address, tuple) and address:
+            host = address[0]
+            return "[%s]:%s" % (host, address[1]) if ":" in host else "%s:%s" % address[:2]
+        return "unix-client"
+
+    # -- reading the request ---------------------------------------------
+
+    def handle_one_request(self):
+        if self.rfile.closed:
+            return None
+        try:
+            with gevent.Timeout(HANDSHAKE_TIMEOUT, HTTPError(
+                    408, "Request Timeout",
+                    "request head not received within %g s" % HANDSHAKE_TIMEOUT)):
+                head = self.rfile.read_head()
+        except HTTPError as exc:
+            return self._refusal(exc, "?")
+        except ClientGone as exc:
+            log.info("%s: client disconnected during the handshake: %s", self.peer, exc)
+            return None
+        if head is None:
+            return None
+        line, _, self._header_block = head.partition(b"\n")
+        self.requestline = line.rstrip(b"\r").decode("latin-1")
+        self.response_length = 0
+        try:
+            self.read_request(self.requestline)
+        except HTTPError as exc:
+            return self._refusal(exc, self.requestline)
+        except Exception as exc:  # pywsgi raises ValueError subclasses for bad input
+            message = getattr(exc, "formatted_message", None) or str(exc) or type(exc).__name__
+            return self._refusal(BadRequest("malformed HTTP request: %s" % message),
+                                 self.requestline)
+        self.environ = self.get_environ()
+        self.application = self.server.application
+        self.handle_one_response()
+        if self.close_connection or self.detached:
+            return None
+        return True
+
+    def read_request(self, raw_requestline):
+        if not raw_requestline.isprintable():
+            raise BadRequest("request line is not printable text")
+        # pywsgi parses the headers from rfile; give it the block we read.
+        rfile, self.rfile = self.rfile, BytesIO(self._header_block.lstrip(b"\r\n")
+                                                + b"\r\n\r\n")
+        try:
+            return WSGIHandler.read_request(self, raw_requestline)
+        finally:
+            self.rfile = rfile
+
+    def get_environ(self):
+        environ = WSGIHandler.get_environ(self)
+        environ["RAW_URI"] = self.path
+        return environ
+
+    def _refusal(self, exc: HTTPError, what: str):
+        log.info("%s: refused %r: %d %s", self.peer, what[:200], exc.status, exc.text)
+        self._logged_refusal = True
+        self.close_connection = True
+        return exc.status_line, response_bytes(exc.status_line, exc.text, exc.headers)
+
+    def handle(self):
+        try:
+            while self.socket is not None:
+                result = self.handle_one_request()
+                if result is None:
+                    break
+                if result is True:
+                    continue
+                self.status, body = result
+                self._send_and_close(body)
+                break
+        finally:
+            if self.socket is not None:
+                try:
+                    self.socket.close()
+                except OSError:
+                    pass
+                self.socket = None
+            self.rfile = None
+
+    def _send_and_close(self, body: bytes) -> None:
+        """Send a refusal, then let the client read it before the socket closes.
+
+        Closing with unread request bytes would make the kernel send a reset
+        that can destroy the response in flight, so read them out briefly.
+        """
+        sock = self.socket
+        if sock is None:
+            return
+        self.socket = None
+        self.headers_sent = True
+        self.close_connection = True
+        try:
+            sock.sendall(body)
+            sock.shutdown(socket.SHUT_WR)
+            with gevent.Timeout(1.0, False):
+                drained = 0
+                while drained < 256 * 1024:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    drained += len(chunk)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    # -- answering ---------------------------------------------------------
+
+    def run_application(self):
+        if is_upgrade_request(self.environ):
+            try:
+                self._upgrade()
+            except HTTPError as exc:
+                self.status, body = self._refusal(exc, self.requestline)
+                self._send_and_close(body)
+            return
+        WSGIHandler.run_application(self)
+
+    def _upgrade(self) -> None:
+        environ = self.environ
+        if self.request_version != "HTTP/1.1":
+            raise BadRequest("WebSocket upgrade needs HTTP/1.1, got %s" % self.request_version)
+        version = environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip()
+        if version not in SUPPORTED_VERSIONS:
+            what = ("unsupported WebSocket version %r" % version if version
+                    else "missing Sec-WebSocket-Version")
+            raise BadRequest("%s; supported versions: %s" % (what, ", ".join(SUPPORTED_VERSIONS)),
+                             [("Sec-WebSocket-Version", ", ".join(SUPPORTED_VERSIONS))])
+        key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
+        if not key:
+            raise BadRequest("missing Sec-WebSocket-Key")
+        try:
+            raw_key = base64.b64decode(key, validate=True)
+        except (binascii.Error, ValueError):
+            raw_key = b""
+        if len(raw_key) != 16:
+            raise BadRequest("invalid Sec-WebSocket-Key: must be 16 bytes in base64")
+        protocol = choose_subprotocol(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"))
+        service = self.server.service
+        session = service.open_target(self)          # may raise 502/504
+        headers = ["HTTP/1.1 101 Switching Protocols",
+                   "Upgrade: websocket",
+                   "Connection: Upgrade",
+                   "Sec-WebSocket-Accept: %s" % accept_key(key)]
+        if protocol:
+            headers.append("Sec-WebSocket-Protocol: %s" % protocol)
+        try:
+            self.socket.sendall(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"))
+        except OSError as exc:
+            session.abandon()
+            log.info("%s: client disconnected during the handshake: %s",
+                     self.peer, exc.strerror or exc)
+            self.close_connection = True
+            return
+        self.status = "101 Switching Protocols"
+        self.headers_sent = True
+        self.close_connection = True
+        early = self.rfile.take_buffer()
+        client = self._detach()
+        service.start_session(session, client, early, self)
+
+    def _detach(self) -> socket.socket:
+        """Take the client socket away from gevent; the relay owns it now."""
+        gsock = self.socket
+        family, type_, proto = gsock.family, gsock.type, gsock.proto
+        fd = gsock.detach()
+        self.socket = None
+        self.detached = True
+        sock = socket.socket(family, type_, proto, fileno=fd)
+        sock.setblocking(False)
+        return sock
+
+    def log_request(self):
+        if self.detached or self.status is None:
+            return
+        status = str(self.status)
+        if status[:3] in ("101",):
+            return
+        if self._logged_refusal:
+            return
+        length = self.response_length or "-"
+        log.info("%s: \"%s\" %s %s", self.peer, self.requestline, status.split(" ", 1)[0], length)

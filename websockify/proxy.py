@@ -1,0 +1,141 @@
+"""One session: pick the target, connect to it before the 101, start the relay.
+
+The service is created once per worker; the handshake handler calls
+``open_target`` (which refuses with 502/504) and then ``start_session``.
+"""
+
+import errno
+import logging
+import socket
+import time
+from typing import Callable, Optional
+
+import gevent
+from gevent import socket as gsocket
+
+from websockify.errors import BadGateway, GatewayTimeout
+from websockify.relay import Relay
+from websockify.sockets import tune_stream
+
+log = logging.getLogger("websockify")
+
+
+class Target:
+    """Where one session goes, and the connected socket once it is open."""
+
+    __slots__ = ("host", "port", "unix_path", "sock")
+
+    def __init__(self, host: Optional[str] = None, port: Optional[int] = None,
+                 unix_path: Optional[str] = None):
+        self.host = host
+        self.port = port
+        self.unix_path = unix_path
+        self.sock = None
+
+    def __str__(self) -> str:
+        if self.unix_path:
+            return "unix:%s" % self.unix_path
+        host = self.host or ""
+        return "[%s]:%s" % (host, self.port) if ":" in host else "%s:%s" % (host, self.port)
+
+    def abandon(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class ProxyService:
+    """Per-worker session factory and registry of live relays."""
+
+    def __init__(self, settings, loop, *, on_session_end: Callable[[], None],
+                 traffic: Optional[Callable[[str], None]] = None):
+        self.settings = settings
+        self.loop = loop
+        self.on_session_end = on_session_end
+        self.traffic = traffic
+        self.relays = set()
+        self.sessions_done = 0
+        self.server = None     # the BridgeServer, which counts connections
+
+    # -- before the 101 ----------------------------------------------------
+
+    def pick_target(self, handler) -> Target:
+        settings = self.settings
+        if settings.unix_target:
+            return Target(unix_path=settings.unix_target)
+        return Target(settings.target_host, settings.target_port)
+
+    def open_target(self, handler) -> Target:
+        """Connect to the session's target or raise 502/504."""
+        target = self.pick_target(handler)
+        timeout = self.settings.connect_timeout
+        try:
+            if target.unix_path:
+                sock = gsocket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(timeout)
+                try:
+                    sock.connect(target.unix_path)
+                except BaseException:
+                    sock.close()
+                    raise
+            else:
+                sock = gsocket.create_connection((target.host, target.port), timeout=timeout)
+        except socket.timeout:
+            raise GatewayTimeout("target %s did not accept the connection within %g s"
+                                 % (target, timeout)) from None
+        except socket.gaierror as exc:
+            raise BadGateway("cannot resolve target %s: %s" % (target, exc.strerror)) from None
+        except OSError as exc:
+            if exc.errno == errno.ETIMEDOUT:
+                raise GatewayTimeout("connecting to target %s timed out" % target) from None
+            raise BadGateway("cannot connect to target %s: %s"
+                             % (target, exc.strerror or exc)) from None
+        tune_stream(sock)
+        family, type_, proto = sock.family, sock.type, sock.proto
+        target.sock = socket.socket(family, type_, proto, fileno=sock.detach())
+        target.sock.setblocking(False)
+        return target
+
+    # -- after the 101 -------------------------------------------------------
+
+    def start_session(self, target: Target, client: socket.socket, early: bytes,
+                      handler) -> Relay:
+        tune_stream(client)
+        label = "%s %s -> %s" % (handler.peer, handler.environ.get("RAW_URI", "/"), target)
+        log.debug("%s: session opened (protocol %s)", label,
+                  handler.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "-"))
+        relay = Relay(self.loop, client, target.sock, label=label,
+                      on_finish=self._finished,
+                      max_frame_size=self.settings.max_frame_size,
+                      heartbeat=self.settings.heartbeat,
+                      traffic=self.traffic)
+        target.sock = None
+        self.relays.add(relay)
+        self.server.session_started()
+        relay.start(early)
+        return relay
+
+    def _finished(self, relay: Relay) -> None:
+        self.relays.discard(relay)
+        self.sessions_done += 1
+        stats = relay.stats
+        code = stats.close_code
+        reason = (" %s" % stats.close_reason) if stats.close_reason else ""
+        log.info("%s: closed (%s%s) after %.1fs, %d bytes from client, %d bytes to client",
+                 relay.label, code if code is not None else "-", reason,
+                 time.time() - stats.started, stats.from_client, stats.to_client)
+        self.server.release()
+        self.on_session_end()
+
+    def shutdown_all(self, code: int = 1001, reason: str = "Server shutting down") -> None:
+        for relay in list(self.relays):
+            relay.shutdown(code, reason)
+
+    def wait_empty(self, timeout: Optional[float]) -> bool:
+        """Wait until no relay is left; False if the timeout passed first."""
+        deadline = None if timeout is None else time.time() + timeout
+        while self.relays:
+            if deadline is not None and time.time() >= deadline:
+                return False
+            gevent.sleep(0.05)
+        return True

@@ -1,0 +1,350 @@
+"""The two pumps of one session, driven by the event loop.
+
+After the 101 the session needs no greenlet: each socket gets a read and a
+write watcher on the worker's gevent loop and the callbacks move bytes
+directly.  That keeps an idle session at a few KiB (two greenlets would
+cost about 16 KiB) and avoids a greenlet switch per chunk.
+
+Flow control: a side is only read while the opposite side has nothing
+queued, so each direction holds at most one read chunk (plus a few control
+frames) in memory, and a client that stops reading makes us stop reading
+the target.
+"""
+
+import errno
+import logging
+import socket
+import time
+from typing import Callable, List, Optional
+
+from websockify.errors import WebSocketError
+from websockify.websocket import (OP_CLOSE, OP_PING, OP_PONG, FrameParser,
+                                  binary_header, close_payload, encode_frame,
+                                  parse_close_payload)
+
+log = logging.getLogger("websockify")
+
+READ_CHUNK = 256 * 1024
+# Pongs and other control frames may queue for a client that does not read;
+# past this many bytes we stop reading its pings.
+CONTROL_BACKLOG = 64 * 1024
+CLOSE_TIMEOUT = 5.0        # seconds to wait for the client's close reply
+_IOV_MAX = 512
+_RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+
+_READ = 1
+_WRITE = 2
+
+
+def _start(watcher, *args) -> None:
+    if not watcher.active:
+        watcher.start(*args)
+
+
+def _stop(watcher) -> None:
+    if watcher.active:
+        watcher.stop()
+
+
+class _Leg:
+    """One socket of the session with its watchers and its output queue."""
+
+    __slots__ = ("sock", "reader", "writer", "out", "out_bytes", "open", "plain")
+
+    def __init__(self, loop, sock: socket.socket):
+        self.sock = sock
+        fd = sock.fileno()
+        self.reader = loop.io(fd, _READ)
+        self.writer = loop.io(fd, _WRITE)
+        self.out: List[bytes] = []
+        self.out_bytes = 0
+        self.open = True
+        # sendmsg gathers header and payload without a copy; TLS sockets lack it.
+        self.plain = type(sock) is socket.socket
+
+    def queue(self, data) -> None:
+        if data:
+            self.out.append(data)
+            self.out_bytes += len(data)
+
+    def flush(self) -> bool:
+        """Send what is queued; True when the queue is empty."""
+        out = self.out
+        sock = self.sock
+        while out:
+            try:
+                if self.plain and len(out) > 1:
+                    sent = sock.sendmsg(out[:_IOV_MAX])
+                else:
+                    sent = sock.send(out[0])
+            except (BlockingIOError, InterruptedError):
+                return False
+            self.out_bytes -= sent
+            while sent:
+                head = out[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    del out[0]
+                else:
+                    out[0] = memoryview(head)[sent:]
+                    sent = 0
+        return True
+
+    def close(self) -> None:
+        if not self.open:
+            return
+        self.open = False
+        self.reader.stop()
+        self.writer.stop()
+        self.out = []
+        self.out_bytes = 0
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class SessionStats:
+    """What the session log line reports."""
+
+    __slots__ = ("started", "from_client", "to_client", "close_code", "close_reason")
+
+    def __init__(self):
+        self.started = time.time()
+        self.from_client = 0      # payload bytes received from the browser
+        self.to_client = 0        # payload bytes sent to the browser
+        self.close_code: Optional[int] = None
+        self.close_reason = ""
+
+
+class Relay:
+    """Bridge a WebSocket client socket and a TCP target socket."""
+
+    __slots__ = ("loop", "client", "target", "parser", "stats", "on_finish",
+                 "traffic", "label", "close_sent", "close_received",
+                 "target_eof", "finished", "_close_timer", "_heartbeat")
+
+    def __init__(self, loop, client_sock: socket.socket, target_sock: socket.socket,
+                 *, label: str, on_finish: Callable[["Relay"], None],
+                 max_frame_size: int, heartbeat: float = 0,
+                 traffic: Optional[Callable[[str], None]] = None):
+        self.loop = loop
+        self.client = _Leg(loop, client_sock)
+        self.target = _Leg(loop, target_sock)
+        self.parser = FrameParser(self._client_data, self._client_control,
+                                  max_frame_size=max_frame_size)
+        self.stats = SessionStats()
+        self.on_finish = on_finish
+        self.traffic = traffic
+        self.label = label
+        self.close_sent = False
+        self.close_received = False
+        self.target_eof = False
+        self.finished = False
+        self._close_timer = None
+        self._heartbeat = None
+        if heartbeat > 0:
+            self._heartbeat = loop.timer(heartbeat, heartbeat)
+
+    def start(self, early_data: bytes = b"") -> None:
+        """Begin pumping; ``early_data`` is what the client sent after its request."""
+        if self._heartbeat is not None:
+            self._heartbeat.start(self._guard, self._send_heartbeat)
+        if early_data:
+            self._guard(self._consume_client, early_data)
+        else:
+            self._guard(self._update)
+
+    # -- plumbing ------------------------------------------------------
+
+    def _guard(self, func, *args) -> None:
+        """Run a callback; an unexpected error ends this session only (1011)."""
+        try:
+            func(*args)
+        except Exception:
+            log.exception("%s: internal error", self.label)
+            try:
+                self._fail(1011, "Internal error")
+            except Exception:
+                self._finish()
+
+    def _update(self) -> None:
+        """Flush both queues, then choose which watchers run."""
+        if self.finished:
+            return
+        client, target = self.client, self.target
+        closing = self.close_sent or self.close_received
+        if target.open:
+            if target.flush():
+                _stop(target.writer)
+                if closing:
+                    # What the client sent before its close has reached the target.
+                    target.close()
+            else:
+                _start(target.writer, self._guard, self._on_target_writable)
+        if client.flush():
+            _stop(client.writer)
+            if self.close_sent and self.close_received and not target.open:
+                self._finish()
+                return
+        else:
+            _start(client.writer, self._guard, self._on_client_writable)
+        # Read the target only while the client's queue is empty.
+        if target.open and not self.close_sent and not client.out:
+            _start(target.reader, self._guard, self._on_target_readable)
+        elif target.open:
+            _stop(target.reader)
+        # Read the client while the target keeps up and pongs don't pile up.
+        if (not self.close_received and not target.out
+                and client.out_bytes < CONTROL_BACKLOG):
+            _start(client.reader, self._guard, self._on_client_readable)
+        else:
+            _stop(client.reader)
+
+    # -- client -> target ----------------------------------------------
+
+    def _on_client_readable(self) -> None:
+        try:
+            data = self.client.sock.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._abort("client connection error: %s" % (exc.strerror or exc))
+            return
+        if not data:
+            self._abort("client closed the connection without a close frame")
+            return
+        self._consume_client(data)
+
+    def _consume_client(self, data: bytes) -> None:
+        if self.traffic:
+            self.traffic("}")
+        try:
+            self.parser.feed(data)
+        except WebSocketError as exc:
+            log.info("%s: protocol error from client: %s (closing %d)",
+                     self.label, exc.reason, exc.close_code)
+            self._fail(exc.close_code, exc.reason)
+            return
+        self._update()
+
+    def _client_data(self, chunk: bytes, opcode: int) -> None:
+        if self.close_received or not self.target.open:
+            return
+        self.stats.from_client += len(chunk)
+        self.target.queue(chunk)
+        if self.traffic:
+            self.traffic(">")
+
+    def _client_control(self, opcode: int, payload: bytes) -> None:
+        if opcode == OP_PING:
+            if not self.close_sent:
+                self.client.queue(encode_frame(OP_PONG, payload))
+        elif opcode == OP_CLOSE:
+            code, reason = parse_close_payload(payload)
+            self.close_received = True
+            self.stats.close_code = code if code is not None else 1005
+            self.stats.close_reason = reason
+            self.client.reader.stop()
+            self.target.reader.stop()
+            if not self.close_sent:
+                # Echo the client's code, as RFC 6455 5.5.1 suggests.
+                self._send_close(code, "")
+            self._arm_close_timer()
+
+    # -- target -> client ----------------------------------------------
+
+    def _on_target_readable(self) -> None:
+        try:
+            data = self.target.sock.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.info("%s: target connection error: %s", self.label, exc.strerror or exc)
+            data = b""
+        if not data:
+            self.target_eof = True
+            self.target.close()
+            self._send_close(1000, "Target closed")
+            self._arm_close_timer()
+            self._update()
+            return
+        self.stats.to_client += len(data)
+        client = self.client
+        client.queue(binary_header(len(data)))
+        client.queue(data)
+        if self.traffic:
+            self.traffic("{")
+        self._update()
+
+    def _on_target_writable(self) -> None:
+        self._update()
+
+    def _on_client_writable(self) -> None:
+        self._update()
+
+    # -- closing -------------------------------------------------------
+
+    def _send_close(self, code: Optional[int], reason: str) -> None:
+        if self.close_sent:
+            return
+        self.close_sent = True
+        if self.stats.close_code is None:
+            self.stats.close_code = code
+            self.stats.close_reason = reason
+        self.client.queue(encode_frame(OP_CLOSE, close_payload(code, reason)))
+
+    def _arm_close_timer(self) -> None:
+        if self._close_timer is None:
+            self._close_timer = self.loop.timer(CLOSE_TIMEOUT)
+            self._close_timer.start(self._guard, self._finish)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Close after an error: drop the target, tell the client why."""
+        self.target.close()
+        self._send_close(code, reason)
+        self.close_received = True   # nothing more is read from the client
+        self.client.reader.stop()
+        self._arm_close_timer()
+        self._update()
+
+    def shutdown(self, code: int = 1001, reason: str = "Server shutting down") -> None:
+        """Close the session from the server side (graceful stop)."""
+        if self.finished:
+            return
+        self.target.close()
+        self._send_close(code, reason)
+        self._arm_close_timer()
+        self._guard(self._update)
+
+    def _abort(self, why: str) -> None:
+        if self.stats.close_code is None:
+            self.stats.close_code = 1006
+            self.stats.close_reason = why
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self._close_timer is not None:
+            self._close_timer.stop()
+            self._close_timer = None
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+        self.target.close()
+        client = self.client
+        if client.open:
+            try:
+                client.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        client.close()
+        self.on_finish(self)
+
+    def _send_heartbeat(self) -> None:
+        if self.close_sent or self.client.out_bytes >= CONTROL_BACKLOG:
+            return
+        self.client.queue(encode_frame(OP_PING, b"websockify"))
+        self._update()

@@ -1,0 +1,79 @@
+"""The worker's gevent server: accepts while it has room for another connection.
+
+A pywsgi server whose capacity counts connections, not greenlets: a
+session keeps its place after the handshake greenlet has handed it to the
+event-driven relay, so one worker never holds more sockets than its
+descriptor limit allows and the other workers take the rest.
+"""
+
+import logging
+
+from gevent.pywsgi import WSGIServer
+
+from websockify.handshake import Handler
+
+log = logging.getLogger("websockify")
+
+
+class BridgeServer(WSGIServer):
+    handler_class = Handler
+    # Several workers share the listener; taking a few connections per
+    # wake-up spreads them instead of letting one worker grab a burst.
+    max_accept = 8
+
+    def __init__(self, listener, application, service, *, max_connections: int,
+                 run_once: bool = False):
+        super().__init__(listener, application, log=None, error_log=log)
+        self.service = service
+        service.server = self
+        self.max_connections = max_connections
+        self.connections = 0
+        self.run_once = run_once
+        self.upgrades = 0
+        self.handshakes = set()
+        self._accepting_for_good = True
+
+    def full(self) -> bool:
+        return self.connections >= self.max_connections or not self._accepting_for_good
+
+    def handle(self, sock, address):
+        import gevent
+        self.connections += 1
+        current = gevent.getcurrent()
+        self.handshakes.add(current)
+        handler = None
+        try:
+            handler = self.handler_class(sock, address, self)
+            handler.handle()
+        finally:
+            self.handshakes.discard(current)
+            if handler is None or not handler.detached:
+                self.release()
+
+    def session_started(self) -> None:
+        """A WebSocket session began; with --run-once, no other may start."""
+        self.upgrades += 1
+        if self.run_once:
+            self.stop_accepting_for_good()
+
+    def release(self) -> None:
+        """A connection ended (handshake refused, static request done or relay finished)."""
+        self.connections -= 1
+        if self._accepting_for_good and self.connections < self.max_connections:
+            self._start_accepting_if_started()
+
+    def stop_accepting_for_good(self) -> None:
+        self._accepting_for_good = False
+        if self._watcher is not None:
+            self.stop_accepting()
+
+    def kill_handshakes(self) -> None:
+        for greenlet in list(self.handshakes):
+            greenlet.kill(block=False)
+
+    def close(self) -> None:
+        # Closing our copy of the listener leaves the other workers serving.
+        try:
+            super().close()
+        except Exception:  # pragma: no cover - defensive on shutdown
+            log.debug("error closing the server", exc_info=True)

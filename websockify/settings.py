@@ -1,0 +1,193 @@
+"""One declarative entry per command-line option.
+
+The parser in cli.py, ``--help``, the man page check and the "not supported
+yet" refusals are all derived from ``OPTIONS``; adding an option here is the
+only way to add one.
+"""
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence, Tuple
+
+
+@dataclass(frozen=True)
+class Option:
+    flags: Tuple[str, ...]
+    dest: str
+    help: str
+    kind: str = "flag"               # flag | str | int | float | choice
+    default: Any = None
+    metavar: Optional[str] = None
+    choices: Sequence[str] = ()
+    #: A feature that later work brings; until then using it is refused.
+    pending: Optional[str] = None
+
+    @property
+    def takes_value(self) -> bool:
+        return self.kind != "flag"
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+TLS = "TLS"
+AUTH = "authentication plugins"
+TOKENS = "token plugins"
+WRAP = "wrapping a program"
+RECORD = "session recording"
+SYSLOG = "syslog logging"
+
+OPTIONS: List[Option] = [
+    # -- websockify 0.13 -------------------------------------------------
+    Option(("-v", "--verbose"), "verbose", "verbose messages"),
+    Option(("--traffic",), "traffic", "per frame traffic"),
+    Option(("--record",), "record", "record sessions to FILE.[session_number]",
+           kind="str", metavar="FILE", pending=RECORD),
+    Option(("-D", "--daemon"), "daemon", "become a daemon (background process)"),
+    Option(("--run-once",), "run_once",
+           "handle a single WebSocket connection and exit"),
+    Option(("--timeout",), "timeout",
+           "stop accepting new connections TIMEOUT seconds after start, and exit "
+           "when the open sessions have ended (0: never)",
+           kind="float", default=0.0),
+    Option(("--idle-timeout",), "idle_timeout",
+           "exit after IDLE_TIMEOUT seconds with no open WebSocket session (0: never)",
+           kind="float", default=0.0),
+    Option(("--cert",), "cert", "SSL certificate file", kind="str",
+           default="self.pem", pending=TLS),
+    Option(("--key",), "key", "SSL key file (if separate from cert)", kind="str",
+           pending=TLS),
+    Option(("--key-password",), "key_password", "SSL key password", kind="str",
+           pending=TLS),
+    Option(("--ssl-only",), "ssl_only", "disallow non-encrypted client connections",
+           pending=TLS),
+    Option(("--ssl-target",), "ssl_target", "connect to SSL target as SSL client",
+           pending=TLS),
+    Option(("--verify-client",), "verify_client",
+           "require encrypted client to present a valid certificate", pending=TLS),
+    Option(("--cafile",), "cafile",
+           "file of concatenated certificates of authorities trusted for validating "
+           "clients (only effective with --verify-client); default: the system CAs",
+           kind="str", metavar="FILE", pending=TLS),
+    Option(("--ssl-version",), "ssl_version",
+           "minimum TLS version to use (default, tlsv1_1, tlsv1_2, tlsv1_3)",
+           kind="choice", default="default",
+           choices=("default", "tlsv1_1", "tlsv1_2", "tlsv1_3"), pending=TLS),
+    Option(("--ssl-ciphers",), "ssl_ciphers",
+           "list of ciphers allowed for connection (see `openssl ciphers`)",
+           kind="str", pending=TLS),
+    Option(("--unix-listen",), "unix_listen", "listen to unix socket",
+           kind="str", metavar="FILE"),
+    Option(("--unix-listen-mode",), "unix_listen_mode",
+           "specify mode for unix socket (octal, defaults to 0600)",
+           kind="str", metavar="MODE"),
+    Option(("--unix-target",), "unix_target", "connect to unix socket target",
+           kind="str", metavar="FILE"),
+    Option(("--inetd",), "inetd", "inetd mode, receive listening socket from stdin"),
+    Option(("--web",), "web", "run webserver on same port. Serve files from DIR.",
+           kind="str", metavar="DIR"),
+    Option(("--web-auth",), "web_auth", "require authentication to access webserver.",
+           pending=AUTH),
+    Option(("--wrap-mode",), "wrap_mode",
+           "action to take when the wrapped program exits or daemonizes: "
+           "exit (default), ignore, respawn",
+           kind="choice", default="exit", choices=("exit", "ignore", "respawn"),
+           metavar="MODE"),
+    Option(("-6", "--prefer-ipv6"), "prefer_ipv6",
+           "prefer IPv6 when resolving source_addr"),
+    Option(("--libserver",), "libserver",
+           "accepted for compatibility; this server always uses its gevent engine"),
+    Option(("--target-config",), "target_config",
+           "configuration file of 'token: host:port' lines, or a directory of them "
+           "(DEPRECATED: use --token-plugin TokenFile --token-source FILE)",
+           kind="str", metavar="FILE", pending=TOKENS),
+    Option(("--token-plugin",), "token_plugin",
+           "use a Python class, usually one from websockify.token_plugins, such as "
+           "TokenFile, to process tokens into host:port pairs",
+           kind="str", metavar="CLASS", pending=TOKENS),
+    Option(("--token-source",), "token_source",
+           "an argument to be passed to the token plugin on instantiation",
+           kind="str", metavar="ARG", pending=TOKENS),
+    Option(("--host-token",), "host_token",
+           "use the host HTTP header as token instead of the token URL query parameter",
+           pending=TOKENS),
+    Option(("--auth-plugin",), "auth_plugin",
+           "use a Python class, usually one from websockify.auth_plugins, such as "
+           "BasicHTTPAuth, to determine if a connection is allowed",
+           kind="str", metavar="CLASS", pending=AUTH),
+    Option(("--auth-source",), "auth_source",
+           "an argument to be passed to the auth plugin on instantiation",
+           kind="str", metavar="ARG", pending=AUTH),
+    Option(("--heartbeat",), "heartbeat",
+           "send a ping to the client every INTERVAL seconds (0: never)",
+           kind="float", default=0.0, metavar="INTERVAL"),
+    Option(("--log-file",), "log_file", "file where logs will be saved",
+           kind="str", metavar="FILE"),
+    Option(("--syslog",), "syslog",
+           "log to syslog server. SERVER can be local socket, such as /dev/log, "
+           "or a UDP host:port pair.", kind="str", metavar="SERVER", pending=SYSLOG),
+    Option(("--legacy-syslog",), "legacy_syslog",
+           "use the old syslog protocol instead of RFC 5424", pending=SYSLOG),
+    Option(("--file-only",), "file_only", "disable directory listings in web server"),
+    # -- new in this implementation -------------------------------------
+    Option(("--workers",), "workers",
+           "number of worker processes (default: the number of CPUs)",
+           kind="int", default=None, metavar="N"),
+    Option(("--worker-connections",), "worker_connections",
+           "most connections one worker holds at once (default: what its "
+           "descriptor limit allows, two descriptors per session)",
+           kind="int", default=None, metavar="N"),
+    Option(("--graceful-timeout",), "graceful_timeout",
+           "on SIGTERM or SIGHUP, seconds open sessions may take to end before "
+           "they are closed with 1001", kind="float", default=30.0, metavar="SECONDS"),
+    Option(("--pid-file",), "pid_file", "write the master's process id to FILE",
+           kind="str", metavar="FILE"),
+    Option(("--connect-timeout",), "connect_timeout",
+           "seconds to wait for the target to accept a connection (then 504)",
+           kind="float", default=10.0, metavar="SECONDS"),
+    Option(("--max-frame-size",), "max_frame_size",
+           "largest WebSocket frame accepted from a client; larger ones are closed "
+           "with 1009", kind="int", default=16 * 1024 * 1024, metavar="BYTES"),
+]
+
+OPTION_BY_DEST = {opt.dest: opt for opt in OPTIONS}
+
+
+@dataclass
+class Settings:
+    """Everything the master and workers need, resolved from the command line."""
+
+    listen_host: str = ""
+    listen_port: Optional[int] = None
+    target_host: Optional[str] = None
+    target_port: Optional[int] = None
+    wrap_cmd: Optional[List[str]] = None
+    options: dict = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        # Option values read as attributes: settings.heartbeat, settings.web ...
+        options = self.__dict__.get("options", {})
+        if name in options:
+            return options[name]
+        raise AttributeError(name)
+
+    @property
+    def target_description(self) -> str:
+        if self.unix_target:
+            return "unix:%s" % self.unix_target
+        host = self.target_host or ""
+        if ":" in host:
+            host = "[%s]" % host
+        return "%s:%s" % (host, self.target_port)
+
+    @property
+    def listen_description(self) -> str:
+        if self.inetd:
+            return "inetd"
+        if self.unix_listen:
+            return "unix:%s" % self.unix_listen
+        host = self.listen_host or ""
+        if ":" in host:
+            host = "[%s]" % host
+        return "%s:%s" % (host, self.listen_port)

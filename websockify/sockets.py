@@ -1,0 +1,140 @@
+"""Listening sockets (TCP, IPv6, Unix, inetd), socket options, descriptor limits.
+
+Used by the master before forking; nothing here imports gevent.
+"""
+
+import os
+import resource
+import socket
+import stat
+from typing import Optional
+
+BACKLOG = 1024
+
+
+class ListenError(OSError):
+    """The listening socket could not be opened (the master exits with EXIT_LISTEN)."""
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft descriptor limit to the hard limit; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20) if soft != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def tune_stream(sock: socket.socket) -> None:
+    """TCP_NODELAY and keepalive, as websockify sets on both legs."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        except OSError:
+            pass
+
+
+def tcp_listener(host: str, port: int, prefer_ipv6: bool = False) -> socket.socket:
+    """Bind one address: the first that ``host`` resolves to (IPv6 first with -6)."""
+    family = socket.AF_UNSPEC
+    if not host:
+        host = "::" if prefer_ipv6 else "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM,
+                                   socket.IPPROTO_TCP, socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError("cannot resolve listen address %r: %s" % (host, exc)) from None
+    infos.sort(key=lambda info: info[0] != (socket.AF_INET6 if prefer_ipv6 else socket.AF_INET))
+    family, socktype, proto, _, address = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ListenError("cannot listen on %s port %d: %s"
+                          % (host, port, exc.strerror or exc)) from None
+    sock.setblocking(False)
+    return sock
+
+
+def unix_listener(path: str, mode: int) -> socket.socket:
+    """Bind a Unix socket at ``path`` (a stale socket file is replaced)."""
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ListenError("cannot replace %s: %s" % (path, exc.strerror)) from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ListenError("cannot listen on unix socket %s: %s"
+                          % (path, exc.strerror or exc)) from None
+    finally:
+        os.umask(old_umask)
+    sock.setblocking(False)
+    return sock
+
+
+def inetd_listener(fd: int = 0) -> socket.socket:
+    """The listening socket inetd (wait mode) or systemd handed us on ``fd``."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError as exc:
+        raise ListenError("--inetd: descriptor %d is not a socket: %s"
+                          % (fd, exc.strerror or exc)) from None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        listening = 0
+    if not listening:
+        sock.close()
+        raise ListenError("--inetd: descriptor %d is not a listening socket" % fd)
+    sock.setblocking(False)
+    return sock
+
+
+def open_listener(settings) -> socket.socket:
+    if settings.inetd:
+        return inetd_listener()
+    if settings.unix_listen:
+        return unix_listener(settings.unix_listen, settings.unix_listen_mode)
+    return tcp_listener(settings.listen_host, settings.listen_port,
+                        settings.prefer_ipv6)
+
+
+def describe_listener(sock: socket.socket) -> str:
+    try:
+        address = sock.getsockname()
+    except OSError:
+        return "?"
+    if isinstance(address, tuple):
+        host = address[0]
+        if ":" in host:
+            host = "[%s]" % host
+        return "%s:%d" % (host, address[1])
+    return "unix:%s" % (address or "?")
+
+
+def unlink_unix_listener(path: Optional[str]) -> None:
+    if not path:
+        return
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass

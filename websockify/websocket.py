@@ -1,0 +1,315 @@
+"""Our WebSocket layer over gevent-websocket (RFC 6455).
+
+gevent-websocket parses the upgrade well enough, but its frame path unmasks
+byte by byte in Python, trusts any 64-bit length and accepts unmasked client
+frames.  This module keeps its constants and header encoder and replaces the
+rest with:
+
+* ``unmask``: a vectorised XOR (numpy when installed, otherwise one big
+  integer XOR), never a per-byte loop;
+* ``FrameParser``: an incremental (sans-I/O) parser for client frames that
+  checks every header against the limits *before* any payload is buffered,
+  refuses unmasked frames (1002) and frames over the size limit (1009), and
+  streams payload to its consumer instead of collecting whole messages;
+* ``encode_frame``/``close_payload``/``parse_close_payload`` for the frames
+  the server sends.
+"""
+
+import codecs
+import struct
+from typing import Callable, Optional, Tuple
+
+from geventwebsocket.websocket import Header as _GWSHeader
+from geventwebsocket.websocket import WebSocket as _GWSWebSocket
+
+from websockify.errors import InvalidPayload, MessageTooBig, ProtocolError
+
+try:  # numpy is an optional accelerator (the ``numpy`` extra)
+    import numpy as _numpy
+except ImportError:  # pragma: no cover - depends on the environment
+    _numpy = None
+
+OP_CONTINUATION = _GWSWebSocket.OPCODE_CONTINUATION
+OP_TEXT = _GWSWebSocket.OPCODE_TEXT
+OP_BINARY = _GWSWebSocket.OPCODE_BINARY
+OP_CLOSE = _GWSWebSocket.OPCODE_CLOSE
+OP_PING = _GWSWebSocket.OPCODE_PING
+OP_PONG = _GWSWebSocket.OPCODE_PONG
+
+SUPPORTED_VERSIONS = ("13", "8", "7")
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+MAX_CONTROL_PAYLOAD = 125
+DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+
+# Close codes a peer may put on the wire (RFC 6455 7.4.1 and the IANA
+# registry); 1004-1006 and 1015 are reserved for local use.
+_SENDABLE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009,
+                             1010, 1011, 1012, 1013, 1014))
+
+
+def unmask_pure(data: bytes, key: bytes) -> bytes:
+    """XOR ``data`` with the repeating 4-byte ``key`` as one big integer."""
+    n = len(data)
+    if not n:
+        return b""
+    pad = key * (n >> 2) + key[:n & 3]
+    return (int.from_bytes(data, "little")
+            ^ int.from_bytes(pad, "little")).to_bytes(n, "little")
+
+
+def unmask_numpy(data: bytes, key: bytes) -> bytes:
+    """XOR ``data`` with ``key`` four bytes at a time with numpy."""
+    n = len(data)
+    if not n:
+        return b""
+    words = n >> 2
+    out = _numpy.empty(n, dtype=_numpy.uint8)
+    if words:
+        _numpy.bitwise_xor(
+            _numpy.frombuffer(data, dtype=_numpy.uint32, count=words),
+            _numpy.frombuffer(key, dtype=_numpy.uint32)[0],
+            out=out[:words * 4].view(_numpy.uint32))
+    tail = n & 3
+    if tail:
+        out[words * 4:] = (_numpy.frombuffer(data, dtype=_numpy.uint8, offset=words * 4)
+                           ^ _numpy.frombuffer(key[:tail], dtype=_numpy.uint8))
+    return out.tobytes()
+
+
+# Below this size the numpy call overhead costs more than it saves.
+_NUMPY_THRESHOLD = 256
+
+
+def _unmask_auto(data: bytes, key: bytes) -> bytes:
+    if len(data) >= _NUMPY_THRESHOLD:
+        return unmask_numpy(data, key)
+    return unmask_pure(data, key)
+
+
+unmask: Callable[[bytes, bytes], bytes] = _unmask_auto if _numpy is not None else unmask_pure
+#: Which implementation ``unmask`` uses, for logs and the benchmark.
+UNMASK_IMPLEMENTATION = "numpy" if _numpy is not None else "pure"
+
+
+def encode_frame_header(opcode: int, length: int, fin: bool = True,
+                        mask: Optional[bytes] = None) -> bytes:
+    """Encode a frame header; gevent-websocket's encoder does the bit work."""
+    return bytes(_GWSHeader.encode_header(fin, opcode, mask or b"", length, 0))
+
+
+def _header_table() -> Tuple[bytes, ...]:
+    # Short unmasked FIN headers are requested for every frame sent to the
+    # browser; precompute the one-byte-length ones.
+    return tuple(struct.pack("!BB", 0x80 | OP_BINARY, n) for n in range(126))
+
+
+_BINARY_SHORT_HEADERS = _header_table()
+_PACK_16 = struct.Struct("!BBH").pack
+_PACK_64 = struct.Struct("!BBQ").pack
+
+
+def binary_header(length: int, opcode: int = OP_BINARY) -> bytes:
+    """Header of an unmasked, final frame (the hot path of the downstream pump)."""
+    if length < 126:
+        if opcode == OP_BINARY:
+            return _BINARY_SHORT_HEADERS[length]
+        return bytes((0x80 | opcode, length))
+    if length < 65536:
+        return _PACK_16(0x80 | opcode, 126, length)
+    return _PACK_64(0x80 | opcode, 127, length)
+
+
+def encode_frame(opcode: int, payload: bytes = b"") -> bytes:
+    """A complete unmasked frame, as a server sends it."""
+    return binary_header(len(payload), opcode) + payload
+
+
+def close_payload(code: Optional[int], reason: str = "") -> bytes:
+    """Body of a close frame; ``None`` gives an empty body (no status)."""
+    if code is None:
+        return b""
+    data = struct.pack("!H", code) + reason.encode("utf-8")
+    return data[:MAX_CONTROL_PAYLOAD]
+
+
+def is_valid_close_code(code: int) -> bool:
+    """Whether a peer may send ``code`` in a close frame."""
+    return code in _SENDABLE_CODES or 3000 <= code <= 4999
+
+
+def parse_close_payload(payload: bytes) -> Tuple[Optional[int], str]:
+    """Validate a received close body; returns (code or None, reason)."""
+    if not payload:
+        return None, ""
+    if len(payload) == 1:
+        raise ProtocolError("close frame with a 1-byte body")
+    code = struct.unpack("!H", payload[:2])[0]
+    if not is_valid_close_code(code):
+        raise ProtocolError("invalid close code %d" % code)
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidPayload("close reason is not valid UTF-8") from None
+    return code, reason
+
+
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+# Parser states
+_HEADER = 0
+_PAYLOAD = 1
+
+
+class FrameParser:
+    """Incremental parser for frames sent by a WebSocket client.
+
+    ``feed(data)`` consumes any amount of bytes.  Data payload is passed on
+    as it arrives, unmasked, through ``on_data(chunk, opcode)`` where opcode
+    is the message's type (text or binary) also for continuation frames;
+    control frames, once complete, go to ``on_control(opcode, payload)``.
+    Violations raise a ``WebSocketError`` subclass carrying its close code.
+    """
+
+    __slots__ = ("on_data", "on_control", "max_frame_size", "require_mask",
+                 "_state", "_pending", "_opcode", "_fin", "_key", "_offset",
+                 "_remaining", "_message_opcode", "_control", "_text")
+
+    def __init__(self, on_data: Callable[[bytes, int], None],
+                 on_control: Callable[[int, bytes], None],
+                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 require_mask: bool = True):
+        self.on_data = on_data
+        self.on_control = on_control
+        self.max_frame_size = max_frame_size
+        self.require_mask = require_mask
+        self._state = _HEADER
+        self._pending = b""          # bytes of an incomplete header
+        self._opcode = 0             # opcode of the current frame
+        self._fin = True
+        self._key = b""              # masking key of the current frame
+        self._offset = 0             # payload bytes of this frame already seen
+        self._remaining = 0          # payload bytes of this frame still due
+        self._message_opcode = 0     # text/binary of the open message, 0 if none
+        self._control = b""          # payload of a control frame being collected
+        self._text = None            # incremental UTF-8 decoder for text messages
+
+    @property
+    def in_message(self) -> bool:
+        """True between the first and the final frame of a fragmented message."""
+        return self._message_opcode != 0
+
+    def feed(self, data: bytes) -> None:
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        view = memoryview(data)
+        pos = 0
+        end = len(data)
+        while pos < end or (self._state == _PAYLOAD and self._remaining == 0):
+            if self._state == _HEADER:
+                consumed = self._parse_header(view, pos, end)
+                if consumed == 0:
+                    self._pending = bytes(view[pos:end])
+                    return
+                pos += consumed
+                continue
+            take = min(self._remaining, end - pos)
+            chunk = view[pos:pos + take]
+            pos += take
+            self._payload(chunk)
+
+    def _parse_header(self, view: memoryview, pos: int, end: int) -> int:
+        """Parse one header at ``pos``; returns bytes consumed, 0 if incomplete."""
+        if end - pos < 2:
+            return 0
+        b0 = view[pos]
+        b1 = view[pos + 1]
+        if b0 & 0x70:
+            raise ProtocolError("reserved bits set without a negotiated extension")
+        opcode = b0 & 0x0F
+        fin = bool(b0 & 0x80)
+        masked = b1 & 0x80
+        length = b1 & 0x7F
+        size = 2
+        if length == 126:
+            size = 4
+        elif length == 127:
+            size = 10
+        if masked:
+            size += 4
+        # Refuse what the first two bytes already condemn, before waiting
+        # for the rest of the header.
+        if opcode >= 0x8:
+            if opcode > OP_PONG:
+                raise ProtocolError("unknown control opcode %d" % opcode)
+            if not fin:
+                raise ProtocolError("fragmented control frame")
+            if length > MAX_CONTROL_PAYLOAD:
+                raise ProtocolError("control frame payload over 125 bytes")
+        elif opcode > OP_BINARY:
+            raise ProtocolError("unknown data opcode %d" % opcode)
+        if not masked and self.require_mask:
+            raise ProtocolError("client frame is not masked")
+        if end - pos < size:
+            return 0
+        if length == 126:
+            length = (view[pos + 2] << 8) | view[pos + 3]
+        elif length == 127:
+            length = int.from_bytes(view[pos + 2:pos + 10], "big")
+            if length >> 63:
+                raise ProtocolError("frame length has the most significant bit set")
+        if length > self.max_frame_size:
+            raise MessageTooBig("frame of %d bytes exceeds the limit of %d"
+                                % (length, self.max_frame_size))
+        if opcode == OP_CONTINUATION:
+            if not self._message_opcode:
+                raise ProtocolError("continuation frame with no message to continue")
+        elif opcode < 0x8:
+            if self._message_opcode:
+                raise ProtocolError("new data frame inside a fragmented message")
+            self._message_opcode = opcode
+            self._text = _utf8_decoder() if opcode == OP_TEXT else None
+        self._opcode = opcode
+        self._fin = fin
+        self._key = bytes(view[pos + size - 4:pos + size]) if masked else b""
+        self._offset = 0
+        self._remaining = length
+        self._control = b""
+        self._state = _PAYLOAD
+        return size
+
+    def _payload(self, chunk: memoryview) -> None:
+        n = len(chunk)
+        if self._key:
+            key = self._key
+            shift = self._offset & 3
+            if shift:
+                key = key[shift:] + key[:shift]
+            data = unmask(chunk, key)
+        else:
+            data = bytes(chunk)
+        self._offset += n
+        self._remaining -= n
+        done = self._remaining == 0
+        opcode = self._opcode
+        if opcode >= 0x8:
+            self._control += data
+            if done:
+                self._state = _HEADER
+                self.on_control(opcode, self._control)
+                self._control = b""
+            return
+        final = done and self._fin
+        if self._text is not None:
+            try:
+                self._text.decode(data, final)
+            except UnicodeDecodeError:
+                raise InvalidPayload("text message is not valid UTF-8") from None
+        message_opcode = self._message_opcode
+        if done:
+            self._state = _HEADER
+            if self._fin:
+                self._message_opcode = 0
+                self._text = None
+        if data or final:
+            self.on_data(data, message_opcode)

@@ -1,0 +1,164 @@
+"""A worker process: after fork, patch gevent, serve the shared listener.
+
+The worker reports to the master through its scoreboard slot (heartbeat,
+open sessions, connections, sessions done) and obeys the command the master
+writes there; it never decides on its own that the whole server exits.
+"""
+
+import logging
+import os
+import signal
+import sys
+import time
+
+from websockify import scoreboard as sb
+from websockify.errors import EXIT_OK, EXIT_WORKER_BOOT
+
+log = logging.getLogger("websockify")
+
+REPORT_INTERVAL = 0.2
+
+
+def run_worker(settings, listener, board, slot: int, number: int, master_pid: int) -> int:
+    """Entry point in the forked child; returns the process exit status."""
+    try:
+        from gevent import monkey
+        monkey.patch_all()
+        worker = Worker(settings, listener, board, slot, number, master_pid)
+        worker.boot()
+    except Exception:
+        log.exception("worker %d failed to start", number)
+        return EXIT_WORKER_BOOT
+    try:
+        worker.serve()
+    except Exception:
+        log.exception("worker %d crashed", number)
+        return 1
+    return EXIT_OK
+
+
+class Worker:
+    def __init__(self, settings, listener, board, slot, number, master_pid):
+        self.settings = settings
+        self.listener = listener
+        self.board = board
+        self.slot = slot
+        self.number = number
+        self.master_pid = master_pid
+        self.command = sb.RUN
+        self.server = None
+        self.service = None
+
+    def boot(self) -> None:
+        import gevent
+        from gevent.event import Event
+
+        from websockify.log import reopen_log_files, traffic_printer
+        from websockify.proxy import ProxyService
+        from websockify.server import BridgeServer
+        from websockify.web import StaticFiles, method_not_allowed
+
+        try:
+            from setproctitle import setproctitle
+            setproctitle("websockify worker %d" % self.number)
+        except ImportError:  # pragma: no cover - setproctitle is a dependency
+            pass
+
+        self._stop_event = Event()
+        loop = gevent.get_hub().loop
+        settings = self.settings
+        traffic = traffic_printer() if settings.traffic else None
+        self.service = ProxyService(settings, loop, on_session_end=self._session_ended,
+                                    traffic=traffic)
+        application = (StaticFiles(settings.web, settings.file_only) if settings.web
+                       else method_not_allowed)
+        connections = settings.worker_connections or _default_connections()
+        self.server = BridgeServer(self.listener, application, self.service,
+                                   max_connections=connections,
+                                   run_once=settings.run_once)
+        # TERM/INT from an operator (or a terminal's Ctrl-C reaching the whole
+        # process group) mean the same as the master's graceful command.
+        gevent.signal_handler(signal.SIGTERM, self._signalled, sb.GRACEFUL)
+        gevent.signal_handler(signal.SIGINT, self._signalled, sb.GRACEFUL)
+        gevent.signal_handler(signal.SIGQUIT, self._signalled, sb.FAST)
+        gevent.signal_handler(signal.SIGUSR1, reopen_log_files)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.server.start()
+        self.board.mark_booted(self.slot, os.getpid())
+        self._report()
+        log.debug("worker %d (pid %d) serving, up to %d connections",
+                  self.number, os.getpid(), connections)
+
+    def _signalled(self, command: int) -> None:
+        self._obey(command)
+
+    def _session_ended(self) -> None:
+        self._report()
+
+    def _report(self) -> None:
+        self.board.report(self.slot, len(self.service.relays),
+                          self.server.connections if self.server else 0,
+                          self.service.sessions_done)
+
+    def _obey(self, command: int) -> None:
+        if command > self.command:
+            self.command = command
+            self._stop_event.set()
+
+    def serve(self) -> None:
+        import gevent
+        reporter = gevent.spawn(self._report_loop)
+        self._stop_event.wait()
+        self.drain()
+        reporter.kill()
+        self._report()
+
+    def _report_loop(self) -> None:
+        import gevent
+        while True:
+            self._report()
+            command = self.board.pending_command(self.slot)
+            if command != sb.RUN:
+                self._obey(command)
+            if os.getppid() != self.master_pid:
+                log.warning("worker %d: master is gone, stopping", self.number)
+                self._obey(sb.GRACEFUL)
+            gevent.sleep(REPORT_INTERVAL)
+
+    def drain(self) -> None:
+        """Stop accepting, then end the sessions as the command says."""
+        server, service = self.server, self.service
+        server.stop_accepting_for_good()
+        if self.command == sb.DRAIN:
+            # --timeout: open sessions carry on until they end, unless the
+            # master escalates to a graceful or fast stop meanwhile.
+            while server.connections and self.command == sb.DRAIN:
+                self._stop_event.clear()
+                self._stop_event.wait(0.5)
+        if self.command == sb.GRACEFUL:
+            deadline = time.time() + self.settings.graceful_timeout
+            while server.connections and time.time() < deadline and self.command == sb.GRACEFUL:
+                self._stop_event.clear()
+                self._stop_event.wait(min(0.2, max(0.0, deadline - time.time())))
+        server.kill_handshakes()
+        if service.relays:
+            log.info("worker %d: closing %d open session(s)", self.number, len(service.relays))
+            service.shutdown_all(1001, "Server shutting down")
+            service.wait_empty(2.0 if self.command == sb.FAST else 6.0)
+        server.close()
+
+
+def _default_connections() -> int:
+    import resource
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Two descriptors per session, and some spare for logs, DNS, plugins.
+    return max(1, (soft - 64) // 2)
+
+
+def exit_child(status: int) -> None:
+    """Leave the forked child without running the master's cleanup."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
