@@ -1,0 +1,33 @@
+# websockify: the README's commands.
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+PORT ?= 6080
+
+.PHONY: run test bench install clean venv
+
+$(VENV)/.installed: setup.py setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+## make run: the demo (echo target + websockify with the demo page) on port $(PORT)
+run: venv
+	$(VPY) -m websockify.demo $(PORT)
+
+## make test: the whole test suite in its own virtualenv
+test: venv
+	$(VPY) -m pytest -q
+
+## make bench: this project against websockify 0.13.0 from PyPI
+bench: venv
+	$(VPY) scripts/bench $(BENCH_ARGS)
+
+install:
+	$(PYTHON) -m pip install .
+
+clean:
+	rm -rf $(VENV) .bench build dist *.egg-info .pytest_cache

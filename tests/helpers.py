@@ -1,0 +1,255 @@
+"""Test helpers: real server processes on loopback and a byte-level WebSocket client."""
+
+import base64
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+
+def free_port(family=socket.AF_INET, host="127.0.0.1") -> int:
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out after %gs waiting for %s" % (timeout, what))
+
+
+def port_open(port, host="127.0.0.1", family=socket.AF_INET) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def children_of(pid: int) -> list:
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as handle:
+            return [int(p) for p in handle.read().split()]
+    except OSError:
+        return []
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+class Process:
+    """A real process started for a test, logged to a file, stopped by its pid."""
+
+    def __init__(self, argv, log_path, env=None, cwd=None, stdin=None):
+        self.argv = argv
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        if env:
+            full_env.update(env)
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=full_env, cwd=cwd or ROOT,
+                                     stdin=stdin if stdin is not None else subprocess.DEVNULL)
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        self._log.flush()
+        with open(self.log_path, "rb") as handle:
+            return handle.read().decode("utf-8", "replace")
+
+    def wait_log(self, pattern, timeout=10.0):
+        regex = re.compile(pattern)
+        return wait_for(lambda: regex.search(self.log()), timeout,
+                        what="log line %r in:\n%s" % (pattern, self.log()))
+
+    def wait(self, timeout=10.0):
+        return self.proc.wait(timeout)
+
+    def signal(self, signum):
+        if self.proc.poll() is None:
+            os.kill(self.pid, signum)
+
+    def stop(self, timeout=10.0):
+        """SIGTERM, then SIGKILL the process and any children left behind."""
+        kids = children_of(self.pid)
+        grandkids = [g for k in kids for g in children_of(k)]
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        for pid in kids + grandkids:
+            if pid_alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._log.close()
+
+
+def websockify_argv(*args):
+    return [PYTHON, "-m", "websockify"] + [str(a) for a in args]
+
+
+# -- a byte-level WebSocket client -------------------------------------------
+
+def handshake_request(path="/", host="127.0.0.1", key=None, version="13",
+                      protocols="binary", extra=()) -> bytes:
+    key = key if key is not None else base64.b64encode(os.urandom(16)).decode()
+    lines = ["GET %s HTTP/1.1" % path, "Host: %s" % host, "Upgrade: websocket",
+             "Connection: Upgrade"]
+    if key:
+        lines.append("Sec-WebSocket-Key: %s" % key)
+    if version:
+        lines.append("Sec-WebSocket-Version: %s" % version)
+    if protocols:
+        lines.append("Sec-WebSocket-Protocol: %s" % protocols)
+    lines += list(extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def read_http_response(sock, limit=65536) -> tuple:
+    """(status code, headers dict with lower-case names, body bytes read so far)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > limit:
+            break
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    if not lines or not lines[0].startswith("HTTP/"):
+        return None, {}, data
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "-1"))
+    while length >= 0 and len(rest) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        rest += chunk
+    return status, headers, rest
+
+
+def mask_frame(opcode, payload=b"", fin=True, mask=True, rsv=0, key=None, length=None) -> bytes:
+    length = len(payload) if length is None else length
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    if length < 126:
+        header = struct.pack("!BB", first, (0x80 if mask else 0) | length)
+    elif length < 65536:
+        header = struct.pack("!BBH", first, (0x80 if mask else 0) | 126, length)
+    else:
+        header = struct.pack("!BBQ", first, (0x80 if mask else 0) | 127, length)
+    if not mask:
+        return header + payload
+    key = key or os.urandom(4)
+    n = len(payload)
+    masked = (int.from_bytes(payload, "little")
+              ^ int.from_bytes((key * (n // 4 + 1))[:n], "little")).to_bytes(n, "little")
+    return header + key + masked
+
+
+class RawWebSocket:
+    """A WebSocket client over a plain socket, byte by byte."""
+
+    def __init__(self, port, host="127.0.0.1", path="/", protocols="binary", timeout=10.0,
+                 extra=()):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.sendall(handshake_request(path, host, protocols=protocols, extra=extra))
+        self.status, self.headers, self.buffer = read_http_response(self.sock)
+
+    def send(self, opcode, payload=b"", **kwargs):
+        self.sock.sendall(mask_frame(opcode, payload, **kwargs))
+
+    def send_binary(self, payload):
+        self.send(0x2, payload)
+
+    def _fill(self, n):
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            self.buffer += chunk
+
+    def recv_frame(self) -> tuple:
+        """(fin, opcode, payload) of the next frame from the server."""
+        self._fill(2)
+        b0, b1 = self.buffer[0], self.buffer[1]
+        assert not b1 & 0x80, "server frames must not be masked"
+        length = b1 & 0x7F
+        pos = 2
+        if length == 126:
+            self._fill(4)
+            length = struct.unpack("!H", self.buffer[2:4])[0]
+            pos = 4
+        elif length == 127:
+            self._fill(10)
+            length = struct.unpack("!Q", self.buffer[2:10])[0]
+            pos = 10
+        self._fill(pos + length)
+        payload = self.buffer[pos:pos + length]
+        self.buffer = self.buffer[pos + length:]
+        return bool(b0 & 0x80), b0 & 0x0F, payload
+
+    def recv_data(self, n) -> bytes:
+        """Collect n payload bytes from data frames (answering nothing)."""
+        out = b""
+        while len(out) < n:
+            fin, opcode, payload = self.recv_frame()
+            assert opcode in (0, 1, 2), "unexpected opcode %d" % opcode
+            out += payload
+        return out
+
+    def expect_close(self) -> tuple:
+        """Read frames until a close frame; returns (code or None, reason)."""
+        while True:
+            fin, opcode, payload = self.recv_frame()
+            if opcode == 0x8:
+                if len(payload) >= 2:
+                    return struct.unpack("!H", payload[:2])[0], payload[2:].decode("utf-8", "replace")
+                return None, ""
+
+    def at_eof(self, timeout=5.0) -> bool:
+        """True when the server closed the TCP connection (after any data)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass

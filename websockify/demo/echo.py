@@ -1,0 +1,50 @@
+"""A small TCP echo server: the bundled target of ``make run`` and of the tests.
+
+    python -m websockify.demo.echo [host:]port
+"""
+
+import socket
+import sys
+import threading
+
+
+def serve(host: str, port: int, ready=None) -> None:
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(128)
+    if ready is not None:
+        ready(listener.getsockname()[1])
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=_echo, args=(conn,), daemon=True).start()
+
+
+def _echo(conn: socket.socket) -> None:
+    with conn:
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                conn.sendall(data)
+        except OSError:
+            return
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.stderr.write("usage: python -m websockify.demo.echo [host:]port\n")
+        return 2
+    host, _, port = argv[0].rpartition(":")
+    try:
+        serve(host.strip("[]") or "127.0.0.1", int(port),
+              ready=lambda p: print("echo target listening on port %d" % p, flush=True))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
