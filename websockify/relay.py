@@ -96,6 +96,8 @@ class _Leg:
         self.open = False
         self.reader.stop()
         self.writer.stop()
+        self.reader.close()
+        self.writer.close()
         self.out = []
         self.out_bytes = 0
         try:
