@@ -71,12 +71,20 @@ def log_streams() -> list:
     return streams
 
 
-def traffic_printer() -> Callable[[str], None]:
-    """--traffic: one legend character per frame on stdout, like websockify.
+TRAFFIC_LEGEND = """
+Traffic Legend:
+    }  - Client receive
+    {  - Target receive
 
-    ``{`` target receive, ``>`` target send, ``}`` client receive,
-    ``<`` client send.
-    """
+    >  - Target send
+    >. - Target send partial
+    <  - Client send
+    <. - Client send partial
+"""
+
+
+def traffic_printer() -> Callable[[str], None]:
+    """--traffic: legend characters on stdout as data moves, like websockify."""
     fd = sys.stdout.fileno()
 
     def emit(char: str) -> None:

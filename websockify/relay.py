@@ -176,6 +176,9 @@ class Relay:
             return
         client, target = self.client, self.target
         closing = self.close_sent or self.close_received
+        traffic = self.traffic
+        if traffic:
+            self._trace_flushes(traffic)
         if target.open:
             if target.flush():
                 _stop(target.writer)
@@ -202,6 +205,13 @@ class Relay:
             _start(client.reader, self._guard, self._on_client_readable)
         else:
             _stop(client.reader)
+
+    def _trace_flushes(self, traffic: Callable[[str], None]) -> None:
+        """--traffic: report sends before _update does them (full or partial)."""
+        for leg, mark in ((self.target, ">"), (self.client, "<")):
+            if leg.open and leg.out:
+                done = leg.flush()
+                traffic(mark if done else mark + ".")
 
     # -- client -> target ----------------------------------------------
 
@@ -235,8 +245,6 @@ class Relay:
             return
         self.stats.from_client += len(chunk)
         self.target.queue(chunk)
-        if self.traffic:
-            self.traffic(">")
 
     def _client_control(self, opcode: int, payload: bytes) -> None:
         if opcode == OP_PING:

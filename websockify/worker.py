@@ -53,7 +53,7 @@ class Worker:
         import gevent
         from gevent.event import Event
 
-        from websockify.log import reopen_log_files, traffic_printer
+        from websockify.log import TRAFFIC_LEGEND, reopen_log_files, traffic_printer
         from websockify.proxy import ProxyService
         from websockify.server import BridgeServer
         from websockify.web import StaticFiles, method_not_allowed
@@ -68,6 +68,8 @@ class Worker:
         loop = gevent.get_hub().loop
         settings = self.settings
         traffic = traffic_printer() if settings.traffic else None
+        if traffic:
+            traffic(TRAFFIC_LEGEND)
         self.service = ProxyService(settings, loop, on_session_end=self._session_ended,
                                     traffic=traffic)
         application = (StaticFiles(settings.web, settings.file_only) if settings.web
