@@ -67,6 +67,27 @@ def _split_address(text: str, what: str) -> Tuple[str, int]:
     return host, number
 
 
+def _join_negative_values(argv: List[str]) -> List[str]:
+    """``--timeout -1`` -> ``--timeout=-1``.
+
+    The short option ``-6`` makes argparse read every ``-N`` as an option,
+    where optparse (websockify 0.13) took it as the value.
+    """
+    takes_value = {flag for opt in OPTIONS if opt.takes_value for flag in opt.flags}
+    out: List[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if (arg in takes_value and i + 1 < len(argv)
+                and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit()):
+            out.append("%s=%s" % (arg, argv[i + 1]))
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def parse_args(argv: List[str]) -> Settings:
     """Parse ``argv`` (without the program name) into Settings."""
     wrap_cmd: Optional[List[str]] = None
@@ -76,7 +97,7 @@ def parse_args(argv: List[str]) -> Settings:
         if not wrap_cmd:
             raise UsageError("'--' must be followed by the command line to wrap")
     parser = build_parser()
-    namespace = parser.parse_args(argv)
+    namespace = parser.parse_args(_join_negative_values(argv))
     values = vars(namespace)
     args: List[str] = values.pop("args")
 

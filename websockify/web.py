@@ -62,7 +62,9 @@ class StaticFiles:
             return _text(start_response, "405 Method Not Allowed",
                          "405 Method Not Allowed", [("Allow", "GET, HEAD")])
         # RAW_URI keeps the escapes; PATH_INFO was already decoded as latin-1.
-        url_path = environ.get("RAW_URI") or quote(environ.get("PATH_INFO", "/"))
+        raw = environ.get("RAW_URI") or quote(environ.get("PATH_INFO", "/"))
+        url_path, _, query = raw.partition("?")
+        url_path = url_path.split("#", 1)[0]
         try:
             path = self.resolve(url_path)
         except UnicodeDecodeError:
@@ -71,7 +73,7 @@ class StaticFiles:
             return _text(start_response, "404 Not Found", "404 Not Found", head=head)
         if os.path.isdir(path):
             if not url_path.endswith("/"):
-                location = quote(url_path + "/")
+                location = url_path + "/" + ("?" + query if query else "")
                 return _text(start_response, "301 Moved Permanently",
                              "301 Moved Permanently", [("Location", location)], head=head)
             for name in INDEX_FILES:
