@@ -195,6 +195,9 @@ class Master:
                 signal.set_wakeup_fd(-1)
                 for signum in SIGNALS:
                     signal.signal(signum, signal.SIG_DFL)
+                # Until boot installs handlers, a log reopen or reload must not kill us.
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 from websockify.worker import run_worker
@@ -292,6 +295,12 @@ class Master:
             self.stop_deadline = time.time() + EXTRA_STOP_TIME
         for worker in self.workers.values():
             self.board.command(worker.slot, command)
+        # No new worker will be forked: let the kernel refuse new clients.
+        if self.listener is not None:
+            try:
+                self.listener.close()
+            except OSError:
+                pass
 
     def _check_workers(self) -> None:
         now = time.time()

@@ -36,9 +36,23 @@ class BridgeServer(WSGIServer):
     def full(self) -> bool:
         return self.connections >= self.max_connections or not self._accepting_for_good
 
+    def do_handle(self, *args):
+        # Count at accept time: _do_read checks full() before each accept.
+        self.connections += 1
+        try:
+            super().do_handle(*args)
+        except BaseException:
+            self.connections -= 1
+            raise
+
+    def close_listener(self) -> None:
+        try:
+            self.socket.close()
+        except Exception:
+            pass
+
     def handle(self, sock, address):
         import gevent
-        self.connections += 1
         current = gevent.getcurrent()
         self.handshakes.add(current)
         handler = None

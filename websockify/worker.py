@@ -84,6 +84,7 @@ class Worker:
         gevent.signal_handler(signal.SIGINT, self._signalled, sb.GRACEFUL)
         gevent.signal_handler(signal.SIGQUIT, self._signalled, sb.FAST)
         gevent.signal_handler(signal.SIGUSR1, reopen_log_files)
+        reopen_log_files()   # a rotation may have happened while we booted
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.server.start()
         self.board.mark_booted(self.slot, os.getpid())
@@ -131,6 +132,7 @@ class Worker:
         """Stop accepting, then end the sessions as the command says."""
         server, service = self.server, self.service
         server.stop_accepting_for_good()
+        server.close_listener()
         if self.command == sb.DRAIN:
             # --timeout: open sessions carry on until they end, unless the
             # master escalates to a graceful or fast stop meanwhile.
