@@ -12,9 +12,10 @@ import base64
 import binascii
 import hashlib
 import logging
+import re
 import socket
 from io import BytesIO
-from typing import Optional
+from typing import Optional, Tuple
 
 import gevent
 from gevent.pywsgi import WSGIHandler
@@ -34,6 +35,18 @@ class ClientGone(Exception):
     """The client closed or reset the connection before its request was complete."""
 
 
+_REQUEST_LINE = re.compile(rb"[A-Z][A-Z0-9_-]* [^\s]+ HTTP/[0-9]\.[0-9]\r?\n")
+
+
+def _head_end(data: bytes, searched: int) -> Tuple[int, int]:
+    """Where the head ends (CRLF or, from hand-written clients, bare LF lines)."""
+    crlf = data.find(b"\r\n\r\n", max(0, searched - 3))
+    lf = data.find(b"\n\n", max(0, searched - 1))
+    if lf >= 0 and (crlf < 0 or lf < crlf):
+        return lf, 2
+    return crlf, 4
+
+
 class HeadReader:
     """Reads the request head under a byte budget and keeps what follows it.
 
@@ -47,22 +60,29 @@ class HeadReader:
         self.limit = limit
         self.buffer = b""
         self.closed = False
+        self.request_line: Optional[str] = None
 
     def read_head(self) -> Optional[bytes]:
-        """The head up to and without the blank line; None if the client sent nothing."""
+        """The head up to and without the blank line; None if the client sent nothing.
+
+        The request line is judged as soon as it is complete, so garbage is
+        refused at once instead of after the handshake deadline.
+        """
         data = self.buffer
         searched = 0
         while True:
-            end = data.find(b"\r\n\r\n", max(0, searched - 3))
+            if self.request_line is None:
+                newline = data.find(b"\n")
+                if newline >= 0:
+                    line = data[:newline + 1]
+                    self.request_line = line.rstrip(b"\r\n").decode("latin-1")
+                    if not _REQUEST_LINE.fullmatch(line):
+                        raise BadRequest("not an HTTP request line (expected METHOD /path HTTP/1.1)")
+            end, size = _head_end(data, searched)
             if end >= 0:
-                if end + 4 > self.limit:
+                if end + size > self.limit:
                     raise HeaderTooLarge(self.limit)
-                self.buffer = data[end + 4:]
-                return data[:end]
-            # Tolerate bare LF line endings from hand-written clients.
-            end = data.find(b"\n\n", max(0, searched - 1))
-            if end >= 0:
-                self.buffer = data[end + 2:]
+                self.buffer = data[end + size:]
                 return data[:end]
             if len(data) > self.limit:
                 raise HeaderTooLarge(self.limit)
@@ -178,7 +198,7 @@ class Handler(WebSocketHandler):
                     "request head not received within %g s" % HANDSHAKE_TIMEOUT)):
                 head = self.rfile.read_head()
         except HTTPError as exc:
-            return self._refusal(exc, "?")
+            return self._refusal(exc, self.rfile.request_line or "")
         except ClientGone as exc:
             log.info("%s: client disconnected during the handshake: %s", self.peer, exc)
             return None
@@ -340,8 +360,10 @@ class Handler(WebSocketHandler):
     def log_request(self):
         if self.detached or self.status is None:
             return
-        status = str(self.status)
-        if status[:3] in ("101",):
+        status = self._orig_status or self.status
+        if isinstance(status, bytes):
+            status = status.decode("latin-1")
+        if status.startswith("101"):
             return
         if self._logged_refusal:
             return

@@ -253,8 +253,10 @@ class Relay:
         elif opcode == OP_CLOSE:
             code, reason = parse_close_payload(payload)
             self.close_received = True
-            self.stats.close_code = code if code is not None else 1005
-            self.stats.close_reason = reason
+            if not self.close_sent:
+                # The client started the close; otherwise keep our own reason.
+                self.stats.close_code = code if code is not None else 1005
+                self.stats.close_reason = reason
             self.client.reader.stop()
             self.target.reader.stop()
             if not self.close_sent:

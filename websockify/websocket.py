@@ -150,8 +150,10 @@ def close_payload(code: Optional[int], reason: str = "") -> bytes:
     """Body of a close frame; ``None`` gives an empty body (no status)."""
     if code is None:
         return b""
-    data = struct.pack("!H", code) + reason.encode("utf-8")
-    return data[:MAX_CONTROL_PAYLOAD]
+    encoded = reason.encode("utf-8")[:MAX_CONTROL_PAYLOAD - 2]
+    # Cut at a character boundary: a peer must be able to decode the reason.
+    encoded = encoded.decode("utf-8", "ignore").encode("utf-8")
+    return struct.pack("!H", code) + encoded
 
 
 def is_valid_close_code(code: int) -> bool:
