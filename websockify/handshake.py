@@ -14,7 +14,7 @@ import hashlib
 import logging
 import re
 import socket
-from io import BytesIO
+import _socket
 from typing import Optional, Tuple
 
 import gevent
@@ -45,6 +45,51 @@ def _head_end(data: bytes, searched: int) -> Tuple[int, int]:
     if lf >= 0 and (crlf < 0 or lf < crlf):
         return lf, 2
     return crlf, 4
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+class RequestHeaders:
+    """Request headers with the small interface pywsgi's environ code uses."""
+
+    __slots__ = ("headers", "_values")
+    status = ""          # pywsgi checks this for a parse failure
+
+    def __init__(self):
+        self.headers = []        # raw "Name: value\r\n" lines, as pywsgi expects
+        self._values = {}        # lower-case name -> value (repeats joined by ", ")
+
+    @classmethod
+    def parse(cls, block: bytes) -> "RequestHeaders":
+        parsed = cls()
+        values = parsed._values
+        for raw in block.split(b"\n"):
+            line = raw.rstrip(b"\r").decode("latin-1")
+            if not line:
+                continue
+            name, colon, value = line.partition(":")
+            if not colon or not _TOKEN.fullmatch(name):
+                raise BadRequest("malformed header line %r" % line[:100])
+            value = value.strip(" \t")
+            key = name.lower()
+            values[key] = values[key] + ", " + value if key in values else value
+            parsed.headers.append("%s: %s\r\n" % (name, value))
+        return parsed
+
+    def get(self, name: str, default=None):
+        return self._values.get(name.lower(), default)
+
+    getheader = get
+
+    def remove(self, name: str) -> None:
+        key = name.lower()
+        if self._values.pop(key, None) is not None:
+            self.headers = [h for h in self.headers if h.split(":", 1)[0].lower() != key]
+
+    @property
+    def typeheader(self):
+        return self._values.get("content-type")
 
 
 class HeadReader:
@@ -223,15 +268,37 @@ class Handler(WebSocketHandler):
         return True
 
     def read_request(self, raw_requestline):
+        """Parse the request line and headers into what pywsgi's environ needs.
+
+        pywsgi would parse the headers with the email package, which costs
+        more than the rest of the handshake; this parser is strict instead
+        (a line without a colon, a folded line or a bad name is a 400).
+        """
         if not raw_requestline.isprintable():
             raise BadRequest("request line is not printable text")
-        # pywsgi parses the headers from rfile; give it the block we read.
-        rfile, self.rfile = self.rfile, BytesIO(self._header_block.lstrip(b"\r\n")
-                                                + b"\r\n\r\n")
-        try:
-            return WSGIHandler.read_request(self, raw_requestline)
-        finally:
-            self.rfile = rfile
+        words = raw_requestline.split()
+        if len(words) != 3:
+            raise BadRequest("request line must be METHOD TARGET HTTP-VERSION")
+        self.command, self.path, self.request_version = words
+        if not self._check_http_version():
+            raise BadRequest("unsupported HTTP version %r" % self.request_version)
+        self.headers = headers = RequestHeaders.parse(self._header_block)
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            headers.remove("content-length")
+        content_length = headers.get("content-length")
+        if content_length is not None:
+            if not content_length.isdigit():
+                raise BadRequest("invalid Content-Length %r" % content_length)
+            content_length = int(content_length)
+            if content_length and self.command == "HEAD":
+                raise BadRequest("unexpected Content-Length on HEAD")
+        self.content_length = content_length
+        connection = headers.get("connection", "").lower()
+        if self.request_version == "HTTP/1.1":
+            self.close_connection = connection == "close"
+        else:
+            self.close_connection = connection != "keep-alive"
+        return True
 
     def get_environ(self):
         environ = WSGIHandler.get_environ(self)
@@ -346,14 +413,14 @@ class Handler(WebSocketHandler):
         client = self._detach()
         service.start_session(session, client, early, self)
 
-    def _detach(self) -> socket.socket:
+    def _detach(self) -> _socket.socket:
         """Take the client socket away from gevent; the relay owns it now."""
         gsock = self.socket
-        family, type_, proto = gsock.family, gsock.type, gsock.proto
+        family = gsock.family
         fd = gsock.detach()
         self.socket = None
         self.detached = True
-        sock = socket.socket(family, type_, proto, fileno=fd)
+        sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
         sock.setblocking(False)
         return sock
 

@@ -6,12 +6,15 @@ The service is created once per worker; the handshake handler calls
 
 import errno
 import logging
+import os
 import socket
 import time
+import _socket
 from typing import Callable, Optional
 
 import gevent
 from gevent import socket as gsocket
+from gevent.socket import wait_write
 
 from websockify.errors import BadGateway, GatewayTimeout
 from websockify.relay import Relay
@@ -44,6 +47,58 @@ class Target:
             self.sock = None
 
 
+def _literal_family(host: str) -> Optional[int]:
+    """AF_INET/AF_INET6 for an address literal, None for a name to resolve."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return family
+        except (OSError, ValueError):
+            pass
+    return None
+
+
+def _connect_address(family: int, address, deadline: float) -> _socket.socket:
+    """Non-blocking connect waited for on the event loop; a plain socket back."""
+    # The C-level socket type: the relay drives it from loop callbacks, where
+    # gevent's cooperative wrapper (what monkey patching makes socket.socket)
+    # would only add overhead.
+    sock = _socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        err = sock.connect_ex(address)
+        if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+            wait_write(sock.fileno(), timeout=max(0.0, deadline - time.monotonic()),
+                       timeout_exc=socket.timeout("connect timed out"))
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _connect(target: Target, timeout: float) -> _socket.socket:
+    deadline = time.monotonic() + timeout
+    if target.unix_path:
+        return _connect_address(socket.AF_UNIX, target.unix_path, deadline)
+    family = _literal_family(target.host)
+    if family is not None:
+        # An address literal needs no resolver round trip.
+        return _connect_address(family, (target.host, target.port), deadline)
+    error: Optional[OSError] = None
+    for family, _, _, _, address in gsocket.getaddrinfo(target.host, target.port, 0,
+                                                         socket.SOCK_STREAM):
+        try:
+            return _connect_address(family, address, deadline)
+        except socket.timeout:
+            raise
+        except OSError as exc:
+            error = exc
+    raise error or OSError(errno.EHOSTUNREACH, "no address for %s" % target.host)
+
+
 class ProxyService:
     """Per-worker session factory and registry of live relays."""
 
@@ -70,16 +125,7 @@ class ProxyService:
         target = self.pick_target(handler)
         timeout = self.settings.connect_timeout
         try:
-            if target.unix_path:
-                sock = gsocket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(timeout)
-                try:
-                    sock.connect(target.unix_path)
-                except BaseException:
-                    sock.close()
-                    raise
-            else:
-                sock = gsocket.create_connection((target.host, target.port), timeout=timeout)
+            target.sock = _connect(target, timeout)
         except socket.timeout:
             raise GatewayTimeout("target %s did not accept the connection within %g s"
                                  % (target, timeout)) from None
@@ -90,10 +136,7 @@ class ProxyService:
                 raise GatewayTimeout("connecting to target %s timed out" % target) from None
             raise BadGateway("cannot connect to target %s: %s"
                              % (target, exc.strerror or exc)) from None
-        tune_stream(sock)
-        family, type_, proto = sock.family, sock.type, sock.proto
-        target.sock = socket.socket(family, type_, proto, fileno=sock.detach())
-        target.sock.setblocking(False)
+        tune_stream(target.sock)
         return target
 
     # -- after the 101 -------------------------------------------------------

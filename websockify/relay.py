@@ -15,6 +15,7 @@ import errno
 import logging
 import socket
 import time
+import _socket
 from typing import Callable, List, Optional
 
 from websockify.errors import WebSocketError
@@ -60,7 +61,7 @@ class _Leg:
         self.out_bytes = 0
         self.open = True
         # sendmsg gathers header and payload without a copy; TLS sockets lack it.
-        self.plain = type(sock) is socket.socket
+        self.plain = type(sock) is _socket.socket
 
     def queue(self, data) -> None:
         if data:

@@ -17,7 +17,7 @@ rest with:
 
 import codecs
 import struct
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 from geventwebsocket.websocket import Header as _GWSHeader
 from geventwebsocket.websocket import WebSocket as _GWSWebSocket
@@ -47,36 +47,40 @@ _SENDABLE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009,
                              1010, 1011, 1012, 1013, 1014))
 
 
-# The pure path works on one big integer per slice: int.from_bytes, one XOR
-# and int.to_bytes are C loops.  The key repeated over a slice is the key
-# times a "repunit" (1 every 32 bits), which costs one multiplication instead
-# of building and converting a padded key; slices of 64 KiB keep the
-# integers cache-sized.
-_SLICE = 65536
-_REPUNIT = int.from_bytes(b"\x01\x00\x00\x00" * (_SLICE // 4), "little")
+# The pure path has no per-byte Python loop.  Larger payloads go through
+# bytes.translate, one 256-byte XOR table per key byte applied to each of the
+# four byte lanes (bytearray strided slices are C loops); small ones are one
+# big-integer XOR, where the key repeated over the payload is the key times a
+# "repunit" (a 1 every 32 bits) instead of a padded key to convert.
+_XOR_TABLES = tuple(bytes(value ^ key for value in range(256)) for key in range(256))
+_SMALL = 512
+_REPUNIT = int.from_bytes(b"\x01\x00\x00\x00" * (_SMALL // 4), "little")
 
 
-def _unmask_slice(data, key: bytes) -> bytes:
+def _unmask_small(data, key: bytes) -> bytes:
     n = len(data)
     words = n >> 2
-    pad = int.from_bytes(key, "little") * (_REPUNIT >> (32 * (_SLICE // 4 - words)))
+    pad = int.from_bytes(key, "little") * (_REPUNIT >> (32 * (_SMALL // 4 - words)))
     tail = n & 3
     if tail:
         pad |= int.from_bytes(key[:tail], "little") << (32 * words)
     return (int.from_bytes(data, "little") ^ pad).to_bytes(n, "little")
 
 
-def unmask_pure(data: bytes, key: bytes) -> bytes:
+def unmask_pure(data: bytes, key: bytes) -> Union[bytes, bytearray]:
     """XOR ``data`` with the repeating 4-byte ``key``, without a per-byte loop."""
     n = len(data)
     if not n:
         return b""
-    if n <= _SLICE:
-        return _unmask_slice(data, key)
-    view = memoryview(data)
-    # _SLICE is a multiple of 4, so every slice starts at key offset 0.
-    return b"".join([_unmask_slice(view[start:start + _SLICE], key)
-                     for start in range(0, n, _SLICE)])
+    if n <= _SMALL:
+        return _unmask_small(data, key)
+    out = bytearray(data)
+    tables = _XOR_TABLES
+    out[0::4] = out[0::4].translate(tables[key[0]])
+    out[1::4] = out[1::4].translate(tables[key[1]])
+    out[2::4] = out[2::4].translate(tables[key[2]])
+    out[3::4] = out[3::4].translate(tables[key[3]])
+    return out
 
 
 def unmask_numpy(data: bytes, key: bytes) -> bytes:
@@ -99,7 +103,7 @@ def unmask_numpy(data: bytes, key: bytes) -> bytes:
 
 
 # Below this size the numpy call overhead costs more than it saves.
-_NUMPY_THRESHOLD = 256
+_NUMPY_THRESHOLD = _SMALL
 
 
 def _unmask_auto(data: bytes, key: bytes) -> bytes:
