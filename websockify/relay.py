@@ -36,6 +36,11 @@ _RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 _READ = 1
 _WRITE = 2
 
+# One receive buffer per process: every read lands here, is unmasked in
+# place and is sent on from here; whatever cannot be sent at once is copied
+# out (_Leg.own) before the callback returns, so the next read can reuse it.
+_receive_buffer = bytearray(READ_CHUNK)
+
 
 def _start(watcher, *args) -> None:
     if not watcher.active:
@@ -67,6 +72,10 @@ class _Leg:
         if data:
             self.out.append(data)
             self.out_bytes += len(data)
+
+    def own(self) -> None:
+        """Copy queued views so the shared receive buffer can be reused."""
+        self.out = [bytes(item) if type(item) is memoryview else item for item in self.out]
 
     def flush(self) -> bool:
         """Send what is queued; True when the queue is empty."""
@@ -154,7 +163,7 @@ class Relay:
         if self._heartbeat is not None:
             self._heartbeat.start(self._guard, self._send_heartbeat)
         if early_data:
-            self._guard(self._consume_client, early_data)
+            self._guard(self._consume_client, bytearray(early_data), len(early_data))
         else:
             self._guard(self._update)
 
@@ -206,6 +215,10 @@ class Relay:
             _start(client.reader, self._guard, self._on_client_readable)
         else:
             _stop(client.reader)
+        if client.out:
+            client.own()
+        if target.out:
+            target.own()
 
     def _trace_flushes(self, traffic: Callable[[str], None]) -> None:
         """--traffic: report sends before _update does them (full or partial)."""
@@ -217,23 +230,24 @@ class Relay:
     # -- client -> target ----------------------------------------------
 
     def _on_client_readable(self) -> None:
+        buf = _receive_buffer
         try:
-            data = self.client.sock.recv(READ_CHUNK)
+            n = self.client.sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._abort("client connection error: %s" % (exc.strerror or exc))
             return
-        if not data:
+        if not n:
             self._abort("client closed the connection without a close frame")
             return
-        self._consume_client(data)
+        self._consume_client(buf, n)
 
-    def _consume_client(self, data: bytes) -> None:
+    def _consume_client(self, buf: bytearray, n: int) -> None:
         if self.traffic:
             self.traffic("}")
         try:
-            self.parser.feed(data)
+            self.parser.feed_buffer(buf, n)
         except WebSocketError as exc:
             log.info("%s: protocol error from client: %s (closing %d)",
                      self.label, exc.reason, exc.close_code)
@@ -268,24 +282,25 @@ class Relay:
     # -- target -> client ----------------------------------------------
 
     def _on_target_readable(self) -> None:
+        buf = _receive_buffer
         try:
-            data = self.target.sock.recv(READ_CHUNK)
+            n = self.target.sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             log.info("%s: target connection error: %s", self.label, exc.strerror or exc)
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self.target_eof = True
             self.target.close()
             self._send_close(1000, "Target closed")
             self._arm_close_timer()
             self._update()
             return
-        self.stats.to_client += len(data)
+        self.stats.to_client += n
         client = self.client
-        client.queue(binary_header(len(data)))
-        client.queue(data)
+        client.queue(binary_header(n))
+        client.queue(memoryview(buf)[:n])
         if self.traffic:
             self.traffic("{")
         self._update()

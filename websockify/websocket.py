@@ -112,7 +112,46 @@ def _unmask_auto(data: bytes, key: bytes) -> bytes:
     return unmask_pure(data, key)
 
 
+def unmask_into_pure(buf: bytearray, start: int, stop: int, key: bytes) -> None:
+    """Unmask ``buf[start:stop]`` in place (the relay's receive buffer)."""
+    n = stop - start
+    if n <= 0:
+        return
+    if n <= _SMALL:
+        buf[start:stop] = _unmask_small(memoryview(buf)[start:stop], key)
+        return
+    tables = _XOR_TABLES
+    buf[start:stop:4] = buf[start:stop:4].translate(tables[key[0]])
+    buf[start + 1:stop:4] = buf[start + 1:stop:4].translate(tables[key[1]])
+    buf[start + 2:stop:4] = buf[start + 2:stop:4].translate(tables[key[2]])
+    buf[start + 3:stop:4] = buf[start + 3:stop:4].translate(tables[key[3]])
+
+
+def unmask_into_numpy(buf: bytearray, start: int, stop: int, key: bytes) -> None:
+    """Unmask ``buf[start:stop]`` in place with numpy, four bytes at a time."""
+    n = stop - start
+    if n <= 0:
+        return
+    data = _numpy.frombuffer(buf, dtype=_numpy.uint8, count=n, offset=start)
+    words = n >> 2
+    if words:
+        view = data[:words * 4].view(_numpy.uint32)
+        _numpy.bitwise_xor(view, _numpy.frombuffer(key, dtype=_numpy.uint32)[0], out=view)
+    tail = n & 3
+    if tail:
+        data[words * 4:] ^= _numpy.frombuffer(key[:tail], dtype=_numpy.uint8)
+
+
+def _unmask_into_auto(buf: bytearray, start: int, stop: int, key: bytes) -> None:
+    if stop - start >= _NUMPY_THRESHOLD:
+        unmask_into_numpy(buf, start, stop, key)
+    else:
+        unmask_into_pure(buf, start, stop, key)
+
+
 unmask: Callable[[bytes, bytes], bytes] = _unmask_auto if _numpy is not None else unmask_pure
+unmask_into: Callable[[bytearray, int, int, bytes], None] = (
+    _unmask_into_auto if _numpy is not None else unmask_into_pure)
 #: Which implementation ``unmask`` uses, for logs and the benchmark.
 UNMASK_IMPLEMENTATION = "numpy" if _numpy is not None else "pure"
 
@@ -192,7 +231,8 @@ class FrameParser:
     """Incremental parser for frames sent by a WebSocket client.
 
     ``feed(data)`` consumes any amount of bytes.  Data payload is passed on
-    as it arrives, unmasked, through ``on_data(chunk, opcode)`` where opcode
+    as it arrives, unmasked, through ``on_data(chunk, opcode)`` (chunk is a
+    bytes-like view, see ``feed_buffer``) where opcode
     is the message's type (text or binary) also for continuation frames;
     control frames, once complete, go to ``on_control(opcode, payload)``.
     Violations raise a ``WebSocketError`` subclass carrying its close code.
@@ -227,12 +267,29 @@ class FrameParser:
         return self._message_opcode != 0
 
     def feed(self, data: bytes) -> None:
+        """Consume ``data``; payload chunks are views of a private copy."""
+        buf = bytearray(self._pending)
+        buf += data
+        self._pending = b""
+        self._run(buf, len(buf))
+
+    def feed_buffer(self, buf: bytearray, n: int) -> None:
+        """Consume ``buf[:n]``, unmasking payload in place.
+
+        The chunks given to ``on_data`` are views of ``buf``: the caller must
+        copy what it keeps before it reuses the buffer.
+        """
         if self._pending:
-            data = self._pending + data
+            # A header was cut by the previous read: parse a private copy.
+            joined = bytearray(self._pending)
+            joined += memoryview(buf)[:n]
             self._pending = b""
-        view = memoryview(data)
+            buf, n = joined, len(joined)
+        self._run(buf, n)
+
+    def _run(self, buf: bytearray, end: int) -> None:
+        view = memoryview(buf)
         pos = 0
-        end = len(data)
         while pos < end or (self._state == _PAYLOAD and self._remaining == 0):
             if self._state == _HEADER:
                 consumed = self._parse_header(view, pos, end)
@@ -242,9 +299,8 @@ class FrameParser:
                 pos += consumed
                 continue
             take = min(self._remaining, end - pos)
-            chunk = view[pos:pos + take]
+            self._payload(buf, view, pos, pos + take)
             pos += take
-            self._payload(chunk)
 
     def _parse_header(self, view: memoryview, pos: int, end: int) -> int:
         """Parse one header at ``pos``; returns bytes consumed, 0 if incomplete."""
@@ -306,22 +362,21 @@ class FrameParser:
         self._state = _PAYLOAD
         return size
 
-    def _payload(self, chunk: memoryview) -> None:
-        n = len(chunk)
+    def _payload(self, buf: bytearray, view: memoryview, start: int, stop: int) -> None:
+        n = stop - start
         if self._key:
             key = self._key
             shift = self._offset & 3
             if shift:
                 key = key[shift:] + key[:shift]
-            data = unmask(chunk, key)
-        else:
-            data = bytes(chunk)
+            unmask_into(buf, start, stop, key)
+        data = view[start:stop]
         self._offset += n
         self._remaining -= n
         done = self._remaining == 0
         opcode = self._opcode
         if opcode >= 0x8:
-            self._control += data
+            self._control += bytes(data)
             if done:
                 self._state = _HEADER
                 self.on_control(opcode, self._control)
