@@ -11,8 +11,9 @@ frames) in memory, and a client that stops reading makes us stop reading
 the target.
 """
 
-import errno
+import fcntl
 import logging
+import os
 import socket
 import time
 import _socket
@@ -31,10 +32,54 @@ READ_CHUNK = 256 * 1024
 CONTROL_BACKLOG = 64 * 1024
 CLOSE_TIMEOUT = 5.0        # seconds to wait for the client's close reply
 _IOV_MAX = 512
-_RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 
 _READ = 1
 _WRITE = 2
+
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = 1031
+_F_GETPIPE_SZ = 1032
+
+
+class SplicePipe:
+    """A pipe per worker process through which target bytes reach clients."""
+
+    def __init__(self):
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.write_fd, _F_SETPIPE_SZ, READ_CHUNK)
+        except OSError:
+            pass
+        self.size = fcntl.fcntl(self.write_fd, _F_GETPIPE_SZ)
+        self.pid = os.getpid()
+
+    def drain(self, count: int) -> bytes:
+        """Read ``count`` bytes back out of the pipe (the slow path)."""
+        parts = []
+        while count > 0:
+            chunk = os.read(self.read_fd, count)
+            if not chunk:
+                break
+            parts.append(chunk)
+            count -= len(chunk)
+        return b"".join(parts)
+
+
+_splice_pipe: Optional[SplicePipe] = None
+
+
+def splice_pipe() -> Optional[SplicePipe]:
+    """This process's splice pipe (made after fork), or None without splice(2)."""
+    global _splice_pipe
+    if not hasattr(os, "splice"):
+        return None
+    if _splice_pipe is None or _splice_pipe.pid != os.getpid():
+        try:
+            _splice_pipe = SplicePipe()
+        except OSError:
+            return None
+    return _splice_pipe
+
 
 # One receive buffer per process: every read lands here, is unmasked in
 # place and is sent on from here; whatever cannot be sent at once is copied
@@ -134,12 +179,13 @@ class Relay:
 
     __slots__ = ("loop", "client", "target", "parser", "stats", "on_finish",
                  "traffic", "label", "close_sent", "close_received",
-                 "target_eof", "finished", "_close_timer", "_heartbeat")
+                 "target_eof", "finished", "_close_timer", "_heartbeat", "splice")
 
     def __init__(self, loop, client_sock: socket.socket, target_sock: socket.socket,
                  *, label: str, on_finish: Callable[["Relay"], None],
                  max_frame_size: int, heartbeat: float = 0,
-                 traffic: Optional[Callable[[str], None]] = None):
+                 traffic: Optional[Callable[[str], None]] = None,
+                 splice: bool = True):
         self.loop = loop
         self.client = _Leg(loop, client_sock)
         self.target = _Leg(loop, target_sock)
@@ -153,6 +199,9 @@ class Relay:
         self.close_received = False
         self.target_eof = False
         self.finished = False
+        # Zero-copy downstream when both legs are plain sockets.
+        self.splice = (splice_pipe() if splice and self.client.plain and self.target.plain
+                       else None)
         self._close_timer = None
         self._heartbeat = None
         if heartbeat > 0:
@@ -282,14 +331,12 @@ class Relay:
     # -- target -> client ----------------------------------------------
 
     def _on_target_readable(self) -> None:
-        buf = _receive_buffer
-        try:
-            n = self.target.sock.recv_into(buf)
-        except (BlockingIOError, InterruptedError):
+        if self.splice is not None:
+            n = self._splice_to_client()
+        else:
+            n = self._copy_to_client()
+        if n is None:
             return
-        except OSError as exc:
-            log.info("%s: target connection error: %s", self.label, exc.strerror or exc)
-            n = 0
         if not n:
             self.target_eof = True
             self.target.close()
@@ -298,12 +345,67 @@ class Relay:
             self._update()
             return
         self.stats.to_client += n
-        client = self.client
-        client.queue(binary_header(n))
-        client.queue(memoryview(buf)[:n])
         if self.traffic:
             self.traffic("{")
         self._update()
+
+    def _copy_to_client(self) -> Optional[int]:
+        """Read target bytes into the shared buffer and queue them as one frame."""
+        buf = _receive_buffer
+        try:
+            n = self.target.sock.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            log.info("%s: target connection error: %s", self.label, exc.strerror or exc)
+            return 0
+        if n:
+            self.client.queue(binary_header(n))
+            self.client.queue(memoryview(buf)[:n])
+        return n
+
+    def _splice_to_client(self) -> Optional[int]:
+        """Move target bytes to the client inside the kernel, framed.
+
+        The bytes go target -> pipe -> client with splice(2), so they are
+        never copied into this process; the frame header for them is sent
+        in between.  Whatever the client cannot take at once is read out of
+        the pipe into the queue, so the pipe is empty again on return.
+        """
+        pipe = self.splice
+        try:
+            n = os.splice(self.target.sock.fileno(), pipe.write_fd, pipe.size,
+                          flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            log.info("%s: target connection error: %s", self.label, exc.strerror or exc)
+            return 0
+        if not n:
+            return 0
+        client = self.client
+        header = binary_header(n)
+        sent = moved = 0
+        try:
+            sent = client.sock.send(header)
+            if sent == len(header):
+                while moved < n:
+                    step = os.splice(pipe.read_fd, client.sock.fileno(), n - moved,
+                                     flags=_SPLICE_FLAGS)
+                    if not step:
+                        break
+                    moved += step
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            pipe.drain(n - moved)
+            self._abort("client connection error: %s" % (exc.strerror or exc))
+            return None
+        if sent < len(header):
+            client.queue(header[sent:])
+        if moved < n:
+            client.queue(pipe.drain(n - moved))
+        return n
 
     def _on_target_writable(self) -> None:
         self._update()
