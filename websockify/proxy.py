@@ -143,7 +143,6 @@ class ProxyService:
 
     def start_session(self, target: Target, client: socket.socket, early: bytes,
                       handler) -> Relay:
-        tune_stream(client)
         label = "%s %s -> %s" % (handler.peer, handler.environ.get("RAW_URI", "/"), target)
         log.debug("%s: session opened (protocol %s)", label,
                   handler.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "-"))

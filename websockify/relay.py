@@ -27,6 +27,7 @@ from websockify.websocket import (OP_CLOSE, OP_PING, OP_PONG, FrameParser,
 log = logging.getLogger("websockify")
 
 READ_CHUNK = 256 * 1024
+BULK_READ = 32 * 1024      # a target read this large switches to splice(2)
 # Pongs and other control frames may queue for a client that does not read;
 # past this many bytes we stop reading its pings.
 CONTROL_BACKLOG = 64 * 1024
@@ -179,7 +180,8 @@ class Relay:
 
     __slots__ = ("loop", "client", "target", "parser", "stats", "on_finish",
                  "traffic", "label", "close_sent", "close_received",
-                 "target_eof", "finished", "_close_timer", "_heartbeat", "splice")
+                 "target_eof", "finished", "_close_timer", "_heartbeat", "splice",
+                 "bulk")
 
     def __init__(self, loop, client_sock: socket.socket, target_sock: socket.socket,
                  *, label: str, on_finish: Callable[["Relay"], None],
@@ -202,6 +204,7 @@ class Relay:
         # Zero-copy downstream when both legs are plain sockets.
         self.splice = (splice_pipe() if splice and self.client.plain and self.target.plain
                        else None)
+        self.bulk = False
         self._close_timer = None
         self._heartbeat = None
         if heartbeat > 0:
@@ -331,10 +334,15 @@ class Relay:
     # -- target -> client ----------------------------------------------
 
     def _on_target_readable(self) -> None:
-        if self.splice is not None:
+        # splice(2) saves two copies per byte but costs a third system call:
+        # worth it for bulk transfers, not for the small reads of an
+        # interactive session, so it follows the size of the last read.
+        if self.bulk:
             n = self._splice_to_client()
         else:
             n = self._copy_to_client()
+        if n is not None and self.splice is not None:
+            self.bulk = n >= BULK_READ
         if n is None:
             return
         if not n:
@@ -464,13 +472,7 @@ class Relay:
             self._heartbeat.stop()
             self._heartbeat = None
         self.target.close()
-        client = self.client
-        if client.open:
-            try:
-                client.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        client.close()
+        self.client.close()
         self.on_finish(self)
 
     def _send_heartbeat(self) -> None:

@@ -55,6 +55,8 @@ def tcp_listener(host: str, port: int, prefer_ipv6: bool = False) -> socket.sock
     sock = socket.socket(family, socktype, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit TCP_NODELAY and keepalive from the listener.
+        tune_stream(sock)
         sock.bind(address)
         sock.listen(BACKLOG)
     except OSError as exc:
@@ -104,6 +106,7 @@ def inetd_listener(fd: int = 0) -> socket.socket:
     if not listening:
         sock.close()
         raise ListenError("--inetd: descriptor %d is not a listening socket" % fd)
+    tune_stream(sock)
     sock.setblocking(False)
     return sock
 
