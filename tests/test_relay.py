@@ -184,3 +184,75 @@ def test_exact_bytes_both_ways(websockify, echo_target, sizes):
     ws.send(0x8, b"\x03\xe8")
     assert ws.expect_close() == (1000, "")
     ws.close()
+
+
+def test_client_close_shuts_the_target(websockify):
+    """After the client's close frame the target sees EOF (after the data)."""
+    target = SinkTarget()
+    target.reading.set()
+    try:
+        proc, port = websockify("127.0.0.1:{port}", "127.0.0.1:%d" % target.port)
+        ws = RawWebSocket(port)
+        ws.send_binary(b"last words")
+        ws.send(0x8, b"\x03\xe8")
+        assert ws.expect_close() == (1000, "")
+        target.thread.join(10)
+        assert not target.thread.is_alive(), "target never saw EOF"
+        assert target.received == len(b"last words")
+        ws.close()
+    finally:
+        target.close()
+
+
+def test_internal_error_closes_with_1011_and_only_that_session():
+    """An unexpected exception in a pump ends its session with 1011."""
+    import gevent
+    from websockify import relay as relay_module
+
+    loop = gevent.get_hub().loop
+    finished = []
+
+    def make_pair():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        return a, b
+
+    client_srv, client = make_pair()
+    target_srv, target = make_pair()
+    healthy_srv, healthy = make_pair()
+    healthy_target_srv, healthy_target = make_pair()
+
+    class Broken(relay_module.Relay):
+        __slots__ = ()
+
+        def _client_data(self, chunk, opcode):
+            raise RuntimeError("boom")
+
+    broken = Broken(loop, client_srv, target_srv, label="broken", on_finish=finished.append,
+                    max_frame_size=1 << 20)
+    ok = relay_module.Relay(loop, healthy_srv, healthy_target_srv, label="ok",
+                            on_finish=finished.append, max_frame_size=1 << 20)
+    broken.start()
+    ok.start()
+    client.sendall(mask_frame(0x2, b"hello"))
+    healthy.sendall(mask_frame(0x2, b"still fine"))
+    client.settimeout(5)
+    healthy_target.settimeout(5)
+    deadline = time.time() + 5
+    data = b""
+    while b"\x88" not in data[:1] and time.time() < deadline:
+        gevent.sleep(0.01)
+        try:
+            client.setblocking(False)
+            data += client.recv(1024)
+        except BlockingIOError:
+            pass
+    assert data[:1] == b"\x88", data
+    assert int.from_bytes(data[2:4], "big") == 1011
+    gevent.sleep(0.05)
+    healthy_target.setblocking(True)
+    assert healthy_target.recv(1024) == b"still fine"
+    assert not ok.finished
+    ok.shutdown()
+    for sock in (client, target, healthy, healthy_target):
+        sock.close()
