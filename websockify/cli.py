@@ -13,7 +13,8 @@ USAGE = """
     %(prog)s [options] [source_addr:]source_port target_addr:target_port
     %(prog)s [options] --token-plugin=CLASS [source_addr:]source_port
     %(prog)s [options] --unix-target=FILE [source_addr:]source_port
-    %(prog)s [options] [source_addr:]source_port -- WRAP_COMMAND_LINE"""
+    %(prog)s [options] [source_addr:]source_port -- WRAP_COMMAND_LINE
+    %(prog)s [options] --echo [source_addr:]source_port"""
 
 
 class UsageError(Exception):
@@ -124,7 +125,10 @@ def parse_args(argv: List[str]) -> Settings:
             raise UsageError("Too few arguments")
         settings.listen_host, settings.listen_port = _split_address(args.pop(0), "listen")
 
-    if values["unix_target"]:
+    if values["echo"]:
+        if values["unix_target"]:
+            raise UsageError("--echo and --unix-target cannot be used together")
+    elif values["unix_target"]:
         pass
     else:
         if not args:
@@ -153,7 +157,7 @@ def parse_args(argv: List[str]) -> Settings:
 
 
 def _check_values(values: dict) -> None:
-    for dest in ("timeout", "idle_timeout", "heartbeat", "graceful_timeout"):
+    for dest in ("timeout", "idle_timeout", "heartbeat", "heartbeat_timeout", "graceful_timeout"):
         if values[dest] < 0:
             raise UsageError("--%s must not be negative" % dest.replace("_", "-"))
     if values["connect_timeout"] <= 0:
@@ -162,6 +166,8 @@ def _check_values(values: dict) -> None:
         raise UsageError("--workers must be at least 1")
     if values["worker_connections"] is not None and values["worker_connections"] < 1:
         raise UsageError("--worker-connections must be at least 1")
+    if values["heartbeat_timeout"] and not values["heartbeat"]:
+        raise UsageError("--heartbeat-timeout needs --heartbeat")
     if values["max_frame_size"] < 126:
         raise UsageError("--max-frame-size must be at least 126 bytes")
     if values["web"] and not os.path.isdir(values["web"]):

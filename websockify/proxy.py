@@ -102,6 +102,8 @@ def _connect(target: Target, timeout: float) -> _socket.socket:
 class ProxyService:
     """Per-worker session factory and registry of live relays."""
 
+    session_class = Relay
+
     def __init__(self, settings, loop, *, on_session_end: Callable[[], None],
                  traffic: Optional[Callable[[str], None]] = None):
         self.settings = settings
@@ -143,19 +145,24 @@ class ProxyService:
 
     def start_session(self, target: Target, client: socket.socket, early: bytes,
                       handler) -> Relay:
-        label = "%s %s -> %s" % (handler.peer, handler.environ.get("RAW_URI", "/"), target)
+        label = "%s %s -> %s" % (handler.peer, handler.environ.get("RAW_URI", "/"),
+                                 self.describe_target(target))
         log.debug("%s: session opened (protocol %s)", label,
                   handler.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "-"))
-        relay = Relay(self.loop, client, target.sock, label=label,
+        relay = self.session_class(self.loop, client, target.sock, label=label,
                       on_finish=self._finished,
                       max_frame_size=self.settings.max_frame_size,
                       heartbeat=self.settings.heartbeat,
+                      heartbeat_timeout=self.settings.heartbeat_timeout,
                       traffic=self.traffic)
         target.sock = None
         self.relays.add(relay)
         self.server.session_started()
         relay.start(early)
         return relay
+
+    def describe_target(self, target: Target) -> str:
+        return str(target)
 
     def _finished(self, relay: Relay) -> None:
         self.relays.discard(relay)

@@ -162,6 +162,31 @@ class _Leg:
             pass
 
 
+class _NoWatcher:
+    active = False
+
+    def start(self, *args) -> None:
+        raise RuntimeError("a session without a target has nothing to watch")
+
+    def stop(self) -> None:
+        pass
+
+
+class _NoLeg:
+    """Stands in for the target of a session that has none (the echo service)."""
+
+    __slots__ = ()
+    reader = writer = _NoWatcher()
+    sock = None
+    open = False
+    plain = False
+    out: List[bytes] = []
+    out_bytes = 0
+
+    def close(self) -> None:
+        pass
+
+
 class SessionStats:
     """What the session log line reports."""
 
@@ -178,21 +203,26 @@ class SessionStats:
 class Relay:
     """Bridge a WebSocket client socket and a TCP target socket."""
 
+    #: Whether ``_client_message_end`` must hear of message boundaries.
+    wants_message_end = False
+
     __slots__ = ("loop", "client", "target", "parser", "stats", "on_finish",
                  "traffic", "label", "close_sent", "close_received",
-                 "target_eof", "finished", "_close_timer", "_heartbeat", "splice",
-                 "bulk")
+                 "target_eof", "finished", "_close_timer", "_heartbeat", "_pong_deadline", "splice",
+                 "bulk", "backlog_limit")
 
-    def __init__(self, loop, client_sock: socket.socket, target_sock: socket.socket,
+    def __init__(self, loop, client_sock: socket.socket, target_sock: Optional[socket.socket],
                  *, label: str, on_finish: Callable[["Relay"], None],
-                 max_frame_size: int, heartbeat: float = 0,
+                 max_frame_size: int, heartbeat: float = 0, heartbeat_timeout: float = 0,
                  traffic: Optional[Callable[[str], None]] = None,
                  splice: bool = True):
         self.loop = loop
         self.client = _Leg(loop, client_sock)
-        self.target = _Leg(loop, target_sock)
+        self.target = _Leg(loop, target_sock) if target_sock is not None else _NoLeg()
         self.parser = FrameParser(self._client_data, self._client_control,
-                                  max_frame_size=max_frame_size)
+                                  max_frame_size=max_frame_size,
+                                  on_message_end=(self._client_message_end
+                                                  if self.wants_message_end else None))
         self.stats = SessionStats()
         self.on_finish = on_finish
         self.traffic = traffic
@@ -205,10 +235,15 @@ class Relay:
         self.splice = (splice_pipe() if splice and self.client.plain and self.target.plain
                        else None)
         self.bulk = False
+        # Bytes queued for the client past which its frames are not read.
+        self.backlog_limit = CONTROL_BACKLOG
         self._close_timer = None
         self._heartbeat = None
+        self._pong_deadline = None
         if heartbeat > 0:
             self._heartbeat = loop.timer(heartbeat, heartbeat)
+            if heartbeat_timeout > 0:
+                self._pong_deadline = loop.timer(heartbeat_timeout)
 
     def start(self, early_data: bytes = b"") -> None:
         """Begin pumping; ``early_data`` is what the client sent after its request."""
@@ -242,14 +277,24 @@ class Relay:
         if traffic:
             self._trace_flushes(traffic)
         if target.open:
-            if target.flush():
+            try:
+                flushed = target.flush()
+            except OSError as exc:
+                self._target_lost(exc)
+                flushed = True
+            if flushed:
                 _stop(target.writer)
                 if closing:
                     # What the client sent before its close has reached the target.
                     target.close()
             else:
                 _start(target.writer, self._guard, self._on_target_writable)
-        if client.flush():
+        try:
+            flushed = client.flush()
+        except OSError as exc:
+            self._abort("client connection error: %s" % (exc.strerror or exc))
+            return
+        if flushed:
             _stop(client.writer)
             if self.close_sent and self.close_received and not target.open:
                 self._finish()
@@ -263,7 +308,7 @@ class Relay:
             _stop(target.reader)
         # Read the client while the target keeps up and pongs don't pile up.
         if (not self.close_received and not target.out
-                and client.out_bytes < CONTROL_BACKLOG):
+                and client.out_bytes < self.backlog_limit):
             _start(client.reader, self._guard, self._on_client_readable)
         else:
             _stop(client.reader)
@@ -276,8 +321,17 @@ class Relay:
         """--traffic: report sends before _update does them (full or partial)."""
         for leg, mark in ((self.target, ">"), (self.client, "<")):
             if leg.open and leg.out:
-                done = leg.flush()
+                try:
+                    done = leg.flush()
+                except OSError:
+                    return          # _update meets the error again and handles it
                 traffic(mark if done else mark + ".")
+
+    def _target_lost(self, exc: OSError) -> None:
+        log.info("%s: target connection error: %s", self.label, exc.strerror or exc)
+        self.target.close()
+        self._send_close(1011, "Target connection lost")
+        self._arm_close_timer()
 
     # -- client -> target ----------------------------------------------
 
@@ -313,10 +367,16 @@ class Relay:
         self.stats.from_client += len(chunk)
         self.target.queue(chunk)
 
+    def _client_message_end(self, opcode: int) -> None:
+        """Message boundaries mean nothing to a TCP target."""
+
     def _client_control(self, opcode: int, payload: bytes) -> None:
         if opcode == OP_PING:
             if not self.close_sent:
                 self.client.queue(encode_frame(OP_PONG, payload))
+        elif opcode == OP_PONG:
+            if self._pong_deadline is not None:
+                self._pong_deadline.stop()
         elif opcode == OP_CLOSE:
             code, reason = parse_close_payload(payload)
             self.close_received = True
@@ -471,6 +531,9 @@ class Relay:
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
+        if self._pong_deadline is not None:
+            self._pong_deadline.stop()
+            self._pong_deadline = None
         self.target.close()
         self.client.close()
         self.on_finish(self)
@@ -479,4 +542,20 @@ class Relay:
         if self.close_sent or self.client.out_bytes >= CONTROL_BACKLOG:
             return
         self.client.queue(encode_frame(OP_PING, b"websockify"))
+        deadline = self._pong_deadline
+        if deadline is not None and not deadline.active:
+            deadline.start(self._guard, self._heartbeat_timed_out)
         self._update()
+
+    def _heartbeat_timed_out(self) -> None:
+        """The client answered no ping in time: a dead peer, close it now."""
+        log.info("%s: no pong in time after a ping (--heartbeat-timeout); closing",
+                 self.label)
+        self.stats.close_code, self.stats.close_reason = 1011, "Heartbeat timeout"
+        self.target.close()
+        self._send_close(1011, "Heartbeat timeout")
+        try:
+            self.client.flush()
+        except OSError:
+            pass
+        self._finish()

@@ -122,6 +122,9 @@ OPTIONS: List[Option] = [
     Option(("--heartbeat",), "heartbeat",
            "send a ping to the client every INTERVAL seconds (0: never)",
            kind="float", default=0.0, metavar="INTERVAL"),
+    Option(("--heartbeat-timeout",), "heartbeat_timeout",
+           "with --heartbeat, close a client that has not answered a ping within "
+           "SECONDS, and log it (0: never)", kind="float", default=0.0, metavar="SECONDS"),
     Option(("--log-file",), "log_file", "file where logs will be saved",
            kind="str", metavar="FILE"),
     Option(("--syslog",), "syslog",
@@ -146,6 +149,9 @@ OPTIONS: List[Option] = [
     Option(("--connect-timeout",), "connect_timeout",
            "seconds to wait for the target to accept a connection (then 504)",
            kind="float", default=10.0, metavar="SECONDS"),
+    Option(("--echo",), "echo",
+           "echo service: answer every WebSocket message with the same type and "
+           "content instead of bridging to a target (to check wss:// or proxy setups)"),
     Option(("--max-frame-size",), "max_frame_size",
            "largest WebSocket frame accepted from a client; larger ones are closed "
            "with 1009", kind="int", default=16 * 1024 * 1024, metavar="BYTES"),
@@ -174,6 +180,8 @@ class Settings:
 
     @property
     def target_description(self) -> str:
+        if self.echo:
+            return "echo"
         if self.unix_target:
             return "unix:%s" % self.unix_target
         host = self.target_host or ""

@@ -184,6 +184,17 @@ def binary_header(length: int, opcode: int = OP_BINARY) -> bytes:
     return _PACK_64(0x80 | opcode, 127, length)
 
 
+def frame_header(length: int, opcode: int, fin: bool) -> bytes:
+    """Header of an unmasked frame that may be a fragment."""
+    if fin:
+        return binary_header(length, opcode)
+    if length < 126:
+        return bytes((opcode, length))
+    if length < 65536:
+        return _PACK_16(opcode, 126, length)
+    return _PACK_64(opcode, 127, length)
+
+
 def encode_frame(opcode: int, payload: bytes = b"") -> bytes:
     """A complete unmasked frame, as a server sends it."""
     return binary_header(len(payload), opcode) + payload
@@ -238,16 +249,18 @@ class FrameParser:
     Violations raise a ``WebSocketError`` subclass carrying its close code.
     """
 
-    __slots__ = ("on_data", "on_control", "max_frame_size", "require_mask",
+    __slots__ = ("on_data", "on_control", "on_message_end", "max_frame_size", "require_mask",
                  "_state", "_pending", "_opcode", "_fin", "_key", "_offset",
                  "_remaining", "_message_opcode", "_control", "_text")
 
     def __init__(self, on_data: Callable[[bytes, int], None],
                  on_control: Callable[[int, bytes], None],
                  max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-                 require_mask: bool = True):
+                 require_mask: bool = True,
+                 on_message_end: Optional[Callable[[int], None]] = None):
         self.on_data = on_data
         self.on_control = on_control
+        self.on_message_end = on_message_end
         self.max_frame_size = max_frame_size
         self.require_mask = require_mask
         self._state = _HEADER
@@ -396,3 +409,5 @@ class FrameParser:
                 self._text = None
         if data or final:
             self.on_data(data, message_opcode)
+        if final and self.on_message_end is not None:
+            self.on_message_end(message_opcode)

@@ -70,8 +70,12 @@ class Worker:
         traffic = traffic_printer() if settings.traffic else None
         if traffic:
             traffic(TRAFFIC_LEGEND)
-        self.service = ProxyService(settings, loop, on_session_end=self._session_ended,
-                                    traffic=traffic)
+        service_class = ProxyService
+        if settings.echo:
+            from websockify.echo import EchoService
+            service_class = EchoService
+        self.service = service_class(settings, loop, on_session_end=self._session_ended,
+                                     traffic=traffic)
         application = (StaticFiles(settings.web, settings.file_only) if settings.web
                        else method_not_allowed)
         connections = settings.worker_connections or _default_connections()
