@@ -4,7 +4,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 PORT ?= 6080
 
-.PHONY: run test bench install clean venv
+.PHONY: run test bench conformance install clean venv
 
 $(VENV)/.installed: setup.py setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: venv
 ## make bench: this project against websockify 0.13.0 from PyPI
 bench: venv
 	$(VPY) scripts/bench $(BENCH_ARGS)
+
+## make conformance: the Autobahn cases (sections 1-10) against websockify --echo,
+## with kosoku's HTML reports in reports/conformance
+conformance: venv
+	$(VPY) scripts/conformance reports/conformance
 
 install:
 	$(PYTHON) -m pip install .

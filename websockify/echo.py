@@ -1,23 +1,28 @@
 """``websockify --echo``: answer every message with the same type and content.
 
 An echo session is a relay without a target: what the client sends is
-framed back to it as it arrives (a long message is echoed in fragments, so
-memory stays bounded by one read), on the same master, workers, handshake
-and limits as the bridge.  It lets a user check a wss:// or reverse-proxy
-setup from a browser, and it is what the conformance suite drives.
+framed back to it, on the same master, workers, handshake and limits as the
+bridge.  It lets a user check a wss:// or reverse-proxy setup from a
+browser, and it is what the conformance suite drives.
+
+A message is echoed as one frame when it is complete, or in fragments of
+about 64 KiB as it arrives when it is long, so memory stays bounded.
 """
 
-from typing import Optional
+from typing import List
 
 from websockify.proxy import ProxyService, Target
 from websockify.relay import READ_CHUNK, Relay
 from websockify.websocket import OP_CONTINUATION, frame_header
 
+# Echo a partial message once this much of it has arrived.
+FRAGMENT_SIZE = 64 * 1024
+
 
 class EchoSession(Relay):
     """Echo data messages back; control frames behave as in the relay."""
 
-    __slots__ = ("_held", "_held_opcode", "_fragmented")
+    __slots__ = ("_chunks", "_chunk_bytes", "_opcode", "_fragmented")
     wants_message_end = True
 
     def __init__(self, *args, **kwargs):
@@ -26,30 +31,33 @@ class EchoSession(Relay):
         # conformance suite does, up to 16 MiB): queue up to one frame's
         # limit before reading stops, so memory stays bounded by it.
         self.backlog_limit = max(self.parser.max_frame_size, READ_CHUNK) + READ_CHUNK
-        self._held: Optional[bytes] = None   # the last chunk, until we know if it ends a message
-        self._held_opcode = 0
-        self._fragmented = False             # a fragment of this message was already sent
+        self._chunks: List[bytes] = []   # the message's data not echoed yet
+        self._chunk_bytes = 0
+        self._opcode = 0
+        self._fragmented = False         # a fragment of this message was already sent
 
     def _client_data(self, chunk, opcode: int) -> None:
         if self.close_sent or self.close_received:
             return
         self.stats.from_client += len(chunk)
-        if self._held is not None:
-            self._emit(False)
         # Copied: the chunk is a view of the shared receive buffer.
-        self._held = bytes(chunk)
-        self._held_opcode = opcode
+        self._chunks.append(bytes(chunk))
+        self._chunk_bytes += len(chunk)
+        self._opcode = opcode
+        if self._chunk_bytes >= FRAGMENT_SIZE:
+            self._emit(False)
 
     def _client_message_end(self, opcode: int) -> None:
         if self.close_sent or self.close_received:
             return
-        if self._held is None:
-            self._held, self._held_opcode = b"", opcode
+        self._opcode = opcode
         self._emit(True)
 
     def _emit(self, fin: bool) -> None:
-        data, self._held = self._held, None
-        opcode = OP_CONTINUATION if self._fragmented else self._held_opcode
+        data = b"".join(self._chunks)
+        self._chunks = []
+        self._chunk_bytes = 0
+        opcode = OP_CONTINUATION if self._fragmented else self._opcode
         self._fragmented = not fin
         self.client.queue(frame_header(len(data), opcode, fin))
         self.client.queue(data)
