@@ -46,6 +46,15 @@ def children_of(pid: int) -> list:
         return []
 
 
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, in KiB."""
+    with open("/proc/%d/status" % pid) as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS for %d" % pid)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open("/proc/%d/stat" % pid) as handle:

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import (PYTHON, Process, RawWebSocket, children_of, free_port,
+from tests.helpers import (PYTHON, Process, RawWebSocket, children_of, free_port, rss_kib,
                            handshake_request, mask_frame, pid_alive, port_open,
                            read_http_response, wait_for, websockify_argv)
 
@@ -32,14 +32,6 @@ RSS_GROWTH_KIB = 20 * 1024
 SERVER_CODES = frozenset((1000, 1001, 1002, 1007, 1009, 1011))
 # Codes a peer may put on the wire (RFC 6455 7.4.1, 7.4.2 and the registry).
 SENDABLE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
-
-
-def rss_kib(pid: int) -> int:
-    with open("/proc/%d/status" % pid) as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS for %d" % pid)
 
 
 # -- one server for the module ------------------------------------------------

@@ -8,15 +8,7 @@ import time
 
 import pytest
 
-from tests.helpers import RawWebSocket, children_of, mask_frame, wait_for
-
-
-def rss_kib(pid: int) -> int:
-    with open("/proc/%d/status" % pid) as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS for %d" % pid)
+from tests.helpers import RawWebSocket, children_of, mask_frame, rss_kib, wait_for
 
 
 _PERIOD = 1000003                  # prime: no chunk or frame size divides it
