@@ -125,11 +125,19 @@ def parse_args(argv: List[str]) -> Settings:
             raise UsageError("Too few arguments")
         settings.listen_host, settings.listen_port = _split_address(args.pop(0), "listen")
 
+    tokens = values["token_plugin"] or values["target_config"]
     if values["echo"]:
         if values["unix_target"]:
             raise UsageError("--echo and --unix-target cannot be used together")
+        if tokens:
+            raise UsageError("--echo and a token plugin cannot be used together")
     elif values["unix_target"]:
-        pass
+        if tokens:
+            raise UsageError("--unix-target and a token plugin cannot be used together")
+    elif tokens:
+        if args:
+            raise UsageError("a target (%s) cannot be given with a token plugin: the "
+                             "token picks the target" % args[0])
     else:
         if not args:
             raise UsageError("Too few arguments")
@@ -150,7 +158,8 @@ def parse_args(argv: List[str]) -> Settings:
     else:
         values["unix_listen_mode"] = 0o600
     # The daemon changes directory; keep every path the user gave us usable.
-    for dest in ("web", "log_file", "pid_file", "unix_listen", "unix_target"):
+    for dest in ("web", "log_file", "pid_file", "unix_listen", "unix_target",
+                 "target_config"):
         if values[dest]:
             values[dest] = os.path.abspath(values[dest])
     return settings
@@ -170,6 +179,14 @@ def _check_values(values: dict) -> None:
         raise UsageError("--heartbeat-timeout needs --heartbeat")
     if values["max_frame_size"] < 126:
         raise UsageError("--max-frame-size must be at least 126 bytes")
+    if values["target_config"] and values["token_plugin"]:
+        raise UsageError("--target-config and --token-plugin cannot be used together "
+                         "(--target-config FILE means --token-plugin TokenFile "
+                         "--token-source FILE)")
+    if values["token_source"] is not None and not values["token_plugin"]:
+        raise UsageError("You must use --token-plugin to use --token-source")
+    if values["host_token"] and not (values["token_plugin"] or values["target_config"]):
+        raise UsageError("You must use --token-plugin to use --host-token")
     if values["web"] and not os.path.isdir(values["web"]):
         raise UsageError("--web: %s is not a directory" % values["web"])
 

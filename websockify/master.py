@@ -16,7 +16,7 @@ import time
 from typing import Dict, List, Optional
 
 from websockify import scoreboard as sb
-from websockify.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_LISTEN, EXIT_OK, EXIT_WORKER_BOOT
+from websockify.errors import ConfigError, EXIT_CONFIG, EXIT_FAILURE, EXIT_LISTEN, EXIT_OK, EXIT_WORKER_BOOT
 from websockify.log import log_streams, reopen_log_files, setup_logging
 from websockify.sockets import (ListenError, describe_listener, open_listener,
                                 raise_nofile_limit, unlink_unix_listener)
@@ -73,6 +73,11 @@ class Master:
             sys.stderr.write("websockify: cannot open log file %s: %s\n"
                              % (settings.log_file, exc.strerror))
             return EXIT_CONFIG
+        try:
+            settings.tokens = self._load_token_plugin()
+        except ConfigError as exc:
+            log.error("%s", exc)
+            return EXIT_CONFIG
         nofile = raise_nofile_limit()
         try:
             self.listener = open_listener(settings)
@@ -98,6 +103,28 @@ class Master:
             self._cleanup()
         return self.exit_status
 
+    def _load_token_plugin(self):
+        """Build the token plugin here, before any fork: a bad source fails the start."""
+        settings = self.settings
+        if not (settings.token_plugin or settings.target_config):
+            return None
+        from websockify.plugins.tokens import load_resolver
+        if settings.target_config and settings.tokens is None:
+            log.warning("--target-config is deprecated: use --token-plugin TokenFile "
+                        "--token-source %s", settings.target_config)
+        return load_resolver(settings)
+
+    def _reload_token_plugin(self) -> None:
+        """On SIGHUP: re-read the token source for the new workers, or keep the old one."""
+        if self.settings.tokens is None:
+            return
+        try:
+            self.settings.tokens = self._load_token_plugin()
+        except ConfigError as exc:
+            log.error("%s; new workers keep the previous token configuration", exc)
+            return
+        log.info("token plugin %s reloaded", self.settings.tokens.name)
+
     def _banner(self, nofile: int) -> None:
         settings = self.settings
         log.info("WebSocket server settings:")
@@ -122,6 +149,9 @@ class Master:
         if settings.libserver:
             log.warning("  - --libserver has no effect: this server always uses gevent workers")
         log.info("  - %d worker(s), descriptor limit %d", self.worker_count, nofile)
+        if settings.tokens is not None:
+            log.info("  - %s%s", settings.tokens.describe(),
+                     ", token from the Host header" if settings.host_token else "")
         log.info("  - proxying from %s to %s", settings.listen_description,
                  settings.target_description)
 
@@ -357,6 +387,7 @@ class Master:
         if self.stopping is not None:
             return
         log.info("got SIGHUP: replacing workers")
+        self._reload_token_plugin()
         old = [worker for worker in self.workers.values() if not worker.retiring]
         for worker in old:
             worker.retiring = True

@@ -17,6 +17,7 @@ from gevent import socket as gsocket
 from gevent.socket import wait_write
 
 from websockify.errors import BadGateway, GatewayTimeout
+from websockify.plugins.tokens import UNIX, BackendUnavailable
 from websockify.relay import Relay
 from websockify.sockets import tune_stream
 
@@ -118,9 +119,23 @@ class ProxyService:
 
     def pick_target(self, handler) -> Target:
         settings = self.settings
+        if settings.tokens is not None:
+            return self._token_target(handler)
         if settings.unix_target:
             return Target(unix_path=settings.unix_target)
         return Target(settings.target_host, settings.target_port)
+
+    def _token_target(self, handler) -> Target:
+        """Ask the token plugin; refusals are HTTPErrors (400/403/404/502/503)."""
+        # Plugins block cooperatively (gevent is patched in workers); a lookup
+        # that hangs must not hold the handshake for longer than a connect.
+        timeout = self.settings.connect_timeout
+        with gevent.Timeout(timeout, BackendUnavailable(
+                "token lookup took longer than %g s" % timeout)):
+            host, port = self.settings.tokens.resolve(handler.environ)
+        if host == UNIX:
+            return Target(unix_path=port)
+        return Target(host, port)
 
     def open_target(self, handler) -> Target:
         """Connect to the session's target or raise 502/504."""
@@ -147,14 +162,16 @@ class ProxyService:
                       handler) -> Relay:
         label = "%s %s -> %s" % (handler.peer, handler.environ.get("RAW_URI", "/"),
                                  self.describe_target(target))
-        log.debug("%s: session opened (protocol %s)", label,
-                  handler.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "-"))
+        codec = getattr(handler, "codec", None)     # the client's framing (handshake)
+        log.debug("%s: session opened (protocol %s, %s framing)", label,
+                  handler.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "-"),
+                  codec.name if codec is not None else "binary")
         relay = self.session_class(self.loop, client, target.sock, label=label,
                       on_finish=self._finished,
                       max_frame_size=self.settings.max_frame_size,
                       heartbeat=self.settings.heartbeat,
                       heartbeat_timeout=self.settings.heartbeat_timeout,
-                      traffic=self.traffic)
+                      traffic=self.traffic, codec=codec)
         target.sock = None
         self.relays.add(relay)
         self.server.session_started()

@@ -33,7 +33,6 @@ def _cpu_count() -> int:
 
 TLS = "TLS"
 AUTH = "authentication plugins"
-TOKENS = "token plugins"
 WRAP = "wrapping a program"
 RECORD = "session recording"
 SYSLOG = "syslog logging"
@@ -101,17 +100,18 @@ OPTIONS: List[Option] = [
     Option(("--target-config",), "target_config",
            "configuration file of 'token: host:port' lines, or a directory of them "
            "(DEPRECATED: use --token-plugin TokenFile --token-source FILE)",
-           kind="str", metavar="FILE", pending=TOKENS),
+           kind="str", metavar="FILE"),
     Option(("--token-plugin",), "token_plugin",
            "use a Python class, usually one from websockify.token_plugins, such as "
-           "TokenFile, to process tokens into host:port pairs",
-           kind="str", metavar="CLASS", pending=TOKENS),
+           "TokenFile, to process tokens into host:port pairs (a bare name, or a "
+           "dotted path such as mypackage.MyPlugin); no target is given then",
+           kind="str", metavar="CLASS"),
     Option(("--token-source",), "token_source",
-           "an argument to be passed to the token plugin on instantiation",
-           kind="str", metavar="ARG", pending=TOKENS),
+           "an argument to be passed to the token plugin on instantiation "
+           "(a file, directory, URL or host, depending on the plugin)",
+           kind="str", metavar="ARG"),
     Option(("--host-token",), "host_token",
-           "use the host HTTP header as token instead of the token URL query parameter",
-           pending=TOKENS),
+           "use the host HTTP header as token instead of the token URL query parameter"),
     Option(("--auth-plugin",), "auth_plugin",
            "use a Python class, usually one from websockify.auth_plugins, such as "
            "BasicHTTPAuth, to determine if a connection is allowed",
@@ -170,6 +170,9 @@ class Settings:
     target_port: Optional[int] = None
     wrap_cmd: Optional[List[str]] = None
     options: dict = field(default_factory=dict)
+    #: The loaded token plugin (plugins.tokens.TokenResolver), built by the
+    #: master before workers are forked and rebuilt on SIGHUP.
+    tokens: Any = None
 
     def __getattr__(self, name: str) -> Any:
         # Option values read as attributes: settings.heartbeat, settings.web ...
@@ -182,6 +185,8 @@ class Settings:
     def target_description(self) -> str:
         if self.echo:
             return "echo"
+        if self.token_plugin or self.target_config:
+            return "targets from --token-plugin %s" % (self.token_plugin or "TokenFile")
         if self.unix_target:
             return "unix:%s" % self.unix_target
         host = self.target_host or ""
