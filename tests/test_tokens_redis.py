@@ -1,0 +1,189 @@
+"""TokenRedis against a real redis-server, and the seed blog's deployment done
+with two websockify instances sharing that Redis behind a real nginx.
+
+Skipped, with the reason, where redis-server, nginx or redis-py is missing
+(``.ci/run`` installs the servers, the test extra installs redis-py).
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import urllib.request
+
+import pytest
+
+from tests.helpers import (RawWebSocket, free_port, handshake_request, port_open,
+                           read_http_response, wait_for)
+from tests.test_tokens import EchoServer, answer, assert_clean, echo_through, refusal_lines
+
+redis = pytest.importorskip("redis", reason="redis-py is not installed (pip install "
+                            "'websockify[redis]')")
+
+REDIS_SERVER = shutil.which("redis-server")
+NGINX = shutil.which("nginx") or next(
+    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(p)), None)
+
+needs_redis = pytest.mark.skipif(REDIS_SERVER is None,
+                                 reason="redis-server is not installed (apt-get install "
+                                        "redis-server)")
+needs_nginx = pytest.mark.skipif(NGINX is None,
+                                 reason="nginx is not installed (apt-get install nginx)")
+
+
+@pytest.fixture
+def echo4():
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_server(processes, tmp_path):
+    """A redis-server on a loopback port; yields (Process, port)."""
+    port = free_port()
+    proc = processes([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1",
+                      "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
+                      "--daemonize", "no"], name="redis")
+    wait_for(lambda: port_open(port) or proc.proc.poll() is not None,
+             what="redis-server on port %d" % port)
+    assert proc.proc.poll() is None, proc.log()
+    return proc, port
+
+
+@needs_redis
+def test_token_redis_values(websockify, echo4, redis_server):
+    _, rport = redis_server
+    store = redis.Redis(port=rport)
+    store.set("plain", "127.0.0.1:%d" % echo4.port)
+    store.set("json", json.dumps({"host": "127.0.0.1:%d" % echo4.port}))
+    store.set("json2", json.dumps({"host": "127.0.0.1", "port": echo4.port}))
+    store.set("garbage", "neither json nor a target")
+    store.set("badjson", "{broken")
+    store.set("ns:inns", "127.0.0.1:%d" % echo4.port)
+    proc, port = websockify("--workers", "1", "--token-plugin", "TokenRedis",
+                            "--token-source", "127.0.0.1:%d" % rport, "{port}")
+    for token in ("plain", "json", "json2"):
+        echo_through(port, "/?token=" + token)
+    assert answer(port, "/?token=missing")[0] == 404
+    for token in ("garbage", "badjson"):
+        status, body = answer(port, "/?token=" + token)
+        assert status == 502 and b"neither JSON nor host:port" in body
+    # a token written while the server runs works at once
+    store.set("later", "127.0.0.1:%d" % echo4.port)
+    echo_through(port, "/?token=later")
+    assert_clean(proc)
+    # the namespace field, with the empty port and db fields
+    proc2, port2 = websockify("--workers", "1", "--token-plugin", "TokenRedis",
+                              "--token-source", "127.0.0.1:%d:::ns" % rport, "{port}")
+    echo_through(port2, "/?token=inns")
+    assert answer(port2, "/?token=plain")[0] == 404
+
+
+@needs_redis
+def test_redis_down_is_503_and_recovers(websockify, echo4, redis_server, processes, tmp_path):
+    rproc, rport = redis_server
+    redis.Redis(port=rport).set("t", "127.0.0.1:%d" % echo4.port)
+    proc, port = websockify("--workers", "1", "--token-plugin", "TokenRedis",
+                            "--token-source", "127.0.0.1:%d" % rport, "{port}")
+    echo_through(port, "/?token=t")
+    rproc.stop()
+    for _ in range(3):
+        status, body = answer(port, "/?token=t")
+        assert status == 503 and b"redis" in body
+    wait_for(lambda: len(refusal_lines(proc, 503)) == 3, what="one line per 503")
+    # Redis comes back: the pool reconnects
+    processes([REDIS_SERVER, "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", str(tmp_path)], name="redis2")
+    wait_for(lambda: port_open(rport), what="redis again")
+    redis.Redis(port=rport).set("t", "127.0.0.1:%d" % echo4.port)
+    echo_through(port, "/?token=t")
+    assert_clean(proc)
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+{user}
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log info;
+events {{ }}
+http {{
+  access_log {tmp}/nginx-access.log;
+  client_body_temp_path {tmp}/client_body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  upstream websockify {{
+    server 127.0.0.1:{ws1};
+    server 127.0.0.1:{ws2};
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    # the seed blog's location blocks, with the upstream in place of one instance
+    location /novnc/ {{
+      proxy_pass http://websockify/;
+    }}
+    location /novnc/websockify {{
+      proxy_pass http://websockify/;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection "Upgrade";
+      proxy_set_header Host $host;
+      proxy_read_timeout 600s;
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+@needs_redis
+@needs_nginx
+def test_two_instances_share_redis_behind_nginx(websockify, echo4, redis_server, processes,
+                                                tmp_path):
+    _, rport = redis_server
+    web = tmp_path / "novnc"
+    web.mkdir()
+    (web / "vnc.html").write_text("<html>noVNC stand-in</html>\n")
+    instances = [websockify("--workers", "2", "--web", str(web), "--token-plugin",
+                            "TokenRedis", "--token-source", "127.0.0.1:%d" % rport, "{port}")
+                 for _ in range(2)]
+    nport = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(
+        tmp=tmp_path, port=nport, ws1=instances[0][1], ws2=instances[1][1],
+        user="user root;" if os.geteuid() == 0 else ""))
+    nginx = processes([NGINX, "-p", str(tmp_path), "-c", str(conf)], name="nginx")
+    wait_for(lambda: port_open(nport) or nginx.proc.poll() is not None, what="nginx")
+    assert nginx.proc.poll() is None, nginx.log()
+
+    # the token is written to Redis after both instances started
+    store = redis.Redis(port=rport)
+    store.set("U6F7msdQ", json.dumps({"host": "127.0.0.1:%d" % echo4.port}))
+
+    # the page through nginx, from either instance
+    with urllib.request.urlopen("http://127.0.0.1:%d/novnc/vnc.html" % nport, timeout=10) as r:
+        assert r.status == 200 and b"noVNC" in r.read()
+    # round robin: consecutive sessions through nginx reach both instances
+    for i in range(4):
+        echo_through(nport, "/novnc/websockify?token=U6F7msdQ", payload=b"session %d" % i)
+    for proc, _ in instances:
+        proc.wait_log(r"/\?token=U6F7msdQ -> 127\.0\.0\.1:%d: closed" % echo4.port)
+    # and directly, the same token on each instance
+    for _, port in instances:
+        echo_through(port, "/?token=U6F7msdQ")
+    # an unknown token: nginx passes websockify's 404 on, before any upgrade
+    sock = socket.create_connection(("127.0.0.1", nport), timeout=10)
+    sock.sendall(handshake_request("/novnc/websockify?token=nobody", host="127.0.0.1"))
+    status, _, _ = read_http_response(sock)
+    sock.close()
+    assert status == 404
+    # a token removed from Redis stops working on both
+    store.delete("U6F7msdQ")
+    for _, port in instances:
+        assert answer(port, "/?token=U6F7msdQ")[0] == 404
+    for proc, _ in instances:
+        assert_clean(proc)
