@@ -9,6 +9,10 @@ Flow control: a side is only read while the opposite side has nothing
 queued, so each direction holds at most one read chunk (plus a few control
 frames) in memory, and a client that stops reading makes us stop reading
 the target.
+
+What the client's frames look like is the session's ``Codec``: the default
+one is HyBi with target bytes sent as binary frames (the fast path, which may
+splice); legacy.py has the base64 subprotocol and Hixie-75/76.
 """
 
 import fcntl
@@ -20,9 +24,9 @@ import _socket
 from typing import Callable, List, Optional
 
 from websockify.errors import WebSocketError
-from websockify.websocket import (OP_CLOSE, OP_PING, OP_PONG, FrameParser,
+from websockify.websocket import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameParser,
                                   binary_header, close_payload, encode_frame,
-                                  parse_close_payload)
+                                  frame_header, parse_close_payload)
 
 log = logging.getLogger("websockify")
 
@@ -162,6 +166,44 @@ class _Leg:
             pass
 
 
+class Codec:
+    """How one session's client speaks: HyBi (RFC 6455), binary downstream.
+
+    Chosen by the handshake and fixed for the session.  The relay asks it
+    for the parser of client bytes and for the frames it sends; per chunk,
+    a ``binary`` codec costs nothing (the relay frames with
+    ``binary_header`` itself and may splice), any other one is called
+    through ``frame`` for every read from the target.
+    """
+
+    name = "binary"
+    #: Target bytes go to the client as binary frames, framed by the relay.
+    binary = True
+    #: Target bytes may go to the client through splice(2) (binary only).
+    splice = True
+    #: The protocol has ping/pong: --heartbeat applies.
+    pings = True
+    #: After our close frame, the client answers with its own.
+    awaits_close_reply = True
+
+    def parser(self, on_data: Callable[[bytes, int], None],
+               on_control: Callable[[int, bytes], None],
+               on_message_end: Optional[Callable[[int], None]], max_frame_size: int):
+        """The incremental parser of what the client sends (``feed_buffer``)."""
+        return FrameParser(on_data, on_control, max_frame_size=max_frame_size,
+                           on_message_end=on_message_end)
+
+    def frame(self, data) -> bytes:
+        """Target bytes as the client's frame(s), for non-binary codecs."""
+        return binary_header(len(data)) + bytes(data)
+
+    def close_frame(self, code: Optional[int], reason: str) -> bytes:
+        return encode_frame(OP_CLOSE, close_payload(code, reason))
+
+
+HYBI = Codec()
+
+
 class _NoWatcher:
     active = False
 
@@ -205,24 +247,36 @@ class Relay:
 
     #: Whether ``_client_message_end`` must hear of message boundaries.
     wants_message_end = False
+    #: Whether what this class sends the client is framed by the session's
+    #: codec, so that legacy codecs (base64, Hixie) can be used with it.  A
+    #: subclass that overrides ``_client_data`` queues frames of its own;
+    #: unless it sets this itself it is taken to speak HyBi binary only.
+    codec_framing = True
 
     __slots__ = ("loop", "client", "target", "parser", "stats", "on_finish",
                  "traffic", "label", "close_sent", "close_received",
                  "target_eof", "finished", "_close_timer", "_heartbeat", "_pong_deadline", "splice",
-                 "bulk", "backlog_limit")
+                 "bulk", "backlog_limit", "codec", "_downstream")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "_client_data" in cls.__dict__ and "codec_framing" not in cls.__dict__:
+            cls.codec_framing = False
 
     def __init__(self, loop, client_sock: socket.socket, target_sock: Optional[socket.socket],
                  *, label: str, on_finish: Callable[["Relay"], None],
                  max_frame_size: int, heartbeat: float = 0, heartbeat_timeout: float = 0,
                  traffic: Optional[Callable[[str], None]] = None,
-                 splice: bool = True):
+                 splice: bool = True, codec: Optional[Codec] = None):
         self.loop = loop
         self.client = _Leg(loop, client_sock)
         self.target = _Leg(loop, target_sock) if target_sock is not None else _NoLeg()
-        self.parser = FrameParser(self._client_data, self._client_control,
-                                  max_frame_size=max_frame_size,
-                                  on_message_end=(self._client_message_end
-                                                  if self.wants_message_end else None))
+        self.codec = codec = codec or HYBI
+        self.parser = codec.parser(self._client_data, self._client_control,
+                                   self._client_message_end if self.wants_message_end else None,
+                                   max_frame_size)
+        # Bound once: the binary path calls its copy directly, others encode.
+        self._downstream = self._copy_to_client if codec.binary else self._encode_to_client
         self.stats = SessionStats()
         self.on_finish = on_finish
         self.traffic = traffic
@@ -232,15 +286,15 @@ class Relay:
         self.target_eof = False
         self.finished = False
         # Zero-copy downstream when both legs are plain sockets.
-        self.splice = (splice_pipe() if splice and self.client.plain and self.target.plain
-                       else None)
+        self.splice = (splice_pipe() if splice and codec.splice and self.client.plain
+                       and self.target.plain else None)
         self.bulk = False
         # Bytes queued for the client past which its frames are not read.
         self.backlog_limit = CONTROL_BACKLOG
         self._close_timer = None
         self._heartbeat = None
         self._pong_deadline = None
-        if heartbeat > 0:
+        if heartbeat > 0 and codec.pings:
             self._heartbeat = loop.timer(heartbeat, heartbeat)
             if heartbeat_timeout > 0:
                 self._pong_deadline = loop.timer(heartbeat_timeout)
@@ -400,7 +454,7 @@ class Relay:
         if self.bulk:
             n = self._splice_to_client()
         else:
-            n = self._copy_to_client()
+            n = self._downstream()
         if n is not None and self.splice is not None:
             self.bulk = n >= BULK_READ
         if n is None:
@@ -430,6 +484,20 @@ class Relay:
         if n:
             self.client.queue(binary_header(n))
             self.client.queue(memoryview(buf)[:n])
+        return n
+
+    def _encode_to_client(self) -> Optional[int]:
+        """Read target bytes and queue them framed by the session's codec."""
+        buf = _receive_buffer
+        try:
+            n = self.target.sock.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            log.info("%s: target connection error: %s", self.label, exc.strerror or exc)
+            return 0
+        if n:
+            self.client.queue(self.codec.frame(memoryview(buf)[:n]))
         return n
 
     def _splice_to_client(self) -> Optional[int]:
@@ -475,6 +543,21 @@ class Relay:
             client.queue(pipe.drain(n - moved))
         return n
 
+    def _queue_to_client(self, data, opcode: int = OP_BINARY, fin: bool = True) -> None:
+        """Queue data this session produces itself (not read from the target).
+
+        HyBi codecs frame it as given (a fragment when ``fin`` is false, a
+        continuation frame by ``opcode``); legacy ones send every non-empty
+        piece as a message of its own, as they do with target bytes.  A
+        subclass that frames through this sets ``codec_framing = True``.
+        """
+        codec = self.codec
+        if codec.binary:
+            self.client.queue(frame_header(len(data), opcode, fin))
+            self.client.queue(data)
+        elif data:
+            self.client.queue(codec.frame(data))
+
     def _on_target_writable(self) -> None:
         self._update()
 
@@ -490,7 +573,11 @@ class Relay:
         if self.stats.close_code is None:
             self.stats.close_code = code
             self.stats.close_reason = reason
-        self.client.queue(encode_frame(OP_CLOSE, close_payload(code, reason)))
+        self.client.queue(self.codec.close_frame(code, reason))
+        if not self.codec.awaits_close_reply:
+            # No answer will come: hang up once the close frame is out.
+            self.close_received = True
+            self.client.reader.stop()
 
     def _arm_close_timer(self) -> None:
         if self._close_timer is None:
