@@ -6,6 +6,11 @@ the WebSocket upgrade itself (gevent-websocket crashes on a key that is not
 base64 and has no header limit), maps every ``HTTPError`` to a response with
 one log line, and hands an accepted WebSocket to the proxy service.  Plain
 requests go to the WSGI application: static files or 405.
+
+HyBi 7, 8 and 13 are answered with Sec-WebSocket-Accept; a request with
+neither Sec-WebSocket-Version nor Sec-WebSocket-Key is a Hixie one (draft 76
+with Sec-WebSocket-Key1/2 and 8 bytes after the head, else draft 75).  The
+handshake picks the session's codec (relay.Codec, legacy.py).
 """
 
 import base64
@@ -14,6 +19,7 @@ import hashlib
 import logging
 import re
 import socket
+import time
 import _socket
 from typing import Optional, Tuple
 
@@ -21,7 +27,9 @@ import gevent
 from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler
 
+from websockify import legacy
 from websockify.errors import BadRequest, HeaderTooLarge, HTTPError
+from websockify.relay import HYBI, Codec
 from websockify.websocket import GUID, SUPPORTED_VERSIONS
 
 log = logging.getLogger("websockify")
@@ -193,13 +201,21 @@ def accept_key(key: str) -> str:
 
 
 def choose_subprotocol(offer: Optional[str]) -> Optional[str]:
-    """``binary`` wherever the client lists it; otherwise none is chosen."""
+    """``binary`` wherever the client lists it, else ``base64``, else none."""
     if not offer:
         return None
     protocols = [item.strip() for item in offer.split(",")]
     if "binary" in protocols:
         return "binary"
+    if "base64" in protocols:
+        return "base64"
     return None
+
+
+def _key3_timeout() -> HTTPError:
+    return HTTPError(408, "Request Timeout",
+                     "the 8 bytes after a Hixie-76 request head not received within %g s"
+                     % HANDSHAKE_TIMEOUT)
 
 
 def is_upgrade_request(environ: dict) -> bool:
@@ -220,9 +236,11 @@ class Handler(WebSocketHandler):
         self.client_address = address
         self.server = server
         self.rfile = HeadReader(sock)
+        self.codec: Codec = HYBI
         self.detached = False
         self._header_block = b""
         self._logged_refusal = False
+        self._deadline = 0.0
 
     @property
     def peer(self) -> str:
@@ -237,6 +255,7 @@ class Handler(WebSocketHandler):
     def handle_one_request(self):
         if self.rfile.closed:
             return None
+        self._deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         try:
             with gevent.Timeout(HANDSHAKE_TIMEOUT, HTTPError(
                     408, "Request Timeout",
@@ -374,6 +393,10 @@ class Handler(WebSocketHandler):
         environ = self.environ
         if self.request_version != "HTTP/1.1":
             raise BadRequest("WebSocket upgrade needs HTTP/1.1, got %s" % self.request_version)
+        if ("HTTP_SEC_WEBSOCKET_VERSION" not in environ
+                and "HTTP_SEC_WEBSOCKET_KEY" not in environ):
+            self._upgrade_hixie()
+            return
         version = environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip()
         if version not in SUPPORTED_VERSIONS:
             what = ("unsupported WebSocket version %r" % version if version
@@ -390,28 +413,105 @@ class Handler(WebSocketHandler):
         if len(raw_key) != 16:
             raise BadRequest("invalid Sec-WebSocket-Key: must be 16 bytes in base64")
         protocol = choose_subprotocol(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"))
-        service = self.server.service
-        session = service.open_target(self)          # may raise 502/504
+        codec = legacy.BASE64 if protocol == "base64" else HYBI
+        self._check_codec(codec)
+        session = self.server.service.open_target(self)          # may raise 502/504
         headers = ["HTTP/1.1 101 Switching Protocols",
                    "Upgrade: websocket",
                    "Connection: Upgrade",
                    "Sec-WebSocket-Accept: %s" % accept_key(key)]
         if protocol:
             headers.append("Sec-WebSocket-Protocol: %s" % protocol)
+        self._accept(session, codec, ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"),
+                     "101 Switching Protocols")
+
+    def _upgrade_hixie(self) -> None:
+        """Draft 76 (Sec-WebSocket-Key1/2 and key3) or draft 75 (neither)."""
+        environ = self.environ
+        key1 = environ.get("HTTP_SEC_WEBSOCKET_KEY1")
+        key2 = environ.get("HTTP_SEC_WEBSOCKET_KEY2")
+        host = environ.get("HTTP_HOST", "").strip()
+        if not host:
+            raise BadRequest("missing Host (a Hixie handshake answers with the location)")
+        if key1 is None and key2 is None:
+            codec = legacy.HIXIE_75
+        elif key1 is None or key2 is None:
+            raise BadRequest("Hixie-76 handshake needs both Sec-WebSocket-Key1 and Key2")
+        else:
+            codec = legacy.HIXIE_76
+            numbers = (legacy.hixie76_key_number(key1, "Sec-WebSocket-Key1"),
+                       legacy.hixie76_key_number(key2, "Sec-WebSocket-Key2"))
+        self._check_codec(codec)
+        if codec is legacy.HIXIE_76:
+            key3 = self._read_key3()
+            if key3 is None:
+                return
+            answer = legacy.hixie76_challenge(numbers[0], numbers[1], key3)
+        else:
+            answer = b""
+        protocol = environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"
+                               if codec is legacy.HIXIE_76 else "HTTP_WEBSOCKET_PROTOCOL")
+        scheme = "wss" if environ.get("wsgi.url_scheme") == "https" else "ws"
+        location = "%s://%s%s" % (scheme, host, self.path)
+        response = legacy.hixie_response(codec.draft, environ.get("HTTP_ORIGIN"), location,
+                                         protocol.strip() if protocol else None)
+        session = self.server.service.open_target(self)          # may raise 502/504
+        self._accept(session, codec, response + answer,
+                     response.split(b"\r\n", 1)[0][9:].decode("latin-1"))
+
+    def _read_key3(self) -> Optional[bytes]:
+        """The 8 bytes after a draft-76 head, under the handshake deadline.
+
+        They are often in the same packet as the head (then in the reader's
+        buffer already).  None when the client left (logged here).
+        """
+        rfile = self.rfile
+        remaining = self._deadline - time.monotonic()
         try:
-            self.socket.sendall(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"))
+            with gevent.Timeout(max(remaining, 0.001), _key3_timeout()):
+                while len(rfile.buffer) < 8:
+                    chunk = self.socket.recv(_READ_SIZE)
+                    if not chunk:
+                        raise ClientGone("connection closed before the 8 bytes after the head")
+                    rfile.buffer += chunk
+        except OSError as exc:
+            log.info("%s: client disconnected during the handshake: %s",
+                     self.peer, exc.strerror or exc)
+            self.close_connection = True
+            return None
+        except ClientGone as exc:
+            log.info("%s: client disconnected during the handshake: %s", self.peer, exc)
+            self.close_connection = True
+            return None
+        key3, rfile.buffer = rfile.buffer[:8], rfile.buffer[8:]
+        return key3
+
+    def _check_codec(self, codec: Codec) -> None:
+        """Refuse a legacy client when the service frames its own output as HyBi."""
+        if codec.binary:
+            return
+        session_class = getattr(self.server.service, "session_class", None)
+        if session_class is not None and not session_class.codec_framing:
+            raise BadRequest("%s WebSocket clients are not supported by this service"
+                             % codec.name)
+
+    def _accept(self, session, codec: Codec, response: bytes, status: str) -> None:
+        """Send the 101 (the target is connected) and start the session."""
+        try:
+            self.socket.sendall(response)
         except OSError as exc:
             session.abandon()
             log.info("%s: client disconnected during the handshake: %s",
                      self.peer, exc.strerror or exc)
             self.close_connection = True
             return
-        self.status = "101 Switching Protocols"
+        self.status = status
         self.headers_sent = True
         self.close_connection = True
+        self.codec = codec
         early = self.rfile.take_buffer()
         client = self._detach()
-        service.start_session(session, client, early, self)
+        self.server.service.start_session(session, client, early, self)
 
     def _detach(self) -> _socket.socket:
         """Take the client socket away from gevent; the relay owns it now."""
