@@ -13,7 +13,7 @@ from typing import List
 
 from websockify.proxy import ProxyService, Target
 from websockify.relay import READ_CHUNK, Relay
-from websockify.websocket import OP_CONTINUATION, frame_header
+from websockify.websocket import OP_CONTINUATION
 
 # Echo a partial message once this much of it has arrived.
 FRAGMENT_SIZE = 64 * 1024
@@ -24,6 +24,7 @@ class EchoSession(Relay):
 
     __slots__ = ("_chunks", "_chunk_bytes", "_opcode", "_fragmented")
     wants_message_end = True
+    codec_framing = True        # legacy clients get their echo in their own framing
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -59,8 +60,7 @@ class EchoSession(Relay):
         self._chunk_bytes = 0
         opcode = OP_CONTINUATION if self._fragmented else self._opcode
         self._fragmented = not fin
-        self.client.queue(frame_header(len(data), opcode, fin))
-        self.client.queue(data)
+        self._queue_to_client(data, opcode, fin)
         self.stats.to_client += len(data)
 
 
