@@ -471,33 +471,29 @@ class Relay:
             self.traffic("{")
         self._update()
 
-    def _copy_to_client(self) -> Optional[int]:
-        """Read target bytes into the shared buffer and queue them as one frame."""
-        buf = _receive_buffer
+    def _read_target(self) -> Optional[int]:
+        """Read into the shared buffer: bytes read, 0 at EOF or error, None if none ready."""
         try:
-            n = self.target.sock.recv_into(buf)
+            return self.target.sock.recv_into(_receive_buffer)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
             log.info("%s: target connection error: %s", self.label, exc.strerror or exc)
             return 0
+
+    def _copy_to_client(self) -> Optional[int]:
+        """Read target bytes and queue them as one binary frame."""
+        n = self._read_target()
         if n:
             self.client.queue(binary_header(n))
-            self.client.queue(memoryview(buf)[:n])
+            self.client.queue(memoryview(_receive_buffer)[:n])
         return n
 
     def _encode_to_client(self) -> Optional[int]:
         """Read target bytes and queue them framed by the session's codec."""
-        buf = _receive_buffer
-        try:
-            n = self.target.sock.recv_into(buf)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError as exc:
-            log.info("%s: target connection error: %s", self.label, exc.strerror or exc)
-            return 0
+        n = self._read_target()
         if n:
-            self.client.queue(self.codec.frame(memoryview(buf)[:n]))
+            self.client.queue(self.codec.frame(memoryview(_receive_buffer)[:n]))
         return n
 
     def _splice_to_client(self) -> Optional[int]:
