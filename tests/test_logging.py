@@ -94,7 +94,7 @@ def test_one_line_per_session(websockify, greeting_target):
     assert len(lines) == 1, proc.log()
     line = lines[0]
     assert "127.0.0.1:%d" % client_port in line
-    assert "/websockify?token=abc" in line
+    assert "/websockify?token=<redacted>" in line   # tokens are credentials
     assert "127.0.0.1:%d" % greeting_target in line
     assert "(1000)" in line
     assert re.search(r"\b%d bytes from client\b" % sum(FROM_CLIENT), line), line
@@ -248,3 +248,28 @@ def test_no_pings_without_heartbeat(websockify, echo_target):
         assert ws.recv_data(2) == b"ok"
     finally:
         ws.close()
+
+
+def test_tokens_are_redacted_from_log_lines(websockify, echo_target, tmp_path):
+    """Tokens are credentials: neither refusal lines nor session lines show them."""
+    from tests.helpers import RawWebSocket
+    from websockify.handshake import redact_uri
+
+    assert redact_uri("GET /w?token=s3cret&x=1 HTTP/1.1") == "GET /w?token=<redacted>&x=1 HTTP/1.1"
+    assert redact_uri("/v?path=websockify%3Ftoken%3Ds3cret%26a%3D1") == \
+        "/v?path=websockify%3Ftoken%3D<redacted>%26a%3D1"
+    assert redact_uri("/v?mytoken=keep") == "/v?mytoken=keep"
+
+    proc, port = websockify("127.0.0.1:{port}", "127.0.0.1:%d" % echo_target)
+    ws = RawWebSocket(port, path="/websockify?token=s3cretvalue")
+    assert ws.status == 101
+    ws.send(0x8, b"\x03\xe8")
+    ws.expect_close()
+    ws.close()
+    proc.wait_log(r"token=<redacted>.*closed \(1000\)")
+    import socket
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /x?token=s3cretvalue HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.recv(4096)
+    proc.wait_log(r"POST /x\?token=<redacted>")
+    assert "s3cretvalue" not in proc.log()

@@ -185,6 +185,18 @@ class HeadReader:
         self.closed = True
 
 
+_TOKEN_VALUE = re.compile(r"((?:^|[?&;])token=)[^&;#\s]*")
+# noVNC's ?path=websockify%3Ftoken%3D... form: the value ends at %26 (&).
+_ENCODED_TOKEN_VALUE = re.compile(r"((?:%3[Ff]|%26)token%3[Dd])(?:(?!%26)[^&;#\s])*")
+
+
+def redact_uri(text: str) -> str:
+    """A request line or URI for the log, with token values hidden: tokens
+    (signed targets, JWTs) are credentials."""
+    text = _TOKEN_VALUE.sub(r"\1<redacted>", text)
+    return _ENCODED_TOKEN_VALUE.sub(r"\1<redacted>", text)
+
+
 def response_bytes(status_line: str, text: str, headers=()) -> bytes:
     body = (text + "\n").encode("utf-8", "replace")
     lines = ["HTTP/1.1 %s" % status_line,
@@ -325,7 +337,8 @@ class Handler(WebSocketHandler):
         return environ
 
     def _refusal(self, exc: HTTPError, what: str):
-        log.info("%s: refused %r: %d %s", self.peer, what[:200], exc.status, exc.text)
+        log.info("%s: refused %r: %d %s", self.peer, redact_uri(what[:200]), exc.status,
+                 exc.text)
         self._logged_refusal = True
         self.close_connection = True
         return exc.status_line, response_bytes(exc.status_line, exc.text, exc.headers)
@@ -535,4 +548,5 @@ class Handler(WebSocketHandler):
         if self._logged_refusal:
             return
         length = self.response_length or "-"
-        log.info("%s: \"%s\" %s %s", self.peer, self.requestline, status.split(" ", 1)[0], length)
+        log.info("%s: \"%s\" %s %s", self.peer, redact_uri(self.requestline),
+                 status.split(" ", 1)[0], length)

@@ -18,6 +18,7 @@ from gevent.socket import wait_write
 
 from websockify.errors import BadGateway, GatewayTimeout
 from websockify.plugins.tokens import UNIX, BackendUnavailable
+from websockify.handshake import redact_uri
 from websockify.relay import Relay
 from websockify.sockets import tune_stream
 
@@ -160,7 +161,7 @@ class ProxyService:
 
     def start_session(self, target: Target, client: socket.socket, early: bytes,
                       handler) -> Relay:
-        label = "%s %s -> %s" % (handler.peer, handler.environ.get("RAW_URI", "/"),
+        label = "%s %s -> %s" % (handler.peer, redact_uri(handler.environ.get("RAW_URI", "/")),
                                  self.describe_target(target))
         codec = getattr(handler, "codec", None)     # the client's framing (handshake)
         log.debug("%s: session opened (protocol %s, %s framing)", label,
