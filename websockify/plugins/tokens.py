@@ -21,6 +21,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -581,11 +582,12 @@ class TokenRedis(BasePlugin):
     def __init__(self, src):
         super().__init__(src)
         text = _need_source(self, src)
-        try:
-            import redis  # noqa: F401
-        except ImportError:
+        # Only look for the package here: the master builds plugins before it
+        # forks, and importing redis (which imports ssl) there would come
+        # before the workers' gevent patching.
+        if importlib.util.find_spec("redis") is None:
             raise SourceError("TokenRedis needs the redis package "
-                              "(pip install 'websockify[redis]')") from None
+                              "(pip install 'websockify[redis]')")
         try:
             fields = parse_source_args(text)
             if len(fields) > 5 or not fields[0]:
