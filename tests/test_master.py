@@ -16,6 +16,7 @@ import time
 import pytest
 
 from websockify import errors
+from websockify.demo.echo import echo_connection
 from tests.helpers import (PYTHON, ROOT, RawWebSocket, children_of, free_port,
                            handshake_request, pid_alive, port_open, read_http_response,
                            wait_for, websockify_argv)
@@ -614,16 +615,8 @@ class UnixEcho:
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
     def _echo(self, conn):
-        with conn:
-            conn.settimeout(10)
-            try:
-                while True:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    conn.sendall(data)
-            except OSError:
-                return
+        conn.settimeout(10)
+        echo_connection(conn)
 
     def stop(self):
         self.stopped.set()

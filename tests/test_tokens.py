@@ -24,6 +24,7 @@ import pytest
 
 from tests.helpers import PYTHON, ROOT, RawWebSocket, children_of, free_port, wait_for
 from websockify.plugins import tokens as tp
+from websockify.demo.echo import echo_connection
 
 TIMEOUT = 10.0
 
@@ -49,19 +50,7 @@ class EchoServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn):
-        with conn:
-            try:
-                while True:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    conn.sendall(data)
-            except OSError:
-                return
+            threading.Thread(target=echo_connection, args=(conn,), daemon=True).start()
 
     def close(self):
         self.sock.close()

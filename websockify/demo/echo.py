@@ -17,10 +17,11 @@ def serve(host: str, port: int, ready=None) -> None:
         ready(listener.getsockname()[1])
     while True:
         conn, _ = listener.accept()
-        threading.Thread(target=_echo, args=(conn,), daemon=True).start()
+        threading.Thread(target=echo_connection, args=(conn,), daemon=True).start()
 
 
-def _echo(conn: socket.socket) -> None:
+def echo_connection(conn: socket.socket) -> None:
+    """Send back everything ``conn`` receives until it closes; then close it."""
     with conn:
         try:
             while True:
