@@ -55,7 +55,7 @@ OPTIONS: List[Option] = [
            default="self.pem"),
     Option(("--key",), "key", "SSL key file (if separate from cert)", kind="str"),
     Option(("--key-password",), "key_password",
-           "SSL key password (visible in ps: prefer --key-password-file or the "
+           "SSL key password (ps shows it: prefer a password file, or the "
            "WEBSOCKIFY_KEY_PASSWORD environment variable)", kind="str"),
     Option(("--key-password-file",), "key_password_file",
            "read the SSL key password from the first line of FILE", kind="str",
