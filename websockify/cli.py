@@ -159,7 +159,7 @@ def parse_args(argv: List[str]) -> Settings:
         values["unix_listen_mode"] = 0o600
     # The daemon changes directory; keep every path the user gave us usable.
     for dest in ("web", "log_file", "pid_file", "unix_listen", "unix_target",
-                 "target_config"):
+                 "target_config", "record"):
         if values[dest]:
             values[dest] = os.path.abspath(values[dest])
     return settings

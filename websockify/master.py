@@ -75,6 +75,9 @@ class Master:
             return EXIT_CONFIG
         try:
             settings.tokens = self._load_token_plugin()
+            if settings.record:
+                from websockify.record import check_destination
+                check_destination(settings.record)
         except ConfigError as exc:
             log.error("%s", exc)
             return EXIT_CONFIG
@@ -144,6 +147,8 @@ class Master:
                         settings.cert)
         else:
             log.info("  - No SSL/TLS support (no cert file)")
+        if settings.record:
+            log.info("  - Recording to '%s.*'", settings.record)
         if settings.daemon:
             log.info("  - Backgrounding (daemon)")
         if settings.libserver:
