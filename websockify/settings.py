@@ -33,7 +33,6 @@ def _cpu_count() -> int:
 
 TLS = "TLS"
 AUTH = "authentication plugins"
-WRAP = "wrapping a program"
 RECORD = "session recording"
 SYSLOG = "syslog logging"
 
@@ -152,6 +151,10 @@ OPTIONS: List[Option] = [
     Option(("--echo",), "echo",
            "echo service: answer every WebSocket message with the same type and "
            "content instead of bridging to a target (to check wss:// or proxy setups)"),
+    Option(("--rebind-lib",), "rebind_lib",
+           "the rebind library preloaded into a wrapped program to move its port "
+           "(default: $WEBSOCKIFY_REBIND_LIB, else the one built with websockify)",
+           kind="str", metavar="FILE"),
     Option(("--max-frame-size",), "max_frame_size",
            "largest WebSocket frame accepted from a client; larger ones are closed "
            "with 1009", kind="int", default=16 * 1024 * 1024, metavar="BYTES"),
