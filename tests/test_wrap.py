@@ -92,9 +92,10 @@ def echo_server(tmp_path):
     return str(path)
 
 
-def wrapped(websockify, *args, program, mode="serve", extra=(), **kwargs):
+def wrapped(websockify, *listen, program, mode="serve", extra=(), **kwargs):
     """websockify wrapping the echo server on its own port; waits until it listens."""
-    proc, port = websockify("--workers", "1", *extra, "{port}", "--",
+    listen = listen or ("{port}",)
+    proc, port = websockify("--workers", "1", *extra, *listen, "--",
                             PYTHON, program, "{port}", mode, **kwargs)
     proc.wait_log(r"pid \d+ listening on 127\.0\.0\.1:\d+")
     return proc, port
@@ -171,6 +172,21 @@ def test_daemon_starts_the_program_after_daemonizing(processes, echo_server, reb
     wait_for(lambda: not pid_alive(master), what="daemon exit")
     assert not pid_alive(program)
     assert "stopping wrapped program python" in log_file.read_text()
+
+
+def test_inetd_listener_port_is_the_one_moved(websockify, echo_server, rebind_lib):
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        lport = listener.getsockname()[1]
+        proc, port = wrapped(websockify, "--inetd", program=echo_server, port=lport,
+                             stdin=listener.fileno())
+    finally:
+        listener.close()
+    echo_through(port)
+    # The program does not inherit the listening socket as its stdin.
+    assert os.readlink("/proc/%d/fd/0" % program_pid(proc)) == "/dev/null"
 
 
 # -- wrap modes ---------------------------------------------------------------
@@ -301,6 +317,15 @@ def test_stopping_websockify_stops_the_program(websockify, echo_server, rebind_l
     assert proc.wait(20) == 0
     assert not pid_alive(pid)
     assert "wrapped program python (pid %d) was killed by signal 15" % pid in proc.log()
+
+
+def test_reload_keeps_the_program(websockify, echo_server, rebind_lib):
+    proc, port = wrapped(websockify, program=echo_server)
+    pid = program_pid(proc)
+    proc.signal(signal.SIGHUP)
+    proc.wait_log(r"got SIGHUP")
+    echo_through(port)
+    assert pid_alive(pid) and "stopping wrapped program" not in proc.log()
 
 
 def test_program_ignoring_term_is_killed_with_its_children(websockify, rebind_lib, tmp_path):
