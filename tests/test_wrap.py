@@ -6,6 +6,7 @@ WebSocket client talks to them through websockify.
 """
 
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -13,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -529,11 +529,8 @@ def test_missing_library_is_a_clear_start_error(processes, echo_server, tmp_path
 
 def _pip_install(args, cwd):
     """pip, offline when the build backend is at hand; skip when it cannot be fetched."""
-    try:
-        import wheel  # noqa: F401 -- setuptools needs it to build without isolation
-        isolation = ["--no-build-isolation"]
-    except ImportError:
-        isolation = []
+    # setuptools needs wheel to build without isolation.
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("wheel") else []
     result = subprocess.run([PYTHON, "-m", "pip", "install", "-q", "--no-deps"] + isolation
                             + args, cwd=cwd, capture_output=True, text=True, timeout=180)
     if result.returncode and not isolation and re.search(

@@ -186,8 +186,13 @@ class WrappedProgram:
         """
         listen_port = listen_port_of(listener)
         lib = find_rebind_lib(settings.rebind_lib)
+        try:
+            # Where websockify was started, not where the daemon moved to.
+            cwd: Optional[str] = os.getcwd()
+        except OSError:
+            cwd = None
         program = cls(settings.wrap_cmd, settings.wrap_mode, lib, listen_port,
-                      free_loopback_port(), cwd=os.getcwd())
+                      free_loopback_port(), cwd=cwd)
         settings.target_host = TARGET_HOST
         settings.target_port = program.target_port
         return program
