@@ -6,7 +6,9 @@ PORT ?= 6080
 
 .PHONY: run test bench conformance install clean venv
 
-$(VENV)/.installed: setup.py setup.cfg
+# The editable install also builds rebind.c in place (websockify/_rebind*.so),
+# the library a wrapped program (websockify PORT -- PROGRAM) is started with.
+$(VENV)/.installed: setup.py setup.cfg rebind.c
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'
@@ -31,8 +33,9 @@ bench: venv
 conformance: venv
 	$(VPY) scripts/conformance reports/conformance
 
+## make install: websockify with its rebind library (needs a C compiler for wrapping)
 install:
 	$(PYTHON) -m pip install .
 
 clean:
-	rm -rf $(VENV) .bench build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) .bench build dist *.egg-info .pytest_cache websockify/_rebind*.so

@@ -22,7 +22,7 @@ OPTIONS_013 = """
 
 NEW_OPTIONS = """
 --workers --worker-connections --graceful-timeout --pid-file --connect-timeout
---max-frame-size
+--max-frame-size --rebind-lib
 """.split()
 
 POSITIONALS = ["6080", "localhost:5900"]
@@ -131,14 +131,10 @@ def test_pending_option_refused_by_cli(opt):
     assert_usage_error(result, "not supported yet")
 
 
-def test_wrap_command_refused_by_parse_args():
-    with pytest.raises(cli.UsageError, match="not supported yet"):
-        cli.parse_args(["6080", "--", "vncserver", ":1"])
-
-
-def test_wrap_command_refused_by_cli():
-    result = run_cli("6080", "--", "vncserver", ":1")
-    assert_usage_error(result, "not supported yet")
+def test_wrap_command_accepted():
+    # Wrapping itself is tested in test_wrap.py.
+    settings = cli.parse_args(["6080", "--", "vncserver", ":1"])
+    assert settings.wrap_cmd == ["vncserver", ":1"]
 
 
 # -- usage errors ------------------------------------------------------------

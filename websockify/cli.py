@@ -111,8 +111,6 @@ def parse_args(argv: List[str]) -> Settings:
     for opt in OPTIONS:
         if opt.pending and opt.dest in explicit:
             raise UsageError("%s: %s is not supported yet" % (opt.flags[-1], opt.pending))
-    if wrap_cmd is not None:
-        raise UsageError("-- WRAP_COMMAND_LINE: wrapping a program is not supported yet")
 
     _check_values(values)
     settings = Settings(options=values, wrap_cmd=wrap_cmd)
@@ -126,7 +124,12 @@ def parse_args(argv: List[str]) -> Settings:
         settings.listen_host, settings.listen_port = _split_address(args.pop(0), "listen")
 
     tokens = values["token_plugin"] or values["target_config"]
-    if values["echo"]:
+    if wrap_cmd is not None:
+        _check_wrap(values, tokens)
+        # The daemon changes directory: a relative program path must still work.
+        if "/" in wrap_cmd[0]:
+            wrap_cmd[0] = os.path.abspath(wrap_cmd[0])
+    elif values["echo"]:
         if values["unix_target"]:
             raise UsageError("--echo and --unix-target cannot be used together")
         if tokens:
@@ -160,10 +163,23 @@ def parse_args(argv: List[str]) -> Settings:
     # The daemon changes directory; keep every path the user gave us usable.
     for dest in ("web", "log_file", "pid_file", "unix_listen", "unix_target",
                  "target_config", "cert", "key", "key_password_file", "cafile",
-                 "ssl_target_cafile", "record"):
+                 "ssl_target_cafile", "record",
+                 "rebind_lib"):
         if values[dest]:
             values[dest] = os.path.abspath(values[dest])
     return settings
+
+
+def _check_wrap(values: dict, tokens: Optional[str]) -> None:
+    """A wrapped program is the target: nothing else may name one."""
+    for what, given in (("--echo", values["echo"]), ("--unix-target", values["unix_target"]),
+                        ("a token plugin", tokens)):
+        if given:
+            raise UsageError("%s cannot be used with a wrapped program (the program "
+                             "is the target)" % what)
+    if values["unix_listen"]:
+        raise UsageError("--unix-listen cannot be used with a wrapped program (its "
+                         "TCP port is moved off the port websockify listens on)")
 
 
 def _check_values(values: dict) -> None:

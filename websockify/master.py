@@ -3,7 +3,8 @@
 No gevent here.  Signal handlers only queue the signal and wake the loop
 through a pipe; the loop dispatches to ``handle_<name>``, reaps and
 respawns workers, reads their scoreboard slots and enforces --timeout,
---idle-timeout and --run-once.
+--idle-timeout and --run-once. A wrapped program (``-- COMMAND``) is
+supervised from the same loop (websockify.wrap).
 """
 
 import errno
@@ -20,6 +21,7 @@ from websockify.errors import ConfigError, EXIT_CONFIG, EXIT_FAILURE, EXIT_LISTE
 from websockify.log import log_streams, reopen_log_files, setup_logging
 from websockify.sockets import (ListenError, describe_listener, open_listener,
                                 raise_nofile_limit, unlink_unix_listener)
+from websockify.wrap import WrapError, WrappedProgram
 
 log = logging.getLogger("websockify")
 
@@ -62,6 +64,7 @@ class Master:
             self.worker_count = 1
         self._wake_r = self._wake_w = -1
         self.pid_file_written = False
+        self.wrapped: Optional[WrappedProgram] = None
 
     # -- start ---------------------------------------------------------------
 
@@ -88,6 +91,13 @@ class Master:
         except ListenError as exc:
             log.error("%s", exc)
             return EXIT_LISTEN
+        if settings.wrap_cmd:
+            try:
+                # Sets the target, before the banner and before any worker fork.
+                self.wrapped = WrappedProgram.from_settings(settings, self.listener)
+            except WrapError as exc:
+                log.error("%s", exc)
+                return EXIT_CONFIG
         self._banner(nofile)
         try:
             if settings.daemon:
@@ -96,6 +106,8 @@ class Master:
             self._title()
             self.board = sb.Scoreboard(self.worker_count * 2 + 2)
             self._install_signals()
+            if self.wrapped is not None and not self._start_wrapped():
+                return self.exit_status
             for number in range(1, self.worker_count + 1):
                 self.spawn_worker(number)
             self._loop()
@@ -103,6 +115,8 @@ class Master:
             log.exception("master failed")
             self.exit_status = EXIT_FAILURE
             self._kill_workers(signal.SIGKILL)
+            if self.wrapped is not None:
+                self.wrapped.kill_now()
         finally:
             self._cleanup()
         return self.exit_status
@@ -189,6 +203,8 @@ class Master:
         if settings.tokens is not None:
             log.info("  - %s%s", settings.tokens.describe(),
                      ", token from the Host header" if settings.host_token else "")
+        if self.wrapped is not None:
+            log.info("  - %s", self.wrapped.describe())
         log.info("  - proxying from %s to %s", settings.listen_description,
                  settings.target_description)
 
@@ -267,6 +283,8 @@ class Master:
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 os.close(self._wake_r)
                 os.close(self._wake_w)
+                if self.wrapped is not None:
+                    self.wrapped.close()
                 from websockify.worker import run_worker
                 status = run_worker(self.settings, self.listener, self.board, slot,
                                     number, master_pid)
@@ -289,9 +307,10 @@ class Master:
             if pid == 0:
                 return
             worker = self.workers.pop(pid, None)
-            if worker is None:
-                continue
-            self._worker_exited(worker, status)
+            if worker is not None:
+                self._worker_exited(worker, status)
+            elif self.wrapped is not None and self.wrapped.owns(pid):
+                self._wrapped_exited(status)
 
     def _worker_exited(self, worker: WorkerProcess, status: int) -> None:
         booted = self.board.read(worker.slot)[5]
@@ -324,9 +343,11 @@ class Master:
     # -- the loop --------------------------------------------------------------
 
     def _loop(self) -> None:
+        wrapped = self.wrapped
         while True:
             try:
-                select.select([self._wake_r], [], [], TICK)
+                select.select([self._wake_r] + (wrapped.fds() if wrapped else []), [], [],
+                              TICK)
             except InterruptedError:
                 pass
             try:
@@ -334,12 +355,15 @@ class Master:
                     pass
             except (BlockingIOError, InterruptedError):
                 pass
+            if wrapped is not None:
+                wrapped.read_output()
             while self.signal_queue:
                 signum = self.signal_queue.pop(0)
                 getattr(self, "handle_" + SIGNALS[signum])()
             self._reap()
             if self.stopping is not None:
-                if not self.workers:
+                # The program is stopped last: draining sessions still use it.
+                if not self.workers and (wrapped is None or wrapped.stop_step(time.time())):
                     return
                 if self.stop_deadline is not None and time.time() > self.stop_deadline:
                     log.warning("workers did not stop in time; killing them")
@@ -348,6 +372,8 @@ class Master:
                 continue
             self._check_workers()
             self._check_timeouts()
+            if wrapped is not None and self.stopping is None:
+                wrapped.tick(time.time())
 
     def stop(self, command: int) -> None:
         """Tell every worker to stop with ``command`` (escalating only)."""
@@ -368,6 +394,24 @@ class Master:
                 self.listener.close()
             except OSError:
                 pass
+
+    # -- the wrapped program -------------------------------------------------
+
+    def _start_wrapped(self) -> bool:
+        try:
+            self.wrapped.start()
+        except WrapError as exc:
+            log.error("%s", exc)
+            self.exit_status = EXIT_CONFIG
+            return False
+        return True
+
+    def _wrapped_exited(self, status: int) -> None:
+        code = self.wrapped.exited(status, stopping=self.stopping is not None)
+        if code is not None:
+            # --wrap-mode exit: websockify ends with the program's status.
+            self.exit_status = code
+            self.stop(sb.GRACEFUL)
 
     def _check_workers(self) -> None:
         now = time.time()
@@ -444,6 +488,11 @@ class Master:
     # -- end -----------------------------------------------------------------
 
     def _cleanup(self) -> None:
+        if self.wrapped is not None:
+            # Normally already stopped by the loop; never leave it behind.
+            self.wrapped.kill_now()
+            self.wrapped.flush_output()
+            self.wrapped.close()
         if self.listener is not None:
             try:
                 self.listener.close()

@@ -31,7 +31,6 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-WRAP = "wrapping a program"
 SYSLOG = "syslog logging"
 
 OPTIONS: List[Option] = [
@@ -161,6 +160,10 @@ OPTIONS: List[Option] = [
            "seconds a client has from connecting to completing its TLS and HTTP "
            "handshake before it is dropped", kind="float", default=10.0,
            metavar="SECONDS"),
+    Option(("--rebind-lib",), "rebind_lib",
+           "the rebind library preloaded into a wrapped program to move its port "
+           "(default: $WEBSOCKIFY_REBIND_LIB, else the one built with websockify)",
+           kind="str", metavar="FILE"),
     Option(("--max-frame-size",), "max_frame_size",
            "largest WebSocket frame accepted from a client; larger ones are closed "
            "with 1009", kind="int", default=16 * 1024 * 1024, metavar="BYTES"),
