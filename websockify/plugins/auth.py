@@ -52,7 +52,11 @@ class Authenticator:
         except AuthenticationError as exc:
             status = exc.code if isinstance(exc.code, int) and 400 <= exc.code <= 599 else 403
             headers_out = [(str(k), str(v)) for k, v in (exc.headers or {}).items()]
-            raise AuthRefused(status, "authentication failed: %s" % exc,
+            # websockify's errors read "<code> <log message>": keep the message.
+            detail = str(exc)
+            if detail.startswith("%s " % exc.code):
+                detail = detail[len(str(exc.code)) + 1:]
+            raise AuthRefused(status, "authentication failed: %s" % detail,
                               exc.msg, headers_out) from None
         except gevent.Timeout as exc:
             if exc is not timer:
