@@ -134,6 +134,18 @@ class Expect:
             self.kind, sorted(self.codes), self.code, self.why, len(self.data), len(self.pongs))
 
 
+
+def _first_invalid_byte(state, chunk: bytes) -> int:
+    """Where a decoder in ``state``, fed ``chunk`` byte by byte, first fails."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    decoder.setstate(state)
+    for index in range(len(chunk)):
+        try:
+            decoder.decode(chunk[index:index + 1])
+        except UnicodeDecodeError:
+            return index
+    return len(chunk)
+
 def model(stream: bytes, max_frame: int = MAX_FRAME) -> Expect:
     pos = 0
     data = bytearray()
@@ -216,13 +228,14 @@ def model(stream: bytes, max_frame: int = MAX_FRAME) -> Expect:
             message = opcode
             text = codecs.getincrementaldecoder("utf-8")() if opcode == 1 else None
         if text is not None:
-            pending = len(text.getstate()[0])
+            state = text.getstate()
             try:
                 text.decode(chunk, complete and fin)
-            except UnicodeDecodeError as exc:
-                # Payload is streamed: what came before the bad sequence may
-                # already be on its way to the target.
-                data += chunk[:max(0, exc.start - pending)]
+            except UnicodeDecodeError:
+                # Payload is streamed in pieces: every byte before the one that
+                # makes the text invalid (the start of an unfinished sequence
+                # included) may already be on its way to the target.
+                data += chunk[:_first_invalid_byte(state, chunk)]
                 return end("error", {1007}, why="text not UTF-8")
         data += chunk
         if not complete:
