@@ -35,7 +35,6 @@ TLS = "TLS"
 AUTH = "authentication plugins"
 WRAP = "wrapping a program"
 RECORD = "session recording"
-SYSLOG = "syslog logging"
 
 OPTIONS: List[Option] = [
     # -- websockify 0.13 -------------------------------------------------
@@ -129,9 +128,9 @@ OPTIONS: List[Option] = [
            kind="str", metavar="FILE"),
     Option(("--syslog",), "syslog",
            "log to syslog server. SERVER can be local socket, such as /dev/log, "
-           "or a UDP host:port pair.", kind="str", metavar="SERVER", pending=SYSLOG),
+           "or a UDP host:port pair.", kind="str", metavar="SERVER"),
     Option(("--legacy-syslog",), "legacy_syslog",
-           "use the old syslog protocol instead of RFC 5424", pending=SYSLOG),
+           "use the old syslog protocol instead of RFC 5424"),
     Option(("--file-only",), "file_only", "disable directory listings in web server"),
     # -- new in this implementation -------------------------------------
     Option(("--workers",), "workers",
@@ -152,6 +151,11 @@ OPTIONS: List[Option] = [
     Option(("--echo",), "echo",
            "echo service: answer every WebSocket message with the same type and "
            "content instead of bridging to a target (to check wss:// or proxy setups)"),
+    Option(("--trusted-proxy",), "trusted_proxy",
+           "reverse proxies whose X-Forwarded-For or X-Real-IP header names the "
+           "client in log lines: networks (CIDR), addresses, or 'unix' for a Unix "
+           "listening socket; from anyone else these headers are ignored",
+           kind="str", metavar="CIDR[,CIDR...]"),
     Option(("--max-frame-size",), "max_frame_size",
            "largest WebSocket frame accepted from a client; larger ones are closed "
            "with 1009", kind="int", default=16 * 1024 * 1024, metavar="BYTES"),
@@ -169,6 +173,8 @@ class Settings:
     target_host: Optional[str] = None
     target_port: Optional[int] = None
     wrap_cmd: Optional[List[str]] = None
+    #: Sockets systemd passed us (LISTEN_FDS); 0 when not socket-activated.
+    listen_fds: int = 0
     options: dict = field(default_factory=dict)
     #: The loaded token plugin (plugins.tokens.TokenResolver), built by the
     #: master before workers are forked and rebuilt on SIGHUP.
@@ -200,6 +206,8 @@ class Settings:
             return "inetd"
         if self.unix_listen:
             return "unix:%s" % self.unix_listen
+        if self.listen_fds:
+            return "systemd socket"
         host = self.listen_host or ""
         if ":" in host:
             host = "[%s]" % host
