@@ -47,3 +47,25 @@ def websockify(processes):
         return proc, port
 
     return start
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """Certificates made once per run with openssl (skips where it is missing):
+    a test CA with a server, client (alice, bob), expired client and
+    password-protected server certificate, and another CA with a client."""
+    from types import SimpleNamespace
+    from tests.certs import CertMaker
+    maker = CertMaker(str(tmp_path_factory.mktemp("pki")))
+    ca = maker.ca("test-root")
+    other = maker.ca("other-root")
+    return SimpleNamespace(
+        ca=ca, other_ca=other,
+        server=maker.issue(ca, "server"),
+        alice=maker.issue(ca, "alice", client=True),
+        bob=maker.issue(ca, "bob", client=True),
+        expired=maker.issue(ca, "expired-client", client=True, expired=True),
+        stranger=maker.issue(other, "stranger", client=True),
+        other_server=maker.issue(other, "other-server"),
+        locked=maker.issue(ca, "locked-server", key_password="open sesame"),
+    )

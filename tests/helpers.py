@@ -188,8 +188,10 @@ class RawWebSocket:
     """A WebSocket client over a plain socket, byte by byte."""
 
     def __init__(self, port, host="127.0.0.1", path="/", protocols="binary", timeout=10.0,
-                 extra=()):
+                 extra=(), ssl_context=None):
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        if ssl_context is not None:
+            self.sock = ssl_context.wrap_socket(self.sock, server_hostname=host)
         self.sock.sendall(handshake_request(path, host, protocols=protocols, extra=extra))
         self.status, self.headers, self.buffer = read_http_response(self.sock)
 

@@ -119,12 +119,6 @@ def test_version():
 
 # -- pending features are refused --------------------------------------------
 
-def test_some_options_are_pending():
-    flags = {opt.flags[-1] for opt in PENDING}
-    # Sanity: the refusal tests below really test something.
-    assert {"--cert", "--record", "--auth-plugin"} <= flags
-
-
 @pytest.mark.parametrize("opt", PENDING, ids=lambda opt: opt.flags[-1])
 def test_pending_option_refused_by_parse_args(opt):
     with pytest.raises(cli.UsageError, match="not supported yet"):
@@ -135,12 +129,6 @@ def test_pending_option_refused_by_parse_args(opt):
 def test_pending_option_refused_by_cli(opt):
     result = run_cli(*(argv_for(opt) + POSITIONALS))
     assert_usage_error(result, "not supported yet")
-
-
-def test_pending_option_refused_even_with_default_value():
-    # --cert self.pem is the default, but given explicitly it asks for TLS.
-    with pytest.raises(cli.UsageError, match="not supported yet"):
-        cli.parse_args(["--cert", "self.pem"] + POSITIONALS)
 
 
 def test_wrap_command_refused_by_parse_args():
@@ -246,7 +234,7 @@ def test_defaults():
     assert settings.max_frame_size == 16 * 1024 * 1024
     assert settings.graceful_timeout == 30
     assert settings.wrap_mode == "exit"
-    assert settings.cert == "self.pem"
+    assert settings.cert == os.path.abspath("self.pem")
     assert settings.timeout == 0
     assert settings.idle_timeout == 0
     assert settings.unix_listen_mode == 0o600

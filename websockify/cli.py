@@ -168,7 +168,8 @@ def parse_args(argv: List[str]) -> Settings:
         values["unix_listen_mode"] = 0o600
     # The daemon changes directory; keep every path the user gave us usable.
     for dest in ("web", "log_file", "pid_file", "unix_listen", "unix_target",
-                 "target_config"):
+                 "target_config", "cert", "key", "key_password_file", "cafile",
+                 "ssl_target_cafile"):
         if values[dest]:
             values[dest] = os.path.abspath(values[dest])
     return settings
@@ -178,8 +179,9 @@ def _check_values(values: dict) -> None:
     for dest in ("timeout", "idle_timeout", "heartbeat", "heartbeat_timeout", "graceful_timeout"):
         if values[dest] < 0:
             raise UsageError("--%s must not be negative" % dest.replace("_", "-"))
-    if values["connect_timeout"] <= 0:
-        raise UsageError("--connect-timeout must be positive")
+    for dest in ("connect_timeout", "handshake_timeout"):
+        if values[dest] <= 0:
+            raise UsageError("--%s must be positive" % dest.replace("_", "-"))
     if values["workers"] is not None and values["workers"] < 1:
         raise UsageError("--workers must be at least 1")
     if values["worker_connections"] is not None and values["worker_connections"] < 1:
@@ -196,6 +198,16 @@ def _check_values(values: dict) -> None:
         raise UsageError("You must use --token-plugin to use --token-source")
     if values["host_token"] and not (values["token_plugin"] or values["target_config"]):
         raise UsageError("You must use --token-plugin to use --host-token")
+    if values["auth_source"] is not None and not values["auth_plugin"]:
+        raise UsageError("You must use --auth-plugin to use --auth-source")
+    if values["web_auth"] and not values["auth_plugin"]:
+        raise UsageError("--web-auth needs --auth-plugin")
+    for dest, needs in (("ssl_target_cafile", "ssl_target"),
+                        ("ssl_target_no_verify", "ssl_target")):
+        if values[dest] and not values[needs]:
+            raise UsageError("--%s needs --%s" % (dest.replace("_", "-"), needs.replace("_", "-")))
+    if values["ssl_target_cafile"] and values["ssl_target_no_verify"]:
+        raise UsageError("--ssl-target-cafile and --ssl-target-no-verify contradict each other")
     try:
         if values["syslog"] is not None:
             values["syslog"] = parse_syslog_server(values["syslog"])

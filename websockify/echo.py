@@ -70,6 +70,7 @@ class EchoService(ProxyService):
     session_class = EchoSession
 
     def open_target(self, handler) -> Target:
+        self.authenticate(handler, Target())
         return Target(host="echo")
 
     def describe_target(self, target: Target) -> str:

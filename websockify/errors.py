@@ -27,6 +27,8 @@ class HTTPError(Exception):
         self.reason = reason
         self.text = text or reason
         self.headers = list(headers)
+        #: What the log line says, when it must say more than the client hears.
+        self.log_text = self.text
 
     @property
     def status_line(self) -> str:

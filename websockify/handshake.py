@@ -29,13 +29,13 @@ from geventwebsocket.handler import WebSocketHandler
 
 from websockify import forwarded, legacy
 from websockify.errors import BadRequest, HeaderTooLarge, HTTPError
+from websockify.tls import TLSStream, describe_error, looks_like_tls
 from websockify.relay import HYBI, Codec
 from websockify.websocket import GUID, SUPPORTED_VERSIONS
 
 log = logging.getLogger("websockify")
 
 HEADER_LIMIT = 16 * 1024
-HANDSHAKE_TIMEOUT = 10.0
 _READ_SIZE = 4096
 
 
@@ -95,6 +95,47 @@ class RequestHeaders:
         if self._values.pop(key, None) is not None:
             self.headers = [h for h in self.headers if h.split(":", 1)[0].lower() != key]
 
+    def remove_prefix(self, prefix: str) -> list:
+        """Drop headers whose names start with ``prefix`` (``-`` and ``_`` alike,
+        as WSGI's environ cannot tell them apart); the names dropped."""
+        wanted = prefix.lower().replace("-", "_")
+        names = [key for key in self._values if key.replace("-", "_").startswith(wanted)]
+        for key in names:
+            self.remove(key)
+        return names
+
+    # The read side of the header message websockify 0.13 gives auth plugins.
+    def __getitem__(self, name: str):
+        return self._values.get(name.lower())
+
+    def __setitem__(self, name: str, value: str) -> None:
+        self.remove(name)
+        self._values[name.lower()] = value
+        self.headers.append("%s: %s\r\n" % (name, value))
+
+    def __delitem__(self, name: str) -> None:
+        self.remove(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self._values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def keys(self) -> list:
+        return [line.split(":", 1)[0] for line in self.headers]
+
+    def items(self) -> list:
+        return [(line.split(":", 1)[0], line.split(":", 1)[1].strip()) for line in self.headers]
+
+    def values(self) -> list:
+        return [value for _, value in self.items()]
+
+    def get_all(self, name: str, failobj=None):
+        key = name.lower()
+        found = [value for header, value in self.items() if header.lower() == key]
+        return found or failobj
+
     @property
     def typeheader(self):
         return self._values.get("content-type")
@@ -125,6 +166,9 @@ class HeadReader:
         searched = 0
         while True:
             if self.request_line is None:
+                if data and looks_like_tls(data[0]):
+                    raise BadRequest("TLS handshake received, but this server has no "
+                                     "certificate (see --cert): use ws://, not wss://")
                 newline = data.find(b"\n")
                 if newline >= 0:
                     line = data[:newline + 1]
@@ -224,10 +268,10 @@ def choose_subprotocol(offer: Optional[str]) -> Optional[str]:
     return None
 
 
-def _key3_timeout() -> HTTPError:
+def _key3_timeout(timeout: float) -> HTTPError:
     return HTTPError(408, "Request Timeout",
                      "the 8 bytes after a Hixie-76 request head not received within %g s"
-                     % HANDSHAKE_TIMEOUT)
+                     % timeout)
 
 
 def is_upgrade_request(environ: dict) -> bool:
@@ -249,6 +293,8 @@ class Handler(WebSocketHandler):
         self.server = server
         self.rfile = HeadReader(sock)
         self.codec: Codec = HYBI
+        #: The TLS stream when the client opened with a TLS hello.
+        self.tls: Optional[TLSStream] = None
         self.detached = False
         self._header_block = b""
         self._logged_refusal = False
@@ -265,11 +311,16 @@ class Handler(WebSocketHandler):
     def handle_one_request(self):
         if self.rfile.closed:
             return None
-        self._deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        timeout = self.server.handshake_timeout
+        if self._deadline:
+            # The first request shares its deadline with the TLS handshake.
+            timeout = max(0.001, self._deadline - time.monotonic())
+        else:
+            self._deadline = time.monotonic() + timeout
         try:
-            with gevent.Timeout(HANDSHAKE_TIMEOUT, HTTPError(
+            with gevent.Timeout(timeout, HTTPError(
                     408, "Request Timeout",
-                    "request head not received within %g s" % HANDSHAKE_TIMEOUT)):
+                    "request head not received within %g s" % self.server.handshake_timeout)):
                 head = self.rfile.read_head()
         except HTTPError as exc:
             return self._refusal(exc, self.rfile.request_line or "")
@@ -292,6 +343,7 @@ class Handler(WebSocketHandler):
         self.environ = self.get_environ()
         self.application = self.server.application
         self.handle_one_response()
+        self._deadline = 0.0
         if self.close_connection or self.detached:
             return None
         return True
@@ -312,6 +364,14 @@ class Handler(WebSocketHandler):
         if not self._check_http_version():
             raise BadRequest("unsupported HTTP version %r" % self.request_version)
         self.headers = headers = RequestHeaders.parse(self._header_block)
+        # SSL_* headers are the server's word about the client certificate.
+        dropped = headers.remove_prefix("SSL_")
+        if dropped:
+            log.info("%s: dropped client-supplied header(s) %s", self.peer, ", ".join(dropped))
+        if self.tls is not None:
+            common_name = self.tls.peer_common_name()
+            if common_name is not None:
+                headers["SSL_CLIENT_S_DN_CN"] = common_name
         if headers.get("transfer-encoding", "").lower() == "chunked":
             headers.remove("content-length")
         content_length = headers.get("content-length")
@@ -332,17 +392,22 @@ class Handler(WebSocketHandler):
     def get_environ(self):
         environ = WSGIHandler.get_environ(self)
         environ["RAW_URI"] = self.path
+        if self.tls is not None:
+            environ["wsgi.url_scheme"] = "https"
+            environ["HTTPS"] = "on"
         return environ
 
     def _refusal(self, exc: HTTPError, what: str):
         log.info("%s: refused %r: %d %s", self.peer, redact_uri(what[:200]), exc.status,
-                 exc.text)
+                 exc.log_text)
         self._logged_refusal = True
         self.close_connection = True
         return exc.status_line, response_bytes(exc.status_line, exc.text, exc.headers)
 
     def handle(self):
         try:
+            if not self._open_connection():
+                return
             while self.socket is not None:
                 result = self.handle_one_request()
                 if result is None:
@@ -360,6 +425,58 @@ class Handler(WebSocketHandler):
                     pass
                 self.socket = None
             self.rfile = None
+
+    def _open_connection(self) -> bool:
+        """Tell TLS from plain by the first byte and do the TLS handshake.
+
+        False when the connection is over (refused or failed, logged here).
+        Without a certificate and without --ssl-only nothing is peeked: the
+        request reader itself recognises a TLS hello.
+        """
+        server = self.server
+        self._deadline = time.monotonic() + server.handshake_timeout
+        context = server.tls_context
+        if context is None and not server.ssl_only:
+            return True
+        first = None
+        try:
+            with gevent.Timeout(server.handshake_timeout, False):
+                first = self.socket.recv(1, socket.MSG_PEEK)
+        except OSError as exc:
+            log.info("%s: client disconnected during the handshake: %s",
+                     self.peer, exc.strerror or exc)
+            return False
+        if first is None or (first and not looks_like_tls(first[0])):
+            # Nothing in time, or plain HTTP: the request reader answers.
+            if server.ssl_only and first:
+                self._refuse_plain()
+                return False
+            return True
+        if not first:
+            return False          # connected and closed: nothing to say
+        if context is None:
+            return True           # the request reader refuses it with a reason
+        stream = TLSStream(self._raw_socket(), context, server_side=True)
+        self.socket = self.tls = stream
+        self.rfile = HeadReader(stream)
+        try:
+            stream.handshake(self._deadline)
+        except socket.timeout:
+            log.info("%s: TLS handshake not completed within %g s", self.peer,
+                     server.handshake_timeout)
+            return False
+        except OSError as exc:        # ssl.SSLError is an OSError
+            log.info("%s: TLS handshake failed: %s", self.peer, describe_error(exc))
+            return False
+        log.debug("%s: TLS %s established", self.peer, stream.version())
+        return True
+
+    def _refuse_plain(self) -> None:
+        self.requestline = ""
+        self.status, body = self._refusal(
+            HTTPError(403, "Forbidden", "this port requires TLS: use wss:// or https://"),
+            "plain connection")
+        self._send_and_close(body)
 
     def _send_and_close(self, body: bytes) -> None:
         """Send a refusal, then let the client read it before the socket closes.
@@ -398,6 +515,14 @@ class Handler(WebSocketHandler):
                 self.status, body = self._refusal(exc, self.requestline)
                 self._send_and_close(body)
             return
+        server = self.server
+        if server.web_auth and server.auth is not None:
+            try:
+                server.auth.check(self.headers, *server.auth_target)
+            except HTTPError as exc:
+                self.status, body = self._refusal(exc, self.requestline)
+                self._send_and_close(body)
+                return
         WSGIHandler.run_application(self)
 
     def _upgrade(self) -> None:
@@ -479,7 +604,8 @@ class Handler(WebSocketHandler):
         rfile = self.rfile
         remaining = self._deadline - time.monotonic()
         try:
-            with gevent.Timeout(max(remaining, 0.001), _key3_timeout()):
+            with gevent.Timeout(max(remaining, 0.001),
+                                _key3_timeout(self.server.handshake_timeout)):
                 while len(rfile.buffer) < 8:
                     chunk = self.socket.recv(_READ_SIZE)
                     if not chunk:
@@ -524,13 +650,22 @@ class Handler(WebSocketHandler):
         client = self._detach()
         self.server.service.start_session(session, client, early, self)
 
-    def _detach(self) -> _socket.socket:
-        """Take the client socket away from gevent; the relay owns it now."""
+    def _detach(self):
+        """Hand the client connection to the relay: a plain socket or the TLS stream."""
+        if self.tls is not None:
+            stream = self.tls
+            self.socket = None
+        else:
+            stream = self._raw_socket()
+        self.detached = True
+        return stream
+
+    def _raw_socket(self) -> _socket.socket:
+        """Take the client socket away from gevent, as a non-blocking plain socket."""
         gsock = self.socket
         family = gsock.family
         fd = gsock.detach()
         self.socket = None
-        self.detached = True
         sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
         sock.setblocking(False)
         return sock

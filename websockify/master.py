@@ -76,6 +76,7 @@ class Master:
             return EXIT_CONFIG
         try:
             settings.tokens = self._load_token_plugin()
+            self._load_auth_and_tls()
         except ConfigError as exc:
             log.error("%s", exc)
             return EXIT_CONFIG
@@ -115,6 +116,26 @@ class Master:
                         "--token-source %s", settings.target_config)
         return load_resolver(settings)
 
+    def _load_auth_and_tls(self) -> None:
+        """The auth plugin and the TLS contexts, before any fork (ConfigError: exit 5)."""
+        from websockify.plugins.auth import load_authenticator
+        from websockify.tls import TargetContexts, build_server_context
+        settings = self.settings
+        tls = build_server_context(settings)
+        target_tls = TargetContexts(settings) if settings.ssl_target else None
+        auth = load_authenticator(settings)
+        settings.tls, settings.target_tls, settings.auth = tls, target_tls, auth
+
+    def _reload_auth_and_tls(self) -> None:
+        """On SIGHUP: certificates and the auth plugin are read again for the new workers."""
+        try:
+            self._load_auth_and_tls()
+        except ConfigError as exc:
+            log.error("%s; new workers keep the previous TLS and auth configuration", exc)
+            return
+        if self.settings.tls is not None:
+            log.info("TLS certificate %s reloaded", self.settings.cert)
+
     def _reload_token_plugin(self) -> None:
         """On SIGHUP: re-read the token source for the new workers, or keep the old one."""
         if self.settings.tokens is None:
@@ -143,11 +164,22 @@ class Master:
                      " (no directory listings)" if settings.file_only else "", settings.web)
         else:
             log.info("  - No web server (plain HTTP requests get 405)")
-        if os.path.exists(settings.cert):
-            log.warning("  - %s exists, but TLS is not supported yet: plain ws:// only",
-                        settings.cert)
-        else:
+        if settings.tls is None:
             log.info("  - No SSL/TLS support (no cert file)")
+        else:
+            log.info("  - SSL/TLS support%s, certificate %s%s",
+                     " only (plain connections get 403)" if settings.ssl_only
+                     else " (ws:// and wss:// on one port)", settings.cert,
+                     ", client certificates required" if settings.verify_client else "")
+        if settings.ssl_target_no_verify:
+            log.warning("  - --ssl-target-no-verify: the target's certificate is NOT "
+                        "verified; anyone on the path to the target can read the session")
+        elif settings.ssl_target:
+            log.info("  - TLS to the target, verified with %s",
+                     settings.ssl_target_cafile or "the system CAs")
+        if settings.auth is not None:
+            log.info("  - Authentication plugin %s%s", settings.auth.name,
+                     " (static files too)" if settings.web_auth else "")
         if settings.daemon:
             log.info("  - Backgrounding (daemon)")
         if settings.libserver:
@@ -392,6 +424,7 @@ class Master:
             return
         log.info("got SIGHUP: replacing workers")
         self._reload_token_plugin()
+        self._reload_auth_and_tls()
         old = [worker for worker in self.workers.values() if not worker.retiring]
         for worker in old:
             worker.retiring = True

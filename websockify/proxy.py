@@ -21,6 +21,7 @@ from websockify.plugins.tokens import UNIX, BackendUnavailable
 from websockify.handshake import redact_uri
 from websockify.relay import Relay
 from websockify.sockets import tune_stream
+from websockify.tls import TLSStream, describe_error
 
 log = logging.getLogger("websockify")
 
@@ -138,9 +139,17 @@ class ProxyService:
             return Target(unix_path=port)
         return Target(host, port)
 
+    def authenticate(self, handler, target: Target) -> None:
+        """--auth-plugin's verdict on the request, after the token lookup (as websockify)."""
+        auth = self.settings.auth
+        if auth is not None:
+            auth.check(handler.headers, target.host if not target.unix_path else None,
+                       target.port if not target.unix_path else target.unix_path)
+
     def open_target(self, handler) -> Target:
-        """Connect to the session's target or raise 502/504."""
+        """Authenticate, then connect to the session's target or raise 502/504."""
         target = self.pick_target(handler)
+        self.authenticate(handler, target)
         timeout = self.settings.connect_timeout
         try:
             target.sock = _connect(target, timeout)
@@ -155,7 +164,25 @@ class ProxyService:
             raise BadGateway("cannot connect to target %s: %s"
                              % (target, exc.strerror or exc)) from None
         tune_stream(target.sock)
+        if self.settings.target_tls is not None:
+            self._start_target_tls(target, timeout)
         return target
+
+    def _start_target_tls(self, target: Target, timeout: float) -> None:
+        """--ssl-target: the TLS handshake with the target, its certificate checked."""
+        host = None if target.unix_path else target.host
+        context = self.settings.target_tls.context_for(host)
+        stream = TLSStream(target.sock, context, server_side=False, server_hostname=host)
+        target.sock = stream
+        try:
+            stream.handshake(time.monotonic() + timeout)
+        except socket.timeout:
+            target.abandon()
+            raise GatewayTimeout("TLS handshake with target %s not completed within %g s"
+                                 % (target, timeout)) from None
+        except OSError as exc:
+            target.abandon()
+            raise BadGateway("TLS to target %s failed: %s" % (target, describe_error(exc))) from None
 
     # -- after the 101 -------------------------------------------------------
 

@@ -148,6 +148,8 @@ class _Leg:
                 else:
                     out[0] = memoryview(head)[sent:]
                     sent = 0
+        if not self.plain:
+            return sock.flush()     # TLS: encrypted bytes may still be waiting
         return True
 
     def close(self) -> None:

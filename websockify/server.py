@@ -29,6 +29,14 @@ class BridgeServer(WSGIServer):
         self.max_connections = max_connections
         self.connections = 0
         self.run_once = run_once
+        settings = service.settings
+        #: ssl.SSLContext for clients that open with a TLS hello (None: plain only).
+        self.tls_context = settings.tls
+        self.ssl_only = bool(settings.ssl_only)
+        self.handshake_timeout = settings.handshake_timeout
+        self.auth = settings.auth
+        self.web_auth = bool(settings.web_auth)
+        self.auth_target = (settings.target_host, settings.target_port)
         self.upgrades = 0
         self.handshakes = set()
         self._accepting_for_good = True

@@ -31,8 +31,6 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-TLS = "TLS"
-AUTH = "authentication plugins"
 WRAP = "wrapping a program"
 RECORD = "session recording"
 
@@ -53,28 +51,37 @@ OPTIONS: List[Option] = [
            "exit after IDLE_TIMEOUT seconds with no open WebSocket session (0: never)",
            kind="float", default=0.0),
     Option(("--cert",), "cert", "SSL certificate file", kind="str",
-           default="self.pem", pending=TLS),
-    Option(("--key",), "key", "SSL key file (if separate from cert)", kind="str",
-           pending=TLS),
-    Option(("--key-password",), "key_password", "SSL key password", kind="str",
-           pending=TLS),
-    Option(("--ssl-only",), "ssl_only", "disallow non-encrypted client connections",
-           pending=TLS),
-    Option(("--ssl-target",), "ssl_target", "connect to SSL target as SSL client",
-           pending=TLS),
+           default="self.pem"),
+    Option(("--key",), "key", "SSL key file (if separate from cert)", kind="str"),
+    Option(("--key-password",), "key_password",
+           "SSL key password (ps shows it: prefer a password file, or the "
+           "WEBSOCKIFY_KEY_PASSWORD environment variable)", kind="str"),
+    Option(("--key-password-file",), "key_password_file",
+           "read the SSL key password from the first line of FILE", kind="str",
+           metavar="FILE"),
+    Option(("--ssl-only",), "ssl_only", "disallow non-encrypted client connections"),
+    Option(("--ssl-target",), "ssl_target",
+           "connect to SSL target as SSL client (the target's certificate is "
+           "verified with the system CAs, and SNI is sent)"),
+    Option(("--ssl-target-cafile",), "ssl_target_cafile",
+           "with --ssl-target, verify the target's certificate with the CAs in FILE "
+           "instead of the system CAs", kind="str", metavar="FILE"),
+    Option(("--ssl-target-no-verify",), "ssl_target_no_verify",
+           "with --ssl-target, do not verify the target's certificate (self-signed "
+           "targets; a warning is logged)"),
     Option(("--verify-client",), "verify_client",
-           "require encrypted client to present a valid certificate", pending=TLS),
+           "require encrypted client to present a valid certificate"),
     Option(("--cafile",), "cafile",
            "file of concatenated certificates of authorities trusted for validating "
            "clients (only effective with --verify-client); default: the system CAs",
-           kind="str", metavar="FILE", pending=TLS),
+           kind="str", metavar="FILE"),
     Option(("--ssl-version",), "ssl_version",
            "minimum TLS version to use (default, tlsv1_1, tlsv1_2, tlsv1_3)",
            kind="choice", default="default",
-           choices=("default", "tlsv1_1", "tlsv1_2", "tlsv1_3"), pending=TLS),
+           choices=("default", "tlsv1_1", "tlsv1_2", "tlsv1_3")),
     Option(("--ssl-ciphers",), "ssl_ciphers",
            "list of ciphers allowed for connection (see `openssl ciphers`)",
-           kind="str", pending=TLS),
+           kind="str"),
     Option(("--unix-listen",), "unix_listen", "listen to unix socket",
            kind="str", metavar="FILE"),
     Option(("--unix-listen-mode",), "unix_listen_mode",
@@ -85,8 +92,7 @@ OPTIONS: List[Option] = [
     Option(("--inetd",), "inetd", "inetd mode, receive listening socket from stdin"),
     Option(("--web",), "web", "run webserver on same port. Serve files from DIR.",
            kind="str", metavar="DIR"),
-    Option(("--web-auth",), "web_auth", "require authentication to access webserver.",
-           pending=AUTH),
+    Option(("--web-auth",), "web_auth", "require authentication to access webserver."),
     Option(("--wrap-mode",), "wrap_mode",
            "action to take when the wrapped program exits or daemonizes: "
            "exit (default), ignore, respawn",
@@ -114,10 +120,10 @@ OPTIONS: List[Option] = [
     Option(("--auth-plugin",), "auth_plugin",
            "use a Python class, usually one from websockify.auth_plugins, such as "
            "BasicHTTPAuth, to determine if a connection is allowed",
-           kind="str", metavar="CLASS", pending=AUTH),
+           kind="str", metavar="CLASS"),
     Option(("--auth-source",), "auth_source",
            "an argument to be passed to the auth plugin on instantiation",
-           kind="str", metavar="ARG", pending=AUTH),
+           kind="str", metavar="ARG"),
     Option(("--heartbeat",), "heartbeat",
            "send a ping to the client every INTERVAL seconds (0: never)",
            kind="float", default=0.0, metavar="INTERVAL"),
@@ -151,6 +157,10 @@ OPTIONS: List[Option] = [
     Option(("--echo",), "echo",
            "echo service: answer every WebSocket message with the same type and "
            "content instead of bridging to a target (to check wss:// or proxy setups)"),
+    Option(("--handshake-timeout",), "handshake_timeout",
+           "seconds a client has from connecting to completing its TLS and HTTP "
+           "handshake before it is dropped", kind="float", default=10.0,
+           metavar="SECONDS"),
     Option(("--trusted-proxy",), "trusted_proxy",
            "reverse proxies whose X-Forwarded-For or X-Real-IP header names the "
            "client in log lines: networks (CIDR), addresses, or 'unix' for a Unix "
@@ -179,6 +189,12 @@ class Settings:
     #: The loaded token plugin (plugins.tokens.TokenResolver), built by the
     #: master before workers are forked and rebuilt on SIGHUP.
     tokens: Any = None
+    #: The loaded auth plugin (plugins.auth.Authenticator), built like ``tokens``.
+    auth: Any = None
+    #: The listener's ssl.SSLContext (None: plain only), built by the master.
+    tls: Any = None
+    #: tls.TargetContexts for --ssl-target, built by the master.
+    target_tls: Any = None
 
     def __getattr__(self, name: str) -> Any:
         # Option values read as attributes: settings.heartbeat, settings.web ...

@@ -1,0 +1,553 @@
+"""--auth-plugin end to end: the bundled plugins, plugins written for websockify
+0.13, plugins that fail, --web-auth, client certificates and the command line.
+
+Every test starts ``python -m websockify`` with one worker on loopback and
+talks to it with raw sockets (plain or TLS through Python's ssl module); the
+targets are the bundled echo server or ``--echo``.
+"""
+
+import base64
+import os
+import re
+import ssl
+import socket
+import subprocess
+import textwrap
+import time
+
+import pytest
+
+from tests.helpers import (ROOT, RawWebSocket, children_of, free_port,
+                           handshake_request, read_http_response, websockify_argv)
+
+TIMEOUT = 10.0
+CREDENTIALS = "user:s3cret"
+REFUSED = re.compile(r"refused .*?: (\d{3}) ")
+
+
+def basic(credentials: str) -> str:
+    return "Authorization: Basic " + base64.b64encode(credentials.encode()).decode()
+
+
+def refusals(proc) -> list:
+    return [line for line in proc.log().splitlines() if REFUSED.search(line)]
+
+
+def new_lines(proc, before: int, pattern: str = r"refused ") -> list:
+    """The log lines after the first ``before`` ones, once one matches ``pattern``."""
+    regex = re.compile(pattern)
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline:
+        lines = proc.log().splitlines()[before:]
+        if any(regex.search(line) for line in lines):
+            time.sleep(0.2)           # anything else logged for the same request
+            return proc.log().splitlines()[before:]
+        time.sleep(0.05)
+    raise AssertionError("no log line %r in:\n%s" % (pattern, proc.log()))
+
+
+def log_size(proc) -> int:
+    return len(proc.log().splitlines())
+
+
+def upgrade(port, extra=(), context=None, path="/") -> tuple:
+    """(status, headers, body) of an upgrade request; the connection is closed."""
+    ws = TLSWebSocket(port, context, extra=extra, path=path) if context \
+        else RawWebSocket(port, extra=extra, path=path)
+    try:
+        return ws.status, ws.headers, ws.buffer
+    finally:
+        ws.close()
+
+
+def assert_refused_once(proc, port, extra, status, context=None) -> dict:
+    """The request is refused with ``status`` and exactly one log line naming it."""
+    before = log_size(proc)
+    got, headers, body = upgrade(port, extra, context)
+    assert got == status, (got, headers, body, proc.log())
+    lines = [line for line in new_lines(proc, before) if REFUSED.search(line)]
+    assert len(lines) == 1, lines
+    assert REFUSED.search(lines[0]).group(1) == str(status), lines
+    return headers
+
+
+def assert_echoes(ws, payload=b"hello through the bridge") -> None:
+    assert ws.status == 101, (ws.status, ws.headers, ws.buffer)
+    ws.send_binary(payload)
+    assert ws.recv_data(len(payload)) == payload
+
+
+class TLSWebSocket(RawWebSocket):
+    """RawWebSocket over a TLS connection made with ``context``."""
+
+    def __init__(self, port, context, host="127.0.0.1", path="/", extra=(), timeout=TIMEOUT):
+        raw = socket.create_connection((host, port), timeout=timeout)
+        self.sock = context.wrap_socket(raw, server_hostname=host)
+        self.sock.sendall(handshake_request(path, host, extra=extra))
+        self.status, self.headers, self.buffer = read_http_response(self.sock)
+
+
+def client_context(pki, identity=None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=pki.ca.cert)
+    if identity is not None:
+        context.load_cert_chain(identity.cert, identity.key)
+    return context
+
+
+def http_get(port, path, extra=()) -> tuple:
+    lines = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1", "Connection: close"] + list(extra)
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return read_http_response(sock)
+
+
+def run_cli(*args, env=None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = ROOT
+    full_env.update(env or {})
+    return subprocess.run(websockify_argv(*args), capture_output=True, text=True,
+                          timeout=30, cwd=ROOT, env=full_env)
+
+
+@pytest.fixture
+def basic_server(websockify, echo_target):
+    return websockify("--workers", "1", "--auth-plugin", "BasicHTTPAuth",
+                      "--auth-source", CREDENTIALS, "127.0.0.1:{port}",
+                      "127.0.0.1:%d" % echo_target)
+
+
+# -- BasicHTTPAuth --------------------------------------------------------------------
+
+def test_basic_auth_good_credentials_relay_data(basic_server):
+    proc, port = basic_server
+    ws = RawWebSocket(port, extra=[basic(CREDENTIALS)])
+    try:
+        assert_echoes(ws)
+    finally:
+        ws.close()
+    assert refusals(proc) == []
+
+
+def test_basic_auth_missing_credentials_get_401_with_challenge(basic_server):
+    proc, port = basic_server
+    headers = assert_refused_once(proc, port, [], 401)
+    assert headers["www-authenticate"] == 'Basic realm="Websockify"'
+
+
+def test_basic_auth_wrong_password_gets_401(basic_server):
+    proc, port = basic_server
+    headers = assert_refused_once(proc, port, [basic("user:wrong")], 401)
+    assert headers["www-authenticate"] == 'Basic realm="Websockify"'
+    assert_refused_once(proc, port, [basic("other:s3cret")], 401)
+
+
+@pytest.mark.parametrize("authorization", [
+    "Authorization: Basic !!!not*base64!!!",
+    basic("userwithoutcolon"),
+    "Authorization: Bearer " + base64.b64encode(CREDENTIALS.encode()).decode(),
+    "Authorization: Digest username=\"user\"",
+], ids=["not-base64", "no-colon", "bearer-scheme", "digest-scheme"])
+def test_basic_auth_malformed_credentials_get_403(basic_server, authorization):
+    proc, port = basic_server
+    headers = assert_refused_once(proc, port, [authorization], 403)
+    assert "www-authenticate" not in headers
+
+
+def test_basic_auth_refusals_leave_the_worker_alone(basic_server):
+    proc, port = basic_server
+    workers = children_of(proc.pid)
+    assert len(workers) == 1
+    for extra in ([], [basic("user:wrong")], ["Authorization: Basic %%%"],
+                  ["Authorization: Negotiate abc"]):
+        status, _, _ = upgrade(port, extra)
+        assert status in (401, 403)
+    assert children_of(proc.pid) == workers
+    ws = RawWebSocket(port, extra=[basic(CREDENTIALS)])
+    try:
+        assert_echoes(ws, b"still serving")
+    finally:
+        ws.close()
+    assert children_of(proc.pid) == workers
+
+
+def test_basic_auth_applies_to_echo_sessions(websockify):
+    proc, port = websockify("--workers", "1", "--echo", "--auth-plugin", "BasicHTTPAuth",
+                            "--auth-source", CREDENTIALS, "127.0.0.1:{port}")
+    assert_refused_once(proc, port, [], 401)
+    assert_refused_once(proc, port, [basic("user:nope")], 401)
+    ws = RawWebSocket(port, extra=[basic(CREDENTIALS)])
+    try:
+        assert_echoes(ws, b"echo with credentials")
+    finally:
+        ws.close()
+
+
+def hixie75_request(extra=()) -> bytes:
+    lines = ["GET / HTTP/1.1", "Upgrade: WebSocket", "Connection: Upgrade",
+             "Host: 127.0.0.1", "Origin: http://127.0.0.1"] + list(extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def test_basic_auth_applies_to_legacy_hixie_handshakes(basic_server):
+    proc, port = basic_server
+    before = log_size(proc)
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(hixie75_request())
+        status, headers, _ = read_http_response(sock)
+    assert status == 401
+    assert headers["www-authenticate"] == 'Basic realm="Websockify"'
+    assert len([line for line in new_lines(proc, before) if REFUSED.search(line)]) == 1
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(hixie75_request([basic(CREDENTIALS)]))
+        status, _, _ = read_http_response(sock)
+        assert status == 101
+        sock.sendall(b"\x00" + base64.b64encode(b"legacy") + b"\xff")
+        data = b""
+        while not data.endswith(b"\xff"):
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+    assert data == b"\x00" + base64.b64encode(b"legacy") + b"\xff"
+
+
+# -- ExpectOrigin -------------------------------------------------------------------
+
+@pytest.fixture
+def origin_server(websockify, echo_target):
+    return websockify("--workers", "1", "--auth-plugin", "ExpectOrigin",
+                      "--auth-source", "https://a.example https://b.example:8443",
+                      "127.0.0.1:{port}", "127.0.0.1:%d" % echo_target)
+
+
+@pytest.mark.parametrize("origin", ["https://a.example", "https://b.example:8443"])
+def test_expect_origin_listed_origin_is_let_in(origin_server, origin):
+    proc, port = origin_server
+    ws = RawWebSocket(port, extra=["Origin: %s" % origin])
+    try:
+        assert_echoes(ws)
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize("extra", [
+    [], ["Origin: https://evil.example"], ["Origin: https://a.example:443"],
+    ["Origin: http://a.example"], ["Origin: null"],
+], ids=["missing", "other-host", "other-port", "other-scheme", "null"])
+def test_expect_origin_other_origin_gets_403(origin_server, extra):
+    proc, port = origin_server
+    workers = children_of(proc.pid)
+    assert_refused_once(proc, port, extra, 403)
+    assert children_of(proc.pid) == workers
+
+
+# -- ClientCertCNAuth -----------------------------------------------------------------
+
+@pytest.fixture
+def cert_server(websockify, echo_target, pki):
+    return websockify("--workers", "1", "--cert", pki.server.pem, "--verify-client",
+                      "--cafile", pki.ca.cert, "--auth-plugin", "ClientCertCNAuth",
+                      "--auth-source", "alice carol", "127.0.0.1:{port}",
+                      "127.0.0.1:%d" % echo_target)
+
+
+def test_client_cert_listed_common_name_is_let_in(cert_server, pki):
+    proc, port = cert_server
+    ws = TLSWebSocket(port, client_context(pki, pki.alice))
+    try:
+        assert_echoes(ws, b"alice over TLS")
+    finally:
+        ws.close()
+    assert refusals(proc) == []
+
+
+def test_client_cert_other_common_name_gets_403(cert_server, pki):
+    proc, port = cert_server
+    workers = children_of(proc.pid)
+    assert_refused_once(proc, port, [], 403, client_context(pki, pki.bob))
+    assert children_of(proc.pid) == workers
+
+
+def test_client_cert_header_sent_by_a_tls_client_is_replaced(cert_server, pki):
+    proc, port = cert_server
+    before = log_size(proc)
+    status, _, _ = upgrade(port, ["SSL_CLIENT_S_DN_CN: alice"], client_context(pki, pki.bob))
+    assert status == 403
+    lines = new_lines(proc, before)
+    assert len([line for line in lines if REFUSED.search(line)]) == 1, lines
+    assert any("dropped" in line and "ssl_client_s_dn_cn" in line.lower() for line in lines), lines
+
+
+@pytest.mark.parametrize("header", ["SSL_CLIENT_S_DN_CN: alice", "SSL-Client-S-DN-CN: alice",
+                                    "ssl_client_s_dn_cn: alice"])
+def test_client_cert_header_forged_over_plain_ws_gets_403(cert_server, header):
+    proc, port = cert_server
+    before = log_size(proc)
+    status, _, _ = upgrade(port, [header])
+    assert status == 403
+    lines = new_lines(proc, before)
+    refused = [line for line in lines if REFUSED.search(line)]
+    assert len(refused) == 1 and " 403 " in refused[0], lines
+    dropped = [line for line in lines if "dropped" in line]
+    assert len(dropped) == 1, lines
+    assert header.split(":")[0].lower() in dropped[0].lower(), dropped
+
+
+def test_client_cert_header_forged_over_tls_without_client_cert_gets_403(
+        websockify, echo_target, pki):
+    # Without --verify-client nobody is asked for a certificate: a TLS client
+    # naming itself in a header must still be refused.
+    proc, port = websockify("--workers", "1", "--cert", pki.server.pem,
+                            "--auth-plugin", "ClientCertCNAuth", "--auth-source", "alice",
+                            "127.0.0.1:{port}", "127.0.0.1:%d" % echo_target)
+    before = log_size(proc)
+    status, _, _ = upgrade(port, ["SSL_CLIENT_S_DN_CN: alice"], client_context(pki))
+    assert status == 403
+    lines = new_lines(proc, before)
+    assert any("dropped" in line for line in lines), lines
+    status, _, _ = upgrade(port, [], client_context(pki))
+    assert status == 403
+
+
+# -- plugins written for websockify 0.13 ------------------------------------------------
+
+OLD_STYLE_PLUGIN = '''
+from websockify.auth_plugins import BasePlugin, AuthenticationError
+
+
+class TeapotAuth(BasePlugin):
+    """Written as websockify 0.13's documentation shows."""
+
+    def __init__(self, src):
+        self.source = src
+
+    def authenticate(self, headers, target_host, target_port):
+        with open(self.source, "a") as seen:
+            seen.write("%s %s\\n" % (target_host, target_port))
+        if headers.get("X-Magic-Word") != "please":
+            raise AuthenticationError(
+                log_msg="no magic word",
+                response_code=418,
+                response_headers={"X-Teapot": "short and stout",
+                                  "X-Target": "%s:%s" % (target_host, target_port)},
+                response_msg="I only brew for the polite")
+
+
+class Exploding(BasePlugin):
+    def authenticate(self, headers, target_host, target_port):
+        if headers.get("X-Magic-Word") != "please":
+            raise ValueError("plugin bug 42")
+
+
+class Slow(BasePlugin):
+    def authenticate(self, headers, target_host, target_port):
+        import time
+        time.sleep(float(self.source))
+
+
+class RefusesSource(BasePlugin):
+    def __init__(self, src):
+        raise RuntimeError("cannot use %r" % src)
+'''
+
+
+@pytest.fixture
+def plugin_dir(tmp_path):
+    directory = tmp_path / "plugins"
+    directory.mkdir()
+    (directory / "oldauth.py").write_text(textwrap.dedent(OLD_STYLE_PLUGIN))
+    return directory
+
+
+def plugin_env(plugin_dir) -> dict:
+    return {"PYTHONPATH": str(plugin_dir) + os.pathsep + ROOT}
+
+
+@pytest.fixture
+def teapot_server(websockify, echo_target, plugin_dir, tmp_path):
+    """(process, port, file the plugin writes each target to) for oldauth.TeapotAuth."""
+    seen = tmp_path / "seen.txt"
+    proc, port = websockify("--workers", "1", "--auth-plugin", "oldauth.TeapotAuth",
+                            "--auth-source", str(seen), "127.0.0.1:{port}",
+                            "127.0.0.1:%d" % echo_target, env=plugin_env(plugin_dir))
+    return proc, port, seen
+
+
+def test_old_style_plugin_refuses_with_its_status_and_headers(teapot_server, echo_target):
+    proc, port, seen = teapot_server
+    headers = assert_refused_once(proc, port, [], 418)
+    assert headers["x-teapot"] == "short and stout"
+    assert headers["x-target"] == "127.0.0.1:%d" % echo_target
+    status, _, body = upgrade(port, ["X-Magic-Word: please?"])
+    assert status == 418
+    assert b"I only brew for the polite" in body
+    assert seen.read_text().splitlines() == ["127.0.0.1 %d" % echo_target] * 2
+
+
+def test_old_style_plugin_lets_in_and_sees_the_target(teapot_server, echo_target):
+    proc, port, seen = teapot_server
+    ws = RawWebSocket(port, extra=["X-Magic-Word: please"])
+    try:
+        assert_echoes(ws, b"polite bytes")
+    finally:
+        ws.close()
+    assert seen.read_text() == "127.0.0.1 %d\n" % echo_target
+    assert refusals(proc) == []
+
+
+def test_plugin_raising_other_errors_gives_403_and_keeps_the_worker(websockify, echo_target,
+                                                                    plugin_dir):
+    proc, port = websockify("--workers", "1", "--auth-plugin", "oldauth.Exploding",
+                            "127.0.0.1:{port}", "127.0.0.1:%d" % echo_target,
+                            env=plugin_env(plugin_dir))
+    workers = children_of(proc.pid)
+    before = log_size(proc)
+    status, _, _ = upgrade(port)
+    assert status == 403
+    lines = new_lines(proc, before)
+    errors = [line for line in lines if "plugin bug 42" in line]
+    assert len(errors) == 1, lines
+    assert "ValueError" in errors[0] and " 403 " in errors[0], errors
+    assert "Traceback" not in proc.log()
+    assert children_of(proc.pid) == workers
+    ws = RawWebSocket(port, extra=["X-Magic-Word: please"])
+    try:
+        assert_echoes(ws, b"next request is served")
+    finally:
+        ws.close()
+    assert children_of(proc.pid) == workers
+
+
+@pytest.mark.parametrize("plugin, expected", [
+    ("nosuchmodule.Plugin", "nosuchmodule"),
+    ("oldauth.NoSuchClass", "NoSuchClass"),
+    ("oldauth.RefusesSource", "cannot use"),
+    ("NoSuchBundledPlugin", "NoSuchBundledPlugin"),
+])
+def test_unusable_plugin_stops_the_start_with_exit_5(plugin_dir, plugin, expected):
+    port = free_port()
+    done = run_cli("--workers", "1", "--auth-plugin", plugin, "--auth-source", "src",
+                   "127.0.0.1:%d" % port, "127.0.0.1:1", env=plugin_env(plugin_dir))
+    assert done.returncode == 5, (done.stdout, done.stderr)
+    output = (done.stdout + done.stderr).strip().splitlines()
+    assert len(output) == 1, output
+    assert expected in output[0] and "Traceback" not in output[0], output
+
+
+def test_plugin_sees_the_token_target_and_runs_after_the_lookup(
+        websockify, echo_target, plugin_dir, tmp_path):
+    seen = tmp_path / "seen.txt"
+    tokens = tmp_path / "tokens"
+    tokens.write_text("good: 127.0.0.1:%d\n" % echo_target)
+    proc, port = websockify("--workers", "1", "--token-plugin", "TokenFile",
+                            "--token-source", str(tokens), "--auth-plugin", "oldauth.TeapotAuth",
+                            "--auth-source", str(seen), "127.0.0.1:{port}",
+                            env=plugin_env(plugin_dir))
+    status, headers, _ = upgrade(port, path="/?token=good")
+    assert status == 418
+    assert headers["x-target"] == "127.0.0.1:%d" % echo_target
+    # An unknown token is refused by the lookup: the plugin is not asked.
+    status, _, _ = upgrade(port, path="/?token=unknown")
+    assert status == 404
+    assert seen.read_text() == "127.0.0.1 %d\n" % echo_target
+    ws = RawWebSocket(port, path="/?token=good", extra=["X-Magic-Word: please"])
+    try:
+        assert_echoes(ws, b"token and auth")
+    finally:
+        ws.close()
+
+
+def test_refused_request_never_connects_to_the_target(websockify):
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen(8)
+    target.settimeout(1.0)
+    try:
+        proc, port = websockify("--workers", "1", "--auth-plugin", "BasicHTTPAuth",
+                                "--auth-source", CREDENTIALS, "127.0.0.1:{port}",
+                                "127.0.0.1:%d" % target.getsockname()[1])
+        assert_refused_once(proc, port, [], 401)
+        assert_refused_once(proc, port, ["Authorization: Basic %%%"], 403)
+        with pytest.raises(socket.timeout):
+            target.accept()
+    finally:
+        target.close()
+
+
+def test_slow_plugin_is_cut_off_with_503(websockify, echo_target, plugin_dir):
+    proc, port = websockify("--workers", "1", "--connect-timeout", "1",
+                            "--auth-plugin", "oldauth.Slow", "--auth-source", "30",
+                            "127.0.0.1:{port}", "127.0.0.1:%d" % echo_target,
+                            env=plugin_env(plugin_dir))
+    workers = children_of(proc.pid)
+    started = time.monotonic()
+    assert_refused_once(proc, port, [], 503)
+    assert time.monotonic() - started < 10
+    assert children_of(proc.pid) == workers
+
+
+# -- --web-auth -------------------------------------------------------------------------
+
+@pytest.fixture
+def web_root(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.html").write_text("<p>private page</p>\n")
+    return root
+
+
+def test_web_auth_protects_static_files(websockify, echo_target, web_root):
+    proc, port = websockify("--workers", "1", "--web", str(web_root), "--web-auth",
+                            "--auth-plugin", "BasicHTTPAuth", "--auth-source", CREDENTIALS,
+                            "127.0.0.1:{port}", "127.0.0.1:%d" % echo_target)
+    before = log_size(proc)
+    status, headers, body = http_get(port, "/index.html")
+    assert status == 401
+    assert headers["www-authenticate"] == 'Basic realm="Websockify"'
+    assert b"private page" not in body
+    refused = [line for line in new_lines(proc, before) if REFUSED.search(line)]
+    assert len(refused) == 1 and " 401 " in refused[0], refused
+
+    status, _, body = http_get(port, "/index.html", [basic("user:wrong")])
+    assert status == 401 and b"private page" not in body
+    status, _, body = http_get(port, "/index.html", ["Authorization: Basic ###"])
+    assert status == 403 and b"private page" not in body
+
+    status, _, body = http_get(port, "/index.html", [basic(CREDENTIALS)])
+    assert status == 200
+    assert body == b"<p>private page</p>\n"
+    ws = RawWebSocket(port, extra=[basic(CREDENTIALS)])
+    try:
+        assert_echoes(ws)
+    finally:
+        ws.close()
+
+
+def test_without_web_auth_static_files_are_open_but_websockets_are_not(
+        websockify, echo_target, web_root):
+    proc, port = websockify("--workers", "1", "--web", str(web_root),
+                            "--auth-plugin", "BasicHTTPAuth", "--auth-source", CREDENTIALS,
+                            "127.0.0.1:{port}", "127.0.0.1:%d" % echo_target)
+    status, _, body = http_get(port, "/index.html")
+    assert status == 200
+    assert body == b"<p>private page</p>\n"
+    headers = assert_refused_once(proc, port, [], 401)
+    assert headers["www-authenticate"] == 'Basic realm="Websockify"'
+    ws = RawWebSocket(port, extra=[basic(CREDENTIALS)])
+    try:
+        assert_echoes(ws)
+    finally:
+        ws.close()
+
+
+# -- command line -------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--auth-source", "x"], "--auth-plugin"),
+    (["--web-auth"], "--auth-plugin"),
+    (["--web-auth", "--auth-source", "x"], "--auth-plugin"),
+])
+def test_auth_options_without_a_plugin_are_usage_errors(args, message):
+    done = run_cli(*args, "127.0.0.1:%d" % free_port(), "127.0.0.1:1")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,75 @@
+"""--auth-plugin: run the plugin before a session (or a static file) is served.
+
+The plugin is built in the master before workers fork, so a plugin that
+cannot be imported or refuses its source stops the start (exit 5).  Its
+verdict becomes an HTTP answer: an ``AuthenticationError`` gives its own
+status and headers; any other exception is a 403 with the error in the log,
+never a dead worker.
+"""
+
+import http
+import logging
+from typing import Optional
+
+import gevent
+
+from websockify.auth_plugins import AuthenticationError
+from websockify.errors import HTTPError
+from websockify.plugins.loader import instantiate
+
+log = logging.getLogger("websockify")
+
+DEFAULT_MODULE = "websockify.auth_plugins"
+
+
+class AuthRefused(HTTPError):
+    """The plugin said no: its status and headers, a short body, the reason logged."""
+
+    def __init__(self, status: int, log_text: str, text: Optional[str] = None, headers=()):
+        try:
+            reason = http.HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Forbidden" if 400 <= status < 500 else "Error"
+        super().__init__(status, reason, text or reason, headers)
+        self.log_text = log_text
+
+
+class Authenticator:
+    """The loaded plugin and the way its answers become HTTP refusals."""
+
+    def __init__(self, plugin, name: str, timeout: float):
+        self.plugin = plugin
+        self.name = name
+        self.timeout = timeout
+
+    def check(self, headers, target_host, target_port) -> None:
+        """Return if the plugin allows the request; raise AuthRefused otherwise."""
+        timer = gevent.Timeout(self.timeout)
+        timer.start()
+        try:
+            self.plugin.authenticate(headers=headers, target_host=target_host,
+                                     target_port=target_port)
+        except AuthenticationError as exc:
+            status = exc.code if isinstance(exc.code, int) and 400 <= exc.code <= 599 else 403
+            headers_out = [(str(k), str(v)) for k, v in (exc.headers or {}).items()]
+            raise AuthRefused(status, "authentication failed: %s" % exc,
+                              exc.msg, headers_out) from None
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            raise AuthRefused(503, "auth plugin %s took longer than %g s"
+                              % (self.name, self.timeout)) from None
+        except Exception as exc:
+            raise AuthRefused(403, "auth plugin %s failed: %s: %s"
+                              % (self.name, type(exc).__name__, exc)) from None
+        finally:
+            timer.close()
+
+
+def load_authenticator(settings) -> Optional[Authenticator]:
+    """The --auth-plugin instance, or None; PluginLoadError (exit 5) if unusable."""
+    if not settings.auth_plugin:
+        return None
+    plugin = instantiate(settings.auth_plugin, settings.auth_source, DEFAULT_MODULE,
+                         "auth plugin")
+    return Authenticator(plugin, settings.auth_plugin, settings.connect_timeout)
