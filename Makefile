@@ -31,8 +31,13 @@ bench: venv
 conformance: venv
 	$(VPY) scripts/conformance reports/conformance
 
+## make install: the package (pip) and the man page in $(DESTDIR)$(MANDIR)/man1
+PREFIX ?= /usr/local
+MANDIR ?= $(PREFIX)/share/man
 install:
 	$(PYTHON) -m pip install .
+	install -d $(DESTDIR)$(MANDIR)/man1
+	install -m 0644 man/websockify.1 $(DESTDIR)$(MANDIR)/man1/websockify.1
 
 clean:
 	rm -rf $(VENV) .bench build dist *.egg-info .pytest_cache
