@@ -18,7 +18,8 @@ import time
 import pytest
 
 from tests.helpers import (ROOT, RawWebSocket, children_of, free_port,
-                           handshake_request, read_http_response, websockify_argv)
+                           handshake_request, read_http_response, wait_for,
+                           websockify_argv)
 
 TIMEOUT = 10.0
 CREDENTIALS = "user:s3cret"
@@ -44,6 +45,11 @@ def new_lines(proc, before: int, pattern: str = r"refused ") -> list:
             return proc.log().splitlines()[before:]
         time.sleep(0.05)
     raise AssertionError("no log line %r in:\n%s" % (pattern, proc.log()))
+
+
+def worker_pids(proc) -> list:
+    """The worker's pid, once forked (the port is open before the fork)."""
+    return wait_for(lambda: children_of(proc.pid), what="the worker of %d" % proc.pid)
 
 
 def log_size(proc) -> int:
@@ -155,7 +161,7 @@ def test_basic_auth_malformed_credentials_get_403(basic_server, authorization):
 
 def test_basic_auth_refusals_leave_the_worker_alone(basic_server):
     proc, port = basic_server
-    workers = children_of(proc.pid)
+    workers = worker_pids(proc)
     assert len(workers) == 1
     for extra in ([], [basic("user:wrong")], ["Authorization: Basic %%%"],
                   ["Authorization: Negotiate abc"]):
@@ -235,7 +241,7 @@ def test_expect_origin_listed_origin_is_let_in(origin_server, origin):
 ], ids=["missing", "other-host", "other-port", "other-scheme", "null"])
 def test_expect_origin_other_origin_gets_403(origin_server, extra):
     proc, port = origin_server
-    workers = children_of(proc.pid)
+    workers = worker_pids(proc)
     assert_refused_once(proc, port, extra, 403)
     assert children_of(proc.pid) == workers
 
@@ -262,7 +268,7 @@ def test_client_cert_listed_common_name_is_let_in(cert_server, pki):
 
 def test_client_cert_other_common_name_gets_403(cert_server, pki):
     proc, port = cert_server
-    workers = children_of(proc.pid)
+    workers = worker_pids(proc)
     assert_refused_once(proc, port, [], 403, client_context(pki, pki.bob))
     assert children_of(proc.pid) == workers
 
@@ -399,7 +405,7 @@ def test_plugin_raising_other_errors_gives_403_and_keeps_the_worker(websockify, 
     proc, port = websockify("--workers", "1", "--auth-plugin", "oldauth.Exploding",
                             "127.0.0.1:{port}", "127.0.0.1:%d" % echo_target,
                             env=plugin_env(plugin_dir))
-    workers = children_of(proc.pid)
+    workers = worker_pids(proc)
     before = log_size(proc)
     status, _, _ = upgrade(port)
     assert status == 403
@@ -478,7 +484,7 @@ def test_slow_plugin_is_cut_off_with_503(websockify, echo_target, plugin_dir):
                             "--auth-plugin", "oldauth.Slow", "--auth-source", "30",
                             "127.0.0.1:{port}", "127.0.0.1:%d" % echo_target,
                             env=plugin_env(plugin_dir))
-    workers = children_of(proc.pid)
+    workers = worker_pids(proc)
     started = time.monotonic()
     assert_refused_once(proc, port, [], 503)
     assert time.monotonic() - started < 10

@@ -169,7 +169,7 @@ def parse_args(argv: List[str]) -> Settings:
     # The daemon changes directory; keep every path the user gave us usable.
     for dest in ("web", "log_file", "pid_file", "unix_listen", "unix_target",
                  "target_config", "cert", "key", "key_password_file", "cafile",
-                 "ssl_target_cafile"):
+                 "ssl_target_cafile", "record"):
         if values[dest]:
             values[dest] = os.path.abspath(values[dest])
     return settings

@@ -77,6 +77,9 @@ class Master:
         try:
             settings.tokens = self._load_token_plugin()
             self._load_auth_and_tls()
+            if settings.record:
+                from websockify.record import check_destination
+                check_destination(settings.record)
         except ConfigError as exc:
             log.error("%s", exc)
             return EXIT_CONFIG
@@ -180,6 +183,8 @@ class Master:
         if settings.auth is not None:
             log.info("  - Authentication plugin %s%s", settings.auth.name,
                      " (static files too)" if settings.web_auth else "")
+        if settings.record:
+            log.info("  - Recording to '%s.*'", settings.record)
         if settings.daemon:
             log.info("  - Backgrounding (daemon)")
         if settings.libserver:

@@ -19,6 +19,7 @@ from gevent.socket import wait_write
 from websockify.errors import BadGateway, GatewayTimeout
 from websockify.plugins.tokens import UNIX, BackendUnavailable
 from websockify.handshake import redact_uri
+from websockify.record import Recorder
 from websockify.relay import Relay
 from websockify.sockets import tune_stream
 from websockify.tls import TLSStream, describe_error
@@ -116,6 +117,7 @@ class ProxyService:
         self.relays = set()
         self.sessions_done = 0
         self.server = None     # the BridgeServer, which counts connections
+        self.recorder = Recorder(settings.record) if settings.record else None
 
     # -- before the 101 ----------------------------------------------------
 
@@ -194,12 +196,13 @@ class ProxyService:
         log.debug("%s: session opened (protocol %s, %s framing)", label,
                   handler.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "-"),
                   codec.name if codec is not None else "binary")
+        recording = self.recorder.open(label) if self.recorder is not None else None
         relay = self.session_class(self.loop, client, target.sock, label=label,
                       on_finish=self._finished,
                       max_frame_size=self.settings.max_frame_size,
                       heartbeat=self.settings.heartbeat,
                       heartbeat_timeout=self.settings.heartbeat_timeout,
-                      traffic=self.traffic, codec=codec)
+                      traffic=self.traffic, codec=codec, recorder=recording)
         target.sock = None
         self.relays.add(relay)
         self.server.session_started()
@@ -212,6 +215,8 @@ class ProxyService:
     def _finished(self, relay: Relay) -> None:
         self.relays.discard(relay)
         self.sessions_done += 1
+        if relay.recorder is not None:
+            relay.recorder.close()
         stats = relay.stats
         code = stats.close_code
         reason = (" %s" % stats.close_reason) if stats.close_reason else ""
@@ -224,6 +229,11 @@ class ProxyService:
     def shutdown_all(self, code: int = 1001, reason: str = "Server shutting down") -> None:
         for relay in list(self.relays):
             relay.shutdown(code, reason)
+
+    def finish_recordings(self, timeout: float = 10.0) -> None:
+        """Before the worker exits: let the writer thread put recordings on disk."""
+        if self.recorder is not None:
+            self.recorder.wait_written(timeout)
 
     def wait_empty(self, timeout: Optional[float]) -> bool:
         """Wait until no relay is left; False if the timeout passed first."""

@@ -20,10 +20,10 @@ import logging
 import os
 import socket
 import time
-import _socket
 from typing import Callable, List, Optional
 
 from websockify.errors import WebSocketError
+from websockify.record import SessionRecording
 from websockify.websocket import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameParser,
                                   binary_header, close_payload, encode_frame,
                                   frame_header, parse_close_payload)
@@ -115,8 +115,9 @@ class _Leg:
         self.out: List[bytes] = []
         self.out_bytes = 0
         self.open = True
-        # sendmsg gathers header and payload without a copy; TLS sockets lack it.
-        self.plain = type(sock) is _socket.socket
+        # sendmsg gathers header and payload without a copy and splice moves
+        # bytes in the kernel; a TLS stream (tls.TLSStream) can do neither.
+        self.plain = not getattr(sock, "encrypted", False)
 
     def queue(self, data) -> None:
         if data:
@@ -258,7 +259,7 @@ class Relay:
     __slots__ = ("loop", "client", "target", "parser", "stats", "on_finish",
                  "traffic", "label", "close_sent", "close_received",
                  "target_eof", "finished", "_close_timer", "_heartbeat", "_pong_deadline", "splice",
-                 "bulk", "backlog_limit", "codec", "_downstream")
+                 "bulk", "backlog_limit", "codec", "_downstream", "recorder")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -269,16 +270,26 @@ class Relay:
                  *, label: str, on_finish: Callable[["Relay"], None],
                  max_frame_size: int, heartbeat: float = 0, heartbeat_timeout: float = 0,
                  traffic: Optional[Callable[[str], None]] = None,
-                 splice: bool = True, codec: Optional[Codec] = None):
+                 splice: bool = True, codec: Optional[Codec] = None,
+                 recorder: Optional[SessionRecording] = None):
         self.loop = loop
         self.client = _Leg(loop, client_sock)
         self.target = _Leg(loop, target_sock) if target_sock is not None else _NoLeg()
         self.codec = codec = codec or HYBI
-        self.parser = codec.parser(self._client_data, self._client_control,
-                                   self._client_message_end if self.wants_message_end else None,
-                                   max_frame_size)
+        # --record (record.SessionRecording): chosen here, once, so that an
+        # unrecorded session runs exactly the code it runs without the option.
+        self.recorder = recorder
+        if recorder is not None:
+            splice = False      # recorded bytes must pass through this process
+        self.parser = codec.parser(
+            self._client_data if recorder is None else self._record_client_data,
+            self._client_control,
+            self._client_message_end if self.wants_message_end else None,
+            max_frame_size)
         # Bound once: the binary path calls its copy directly, others encode.
         self._downstream = self._copy_to_client if codec.binary else self._encode_to_client
+        if recorder is not None:
+            self._downstream = self._record_downstream
         self.stats = SessionStats()
         self.on_finish = on_finish
         self.traffic = traffic
@@ -423,6 +434,10 @@ class Relay:
         self.stats.from_client += len(chunk)
         self.target.queue(chunk)
 
+    def _record_client_data(self, chunk, opcode: int) -> None:
+        self.recorder.from_client(chunk)
+        self._client_data(chunk, opcode)
+
     def _client_message_end(self, opcode: int) -> None:
         """Message boundaries mean nothing to a TCP target."""
 
@@ -498,6 +513,13 @@ class Relay:
             self.client.queue(self.codec.frame(memoryview(_receive_buffer)[:n]))
         return n
 
+    def _record_downstream(self) -> Optional[int]:
+        """Queue target bytes for the client as usual, then record them."""
+        n = self._copy_to_client() if self.codec.binary else self._encode_to_client()
+        if n:
+            self.recorder.to_client(memoryview(_receive_buffer)[:n])
+        return n
+
     def _splice_to_client(self) -> Optional[int]:
         """Move target bytes to the client inside the kernel, framed.
 
@@ -549,6 +571,8 @@ class Relay:
         piece as a message of its own, as they do with target bytes.  A
         subclass that frames through this sets ``codec_framing = True``.
         """
+        if self.recorder is not None and data:
+            self.recorder.to_client(data)
         codec = self.codec
         if codec.binary:
             self.client.queue(frame_header(len(data), opcode, fin))

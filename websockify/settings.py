@@ -32,14 +32,13 @@ def _cpu_count() -> int:
 
 
 WRAP = "wrapping a program"
-RECORD = "session recording"
 
 OPTIONS: List[Option] = [
     # -- websockify 0.13 -------------------------------------------------
     Option(("-v", "--verbose"), "verbose", "verbose messages"),
     Option(("--traffic",), "traffic", "per frame traffic"),
     Option(("--record",), "record", "record sessions to FILE.[session_number]",
-           kind="str", metavar="FILE", pending=RECORD),
+           kind="str", metavar="FILE"),
     Option(("-D", "--daemon"), "daemon", "become a daemon (background process)"),
     Option(("--run-once",), "run_once",
            "handle a single WebSocket connection and exit"),

@@ -184,6 +184,8 @@ class TLSStream:
 
     __slots__ = ("sock", "family", "incoming", "outgoing", "tls", "raw_out", "eof",
                  "server_side")
+    #: Tells the relay that bytes must pass through this object (no splice).
+    encrypted = True
 
     def __init__(self, sock: _socket.socket, context: ssl.SSLContext, *,
                  server_side: bool, server_hostname: Optional[str] = None):

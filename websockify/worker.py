@@ -154,6 +154,7 @@ class Worker:
             service.shutdown_all(1001, "Server shutting down")
             service.wait_empty(2.0 if self.command == sb.FAST else 6.0)
         server.close()
+        service.finish_recordings(2.0 if self.command == sb.FAST else 10.0)
 
 
 def _default_connections() -> int:
