@@ -7,7 +7,10 @@ from typing import List, Optional, Tuple
 
 from websockify import __version__
 from websockify.errors import EXIT_USAGE
+from websockify.forwarded import parse_trusted_proxies
+from websockify.log import parse_syslog_server
 from websockify.settings import OPTIONS, Settings
+from websockify.sockets import systemd_listen_fds
 
 USAGE = """
     %(prog)s [options] [source_addr:]source_port target_addr:target_port
@@ -115,15 +118,21 @@ def parse_args(argv: List[str]) -> Settings:
     _check_values(values)
     settings = Settings(options=values, wrap_cmd=wrap_cmd)
 
+    tokens = values["token_plugin"] or values["target_config"]
     if values["inetd"] or values["unix_listen"]:
         if values["inetd"] and values["unix_listen"]:
             raise UsageError("--inetd and --unix-listen cannot be used together")
     else:
-        if not args:
-            raise UsageError("Too few arguments")
-        settings.listen_host, settings.listen_port = _split_address(args.pop(0), "listen")
+        settings.listen_fds = systemd_listen_fds()
+        # Under socket activation the listen address may be left out (one
+        # command line serves both ways); when given, it is not used.
+        targets = 0 if (values["echo"] or values["unix_target"] or tokens) else 1
+        if not (settings.listen_fds and len(args) <= targets):
+            if not args:
+                raise UsageError("Too few arguments")
+            settings.listen_host, settings.listen_port = _split_address(args.pop(0),
+                                                                        "listen")
 
-    tokens = values["token_plugin"] or values["target_config"]
     if wrap_cmd is not None:
         _check_wrap(values, tokens)
         # The daemon changes directory: a relative program path must still work.
@@ -215,6 +224,15 @@ def _check_values(values: dict) -> None:
             raise UsageError("--%s needs --%s" % (dest.replace("_", "-"), needs.replace("_", "-")))
     if values["ssl_target_cafile"] and values["ssl_target_no_verify"]:
         raise UsageError("--ssl-target-cafile and --ssl-target-no-verify contradict each other")
+    try:
+        if values["syslog"] is not None:
+            values["syslog"] = parse_syslog_server(values["syslog"])
+        if values["trusted_proxy"] is not None:
+            values["trusted_proxy"] = parse_trusted_proxies(values["trusted_proxy"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if values["legacy_syslog"] and not values["syslog"]:
+        raise UsageError("--legacy-syslog needs --syslog")
     if values["web"] and not os.path.isdir(values["web"]):
         raise UsageError("--web: %s is not a directory" % values["web"])
 

@@ -27,7 +27,7 @@ import gevent
 from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler
 
-from websockify import legacy
+from websockify import forwarded, legacy
 from websockify.errors import BadRequest, HeaderTooLarge, HTTPError
 from websockify.tls import TLSStream, describe_error, looks_like_tls
 from websockify.relay import HYBI, Codec
@@ -302,11 +302,9 @@ class Handler(WebSocketHandler):
 
     @property
     def peer(self) -> str:
-        address = self.client_address
-        if isinstance(address, tuple) and address:
-            host = address[0]
-            return "[%s]:%s" % (host, address[1]) if ":" in host else "%s:%s" % address[:2]
-        return "unix-client"
+        # The TCP peer, or the client a --trusted-proxy forwarded for.
+        return forwarded.peer_label(self.client_address, self.headers,
+                                    self.server.service.settings.trusted_proxy)
 
     # -- reading the request ---------------------------------------------
 

@@ -71,7 +71,8 @@ class Master:
     def run(self) -> int:
         settings = self.settings
         try:
-            setup_logging(settings.verbose, settings.log_file)
+            setup_logging(settings.verbose, settings.log_file, settings.syslog,
+                          settings.legacy_syslog, settings.daemon)
         except OSError as exc:
             sys.stderr.write("websockify: cannot open log file %s: %s\n"
                              % (settings.log_file, exc.strerror))
@@ -170,6 +171,9 @@ class Master:
             log.info("  - Listen for inetd connections")
         elif settings.unix_listen:
             log.info("  - Listen on unix socket %s", settings.unix_listen)
+        elif settings.listen_fds:
+            log.info("  - Listen on %s (socket passed by systemd)",
+                     describe_listener(self.listener))
         else:
             log.info("  - Listen on %s", describe_listener(self.listener))
         if settings.web:

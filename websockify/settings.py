@@ -31,7 +31,6 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-SYSLOG = "syslog logging"
 
 OPTIONS: List[Option] = [
     # -- websockify 0.13 -------------------------------------------------
@@ -133,9 +132,9 @@ OPTIONS: List[Option] = [
            kind="str", metavar="FILE"),
     Option(("--syslog",), "syslog",
            "log to syslog server. SERVER can be local socket, such as /dev/log, "
-           "or a UDP host:port pair.", kind="str", metavar="SERVER", pending=SYSLOG),
+           "or a UDP host:port pair.", kind="str", metavar="SERVER"),
     Option(("--legacy-syslog",), "legacy_syslog",
-           "use the old syslog protocol instead of RFC 5424", pending=SYSLOG),
+           "use the old syslog protocol instead of RFC 5424"),
     Option(("--file-only",), "file_only", "disable directory listings in web server"),
     # -- new in this implementation -------------------------------------
     Option(("--workers",), "workers",
@@ -164,6 +163,11 @@ OPTIONS: List[Option] = [
            "the rebind library preloaded into a wrapped program to move its port "
            "(default: $WEBSOCKIFY_REBIND_LIB, else the one built with websockify)",
            kind="str", metavar="FILE"),
+    Option(("--trusted-proxy",), "trusted_proxy",
+           "reverse proxies whose X-Forwarded-For or X-Real-IP header names the "
+           "client in log lines: networks (CIDR), addresses, or 'unix' for a Unix "
+           "listening socket; from anyone else these headers are ignored",
+           kind="str", metavar="CIDR[,CIDR...]"),
     Option(("--max-frame-size",), "max_frame_size",
            "largest WebSocket frame accepted from a client; larger ones are closed "
            "with 1009", kind="int", default=16 * 1024 * 1024, metavar="BYTES"),
@@ -181,6 +185,8 @@ class Settings:
     target_host: Optional[str] = None
     target_port: Optional[int] = None
     wrap_cmd: Optional[List[str]] = None
+    #: Sockets systemd passed us (LISTEN_FDS); 0 when not socket-activated.
+    listen_fds: int = 0
     options: dict = field(default_factory=dict)
     #: The loaded token plugin (plugins.tokens.TokenResolver), built by the
     #: master before workers are forked and rebuilt on SIGHUP.
@@ -218,6 +224,8 @@ class Settings:
             return "inetd"
         if self.unix_listen:
             return "unix:%s" % self.unix_listen
+        if self.listen_fds:
+            return "systemd socket"
         host = self.listen_host or ""
         if ":" in host:
             host = "[%s]" % host

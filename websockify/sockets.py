@@ -1,13 +1,17 @@
-"""Listening sockets (TCP, IPv6, Unix, inetd), socket options, descriptor limits.
+"""Listening sockets (TCP, IPv6, Unix, inetd, systemd socket activation), socket
+options, descriptor limits.
 
 Used by the master before forking; nothing here imports gevent.
 """
 
+import logging
 import os
 import resource
 import socket
 import stat
-from typing import Optional
+from typing import Mapping, Optional
+
+log = logging.getLogger("websockify")
 
 BACKLOG = 1024
 
@@ -92,30 +96,81 @@ def unix_listener(path: str, mode: int) -> socket.socket:
     return sock
 
 
-def inetd_listener(fd: int = 0) -> socket.socket:
-    """The listening socket inetd (wait mode) or systemd handed us on ``fd``."""
+def _adopt_listener(fd: int, what: str, duplicate: bool) -> socket.socket:
+    """A listening socket we inherited on ``fd`` (checked to be one)."""
     try:
-        sock = socket.socket(fileno=os.dup(fd))
+        sock = socket.socket(fileno=os.dup(fd) if duplicate else fd)
     except OSError as exc:
-        raise ListenError("--inetd: descriptor %d is not a socket: %s"
-                          % (fd, exc.strerror or exc)) from None
+        raise ListenError("%s: descriptor %d is not a socket: %s"
+                          % (what, fd, exc.strerror or exc)) from None
     try:
         listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     except OSError:
         listening = 0
-    if not listening:
-        sock.close()
-        raise ListenError("--inetd: descriptor %d is not a listening socket" % fd)
+    if not listening or sock.type != socket.SOCK_STREAM:
+        if duplicate:
+            sock.close()
+        else:
+            sock.detach()
+        raise ListenError("%s: descriptor %d is not a listening stream socket" % (what, fd))
+    # Not for the wrapped program or anything else we start.
+    sock.set_inheritable(False)
     tune_stream(sock)
     sock.setblocking(False)
     return sock
 
 
+def inetd_listener(fd: int = 0) -> socket.socket:
+    """The listening socket inetd (wait mode) handed us on ``fd``."""
+    return _adopt_listener(fd, "--inetd", duplicate=True)
+
+
+# -- systemd socket activation (sd_listen_fds(3)) ---------------------------------
+
+SD_LISTEN_FDS_START = 3
+ACTIVATION_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def systemd_listen_fds(environ: Optional[Mapping[str, str]] = None) -> int:
+    """How many sockets systemd passed to this very process (0: none).
+
+    LISTEN_PID guards against variables inherited from a parent that was
+    itself socket-activated.
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        pid = int(environ.get("LISTEN_PID", ""))
+        count = int(environ.get("LISTEN_FDS", ""))
+    except ValueError:
+        return 0
+    return count if pid == os.getpid() and count > 0 else 0
+
+
+def forget_activation_environment() -> None:
+    """Workers, wrapped programs and plugins' children must not take the
+    variables for themselves."""
+    for name in ACTIVATION_VARIABLES:
+        os.environ.pop(name, None)
+
+
+def activated_listener(count: int) -> socket.socket:
+    """The first socket systemd passed (fd 3); the others are closed."""
+    sock = _adopt_listener(SD_LISTEN_FDS_START, "socket activation", duplicate=False)
+    if count > 1:
+        log.warning("systemd passed %d sockets; only the first (descriptor %d) is used",
+                    count, SD_LISTEN_FDS_START)
+        os.closerange(SD_LISTEN_FDS_START + 1, SD_LISTEN_FDS_START + count)
+    return sock
+
+
 def open_listener(settings) -> socket.socket:
+    forget_activation_environment()
     if settings.inetd:
         return inetd_listener()
     if settings.unix_listen:
         return unix_listener(settings.unix_listen, settings.unix_listen_mode)
+    if settings.listen_fds:
+        return activated_listener(settings.listen_fds)
     return tcp_listener(settings.listen_host, settings.listen_port,
                         settings.prefer_ipv6)
 
