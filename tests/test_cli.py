@@ -27,7 +27,6 @@ NEW_OPTIONS = """
 
 POSITIONALS = ["6080", "localhost:5900"]
 
-PENDING = [opt for opt in OPTIONS if opt.pending]
 
 
 def run_cli(*args, timeout=10):
@@ -103,32 +102,11 @@ def help_entries(help_text):
     return {flag: " ".join(" ".join(parts).split()) for flag, parts in entries.items()}
 
 
-def test_pending_options_marked_in_help(help_text):
-    entries = help_entries(help_text)
-    for opt in OPTIONS:
-        text = entries[opt.flags[-1]]
-        assert ("not supported yet" in text) == bool(opt.pending), (opt.flags, text)
-
-
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0, result.stderr
     out = (result.stdout + result.stderr).strip()
     assert re.fullmatch(r"websockify \d+\.\d+\S*", out), out
-
-
-# -- pending features are refused --------------------------------------------
-
-@pytest.mark.parametrize("opt", PENDING, ids=lambda opt: opt.flags[-1])
-def test_pending_option_refused_by_parse_args(opt):
-    with pytest.raises(cli.UsageError, match="not supported yet"):
-        cli.parse_args(argv_for(opt) + POSITIONALS)
-
-
-@pytest.mark.parametrize("opt", PENDING, ids=lambda opt: opt.flags[-1])
-def test_pending_option_refused_by_cli(opt):
-    result = run_cli(*(argv_for(opt) + POSITIONALS))
-    assert_usage_error(result, "not supported yet")
 
 
 def test_wrap_command_accepted():

@@ -32,8 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
                         version="websockify %s" % __version__)
     for opt in OPTIONS:
         kwargs = {"dest": opt.dest, "help": opt.help}
-        if opt.pending:
-            kwargs["help"] = "%s (not supported yet)" % opt.help
         if opt.kind == "flag":
             kwargs["action"] = "store_true"
         else:
@@ -105,15 +103,9 @@ def parse_args(argv: List[str]) -> Settings:
     values = vars(namespace)
     args: List[str] = values.pop("args")
 
-    explicit = {opt.dest for opt in OPTIONS
-                if values.get(opt.dest) not in (None, False)}
     for opt in OPTIONS:
         if values.get(opt.dest) is None:
             values[opt.dest] = opt.default if opt.kind != "flag" else False
-
-    for opt in OPTIONS:
-        if opt.pending and opt.dest in explicit:
-            raise UsageError("%s: %s is not supported yet" % (opt.flags[-1], opt.pending))
 
     _check_values(values)
     settings = Settings(options=values, wrap_cmd=wrap_cmd)

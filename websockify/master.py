@@ -482,8 +482,9 @@ class Master:
             self.board.command(worker.slot, sb.GRACEFUL)
 
     def handle_usr1(self) -> None:
-        log.info("got SIGUSR1: reopening log files")
+        # Reopen first, so that this line reaches a syslog server that came back.
         reopen_log_files()
+        log.info("got SIGUSR1: reopening log files")
         self._kill_workers(signal.SIGUSR1)
 
     def handle_chld(self) -> None:

@@ -1,8 +1,7 @@
 """One declarative entry per command-line option.
 
-The parser in cli.py, ``--help``, the man page check and the "not supported
-yet" refusals are all derived from ``OPTIONS``; adding an option here is the
-only way to add one.
+The parser in cli.py, ``--help`` and the man page check are all derived
+from ``OPTIONS``; adding an option here is the only way to add one.
 """
 
 import os
@@ -19,8 +18,6 @@ class Option:
     default: Any = None
     metavar: Optional[str] = None
     choices: Sequence[str] = ()
-    #: A feature that later work brings; until then using it is refused.
-    pending: Optional[str] = None
 
     @property
     def takes_value(self) -> bool:
