@@ -482,6 +482,7 @@ def copy_project(dest):
         shutil.copy(os.path.join(ROOT, name), dest)
     shutil.copytree(os.path.join(ROOT, "websockify"), os.path.join(dest, "websockify"),
                     ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    shutil.copytree(os.path.join(ROOT, "man"), os.path.join(dest, "man"))
     return dest
 
 
