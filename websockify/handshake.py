@@ -237,6 +237,8 @@ _ENCODED_TOKEN_VALUE = re.compile(r"((?:%3[Ff]|%26)token%3[Dd])(?:(?!%26)[^&;#\s
 def redact_uri(text: str) -> str:
     """A request line or URI for the log, with token values hidden: tokens
     (signed targets, JWTs) are credentials."""
+    if "oken" not in text:          # token=, token%3D, Token...: nothing to hide
+        return text
     text = _TOKEN_VALUE.sub(r"\1<redacted>", text)
     return _ENCODED_TOKEN_VALUE.sub(r"\1<redacted>", text)
 

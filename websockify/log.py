@@ -257,6 +257,22 @@ def _reason(exc: OSError) -> str:
 
 # -- setup -------------------------------------------------------------------
 
+class CachedTimeFormatter(logging.Formatter):
+    """The default format, with the date and time text made once per second."""
+
+    def __init__(self, fmt: str):
+        super().__init__(fmt)
+        self._second = -1
+        self._text = ""
+
+    def formatTime(self, record, datefmt=None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created))
+            self._second = second
+        return "%s,%03d" % (self._text, record.msecs)
+
+
 def setup_logging(verbose: bool, log_file: Optional[str],
                   syslog: Optional[SyslogServer] = None, legacy_syslog: bool = False,
                   daemon: bool = False) -> logging.Logger:
@@ -271,7 +287,11 @@ def setup_logging(verbose: bool, log_file: Optional[str],
     logger.handlers[:] = []
     logger.propagate = False
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    formatter = logging.Formatter(FORMAT)
+    # A record otherwise asks for its thread and multiprocessing names, which
+    # costs more under gevent's patching than the rest of the line.
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    formatter = CachedTimeFormatter(FORMAT)
     handler: logging.Handler
     if log_file:
         handler = ReopenableFileHandler(log_file)

@@ -72,9 +72,15 @@ def _connect_address(family: int, address, deadline: float) -> _socket.socket:
         sock.setblocking(False)
         err = sock.connect_ex(address)
         if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
-            wait_write(sock.fileno(), timeout=max(0.0, deadline - time.monotonic()),
-                       timeout_exc=socket.timeout("connect timed out"))
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            # A target on this host or LAN has often answered already: asking
+            # again is cheaper than a trip through the event loop.
+            err = sock.connect_ex(address)
+            if err == errno.EISCONN:
+                err = 0
+            elif err in (errno.EALREADY, errno.EINPROGRESS, errno.EAGAIN):
+                wait_write(sock.fileno(), timeout=max(0.0, deadline - time.monotonic()),
+                           timeout_exc=socket.timeout("connect timed out"))
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, os.strerror(err))
     except BaseException:

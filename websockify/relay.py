@@ -31,6 +31,7 @@ from websockify.websocket import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FramePa
 log = logging.getLogger("websockify")
 
 READ_CHUNK = 256 * 1024
+SPLICE_PIPE_SIZE = 1024 * 1024   # Linux's default pipe-max-size
 BULK_READ = 32 * 1024      # a target read this large switches to splice(2)
 # Pongs and other control frames may queue for a client that does not read;
 # past this many bytes we stop reading its pings.
@@ -51,10 +52,14 @@ class SplicePipe:
 
     def __init__(self):
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(self.write_fd, _F_SETPIPE_SZ, READ_CHUNK)
-        except OSError:
-            pass
+        # A large pipe lets one splice move what a fast target has sent since
+        # the last wake-up: fewer, larger frames (and system calls) per byte.
+        for size in (SPLICE_PIPE_SIZE, READ_CHUNK):
+            try:
+                fcntl.fcntl(self.write_fd, _F_SETPIPE_SZ, size)
+                break
+            except OSError:
+                continue
         self.size = fcntl.fcntl(self.write_fd, _F_GETPIPE_SZ)
         self.pid = os.getpid()
 
@@ -543,7 +548,8 @@ class Relay:
         header = binary_header(n)
         sent = moved = 0
         try:
-            sent = client.sock.send(header)
+            # MSG_MORE: the header leaves in one segment with the payload spliced next.
+            sent = client.sock.send(header, socket.MSG_MORE)
             if sent == len(header):
                 while moved < n:
                     step = os.splice(pipe.read_fd, client.sock.fileno(), n - moved,
