@@ -346,14 +346,65 @@ def test_sighup_rereads_the_certificate(websockify, echo_target, pki, tmp_path):
 
 # -- TLS to the target --------------------------------------------------------------------------
 
-@pytest.fixture
-def tls_target(processes, pki):
-    """A TLS echo server with a certificate from ``pki.other_ca``; yields (port, process)."""
+def start_tls_target(processes, pki, mode="echo"):
+    """A TLS server (tests/tls_target.py) with a certificate from ``pki.other_ca``."""
     port = free_port()
     proc = processes([PYTHON, "-m", "tests.tls_target", str(port), pki.other_server.cert,
-                      pki.other_server.key], name="tls-target")
+                      pki.other_server.key, mode], name="tls-target-" + mode)
     wait_for(lambda: port_open(port), what="TLS target")
     return port, proc
+
+
+@pytest.fixture
+def tls_target(processes, pki):
+    """A TLS echo server; yields (port, process)."""
+    return start_tls_target(processes, pki)
+
+
+def trusting_target(websockify, pki, target_port):
+    return websockify("--ssl-target", "--ssl-target-cafile", pki.other_ca.cert,
+                      "--workers", "1", "{port}", "127.0.0.1:%d" % target_port)
+
+
+@pytest.mark.parametrize("mode", ["bye", "slam"])
+def test_target_that_ends_its_tls_after_a_line(websockify, processes, pki, mode):
+    """close_notify then FIN (bye), or FIN alone right after data (slam): the line
+    arrives, then the close, and the worker is not left spinning."""
+    target_port, _ = start_tls_target(processes, pki, mode)
+    proc, port = trusting_target(websockify, pki, target_port)
+    for _ in range(3):
+        ws = RawWebSocket(port, timeout=5)
+        assert ws.status == 101
+        assert ws.recv_data(len(b"goodbye from the target\n")) == b"goodbye from the target\n"
+        assert ws.expect_close()[0] == 1000
+        ws.close()
+
+
+def test_target_that_speaks_first_is_heard_at_once(websockify, processes, pki):
+    """A greeting right behind the TLS handshake reaches the client unasked."""
+    target_port, _ = start_tls_target(processes, pki, "banner")
+    proc, port = trusting_target(websockify, pki, target_port)
+    for _ in range(5):
+        ws = RawWebSocket(port, timeout=5)
+        assert ws.status == 101
+        assert ws.recv_data(12) == b"RFB 003.008\n"
+        assert echo_roundtrip(ws, b"after the banner") == b"after the banner"
+        ws.close()
+
+
+def test_frame_in_the_same_tls_record_as_a_long_request_head(websockify, echo_target, pki):
+    """Plaintext the handshake reader left in the TLS object reaches the relay."""
+    proc, port = websockify("--cert", pki.server.pem, "--workers", "1",
+                            "{port}", "127.0.0.1:%d" % echo_target)
+    sock = tls_socket(port, client_context(pki))
+    payload = os.urandom(5000)
+    padding = "X-Padding: %s" % ("p" * 3000)
+    sock.sendall(handshake_request(extra=[padding]) + mask_frame(0x2, payload))
+    status, _, rest = read_http_response(sock)
+    assert status == 101
+    ws = RawWebSocket.__new__(RawWebSocket)
+    ws.sock, ws.buffer = sock, rest
+    assert ws.recv_data(len(payload)) == payload
 
 
 def test_ssl_target_verified_with_a_ca_file_and_sni(websockify, tls_target, pki):

@@ -264,7 +264,7 @@ class Relay:
     __slots__ = ("loop", "client", "target", "parser", "stats", "on_finish",
                  "traffic", "label", "close_sent", "close_received",
                  "target_eof", "finished", "_close_timer", "_heartbeat", "_pong_deadline", "splice",
-                 "bulk", "backlog_limit", "codec", "_downstream", "recorder")
+                 "bulk", "backlog_limit", "codec", "_downstream", "encrypted", "recorder")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -307,6 +307,8 @@ class Relay:
         self.splice = (splice_pipe() if splice and codec.splice and self.client.plain
                        and self.target.plain else None)
         self.bulk = False
+        # A TLS leg can hold readable bytes its socket's watcher does not see.
+        self.encrypted = not (self.client.plain and self.target.plain)
         # Bytes queued for the client past which its frames are not read.
         self.backlog_limit = CONTROL_BACKLOG
         self._close_timer = None
@@ -388,6 +390,20 @@ class Relay:
             client.own()
         if target.out:
             target.own()
+        if self.encrypted:
+            self._poll_tls()
+
+    def _poll_tls(self) -> None:
+        """Read again, from the loop, a TLS leg holding bytes its watcher cannot report."""
+        for leg, on_readable in ((self.client, self._on_client_readable),
+                                 (self.target, self._on_target_readable)):
+            if not leg.plain and leg.open and leg.reader.active and leg.sock.buffered():
+                self.loop.run_callback(self._guard, self._read_tls_leg, leg, on_readable)
+
+    def _read_tls_leg(self, leg: _Leg, on_readable: Callable[[], None]) -> None:
+        # The session may have moved on since the callback was scheduled.
+        if not self.finished and leg.open and leg.reader.active:
+            on_readable()
 
     def _trace_flushes(self, traffic: Callable[[str], None]) -> None:
         """--traffic: report sends before _update does them (full or partial)."""

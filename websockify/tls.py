@@ -183,7 +183,7 @@ class TLSStream:
     """
 
     __slots__ = ("sock", "family", "incoming", "outgoing", "tls", "raw_out", "eof",
-                 "server_side")
+                 "eof_told", "unread", "server_side")
     #: Tells the relay that bytes must pass through this object (no splice).
     encrypted = True
 
@@ -198,6 +198,10 @@ class TLSStream:
                                     server_hostname=server_hostname)
         self.raw_out = bytearray()
         self.eof = False
+        self.eof_told = False
+        #: Until the first non-blocking read, the cooperative calls may have
+        #: left complete records in ``incoming``.
+        self.unread = True
         self.server_side = server_side
 
     def fileno(self) -> int:
@@ -252,16 +256,27 @@ class TLSStream:
         ``buf`` once decrypted: no plaintext is left behind where a
         readiness watcher on the socket would not see it.
         """
+        self.unread = False
         view = memoryview(buf)
         size = nbytes or len(view)
         got = 0
         try:
             while got < size:
                 try:
-                    got += self.tls.read(size - got, view[got:])
-                    continue
+                    count = self.tls.read(size - got, view[got:])
                 except ssl.SSLWantReadError:
-                    pass
+                    count = None
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    # close_notify, or the socket's end without one: what was
+                    # decrypted before still counts, the end is told next.
+                    self.eof = True
+                    break
+                if count:
+                    got += count
+                    continue
+                if count == 0:          # close_notify read
+                    self.eof = True
+                    break
                 room = size - got - _RECORD_ROOM
                 if self.eof or room <= 0:
                     break
@@ -269,16 +284,25 @@ class TLSStream:
                     self._fill(min(room, _RAW_READ))
                 except (BlockingIOError, InterruptedError):
                     break
-        except ssl.SSLZeroReturnError:
-            self.eof = True
         finally:
             if self.outgoing.pending:
                 self.flush()        # e.g. a key update answer; the relay flushes the rest
         if got:
             return got
         if self.eof:
+            self.eof_told = True
             return 0
         raise BlockingIOError("no TLS data ready")
+
+    def buffered(self) -> bool:
+        """Whether a read can make progress although the socket may not be readable.
+
+        Bytes the handshake read past its end, plaintext left in the TLS
+        object, or an end seen but not yet returned: a watcher on the socket
+        would not report them.
+        """
+        return (self.unread or self.tls.pending() > 0
+                or (self.eof and not self.eof_told))
 
     def send(self, data) -> int:
         """Encrypt and send part of ``data``: the count taken (BlockingIOError if none)."""
@@ -357,6 +381,7 @@ class TLSStream:
             raise
 
     def recv(self, size: int) -> bytes:
+        self.unread = True
         try:
             return self._cooperate(lambda: self.tls.read(size))
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
