@@ -200,6 +200,23 @@ def test_key_password_from_file(websockify, echo_target, pki, tmp_path):
         assert b"sesame" not in handle.read()
 
 
+def test_key_password_file_first_line_only_and_empty_file(websockify, processes, echo_target,
+                                                        pki, tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("open sesame\n# rotated 2026-11\n")
+    proc, port = websockify("--cert", pki.locked.cert, "--key", pki.locked.key,
+                            "--key-password-file", str(secret), "--workers", "1",
+                            "{port}", "127.0.0.1:%d" % echo_target)
+    assert RawWebSocket(port, ssl_context=client_context(pki)).status == 101
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    bad = processes(websockify_argv("--cert", pki.locked.cert, "--key", pki.locked.key,
+                                    "--key-password-file", str(empty), str(free_port()),
+                                    "127.0.0.1:9"), name="ws-empty")
+    assert bad.wait(15) == 5
+    assert "is empty" in bad.log()
+
+
 def test_key_password_from_environment(websockify, echo_target, pki):
     proc, port = websockify("--cert", pki.locked.cert, "--key", pki.locked.key,
                             "--workers", "1", "{port}", "127.0.0.1:%d" % echo_target,
@@ -342,6 +359,20 @@ def test_sighup_rereads_the_certificate(websockify, echo_target, pki, tmp_path):
             return None
     wait_for(lambda: new_certificate_served() == "other-server", timeout=15,
              what="the new certificate after SIGHUP")
+
+
+def test_sighup_with_the_certificate_missing_keeps_tls(websockify, echo_target, pki, tmp_path):
+    live = tmp_path / "live.pem"
+    shutil.copy(pki.server.pem, live)
+    proc, port = websockify("-v", "--cert", str(live), "--workers", "1",
+                            "{port}", "127.0.0.1:%d" % echo_target)
+    live.unlink()                       # a renewal script between two steps
+    proc.signal(signal.SIGHUP)
+    proc.wait_log(r"ERROR certificate file .*live.pem not found; new workers keep")
+    proc.wait_log(r"worker 1 \(pid \d+\) serving[\s\S]*worker 1 \(pid \d+\) serving")
+    ws = RawWebSocket(port, ssl_context=client_context(pki))
+    assert ws.status == 101
+    assert echo_roundtrip(ws, b"still wss") == b"still wss"
 
 
 # -- TLS to the target --------------------------------------------------------------------------

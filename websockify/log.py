@@ -153,17 +153,33 @@ class SyslogHandler(logging.Handler):
         self._retry_at = 0.0          # while down: no send before this (monotonic)
         self._warned_at: Optional[float] = None
         self.setFormatter(logging.Formatter("%(message)s"))
+        # Host names are resolved in the master only (at start and on
+        # SIGUSR1): a worker would block its event loop on the resolver.
+        self._resolver_pid = os.getpid()
+        self._resolved: Optional[Tuple[int, Union[str, tuple]]] = None
+        if server.unix_path is None:
+            try:
+                self.resolve()
+            except OSError:
+                pass                  # reported as "down" by the first send
+
+    def resolve(self) -> None:
+        """Look the syslog host up again (the master's job; OSError if it fails)."""
+        infos = _socket.getaddrinfo(self.server.host, self.server.port, 0, _socket.SOCK_DGRAM)
+        family, _, _, _, address = infos[0]
+        self._resolved = (family, address)
 
     # -- the socket -------------------------------------------------------
 
     def _address(self) -> Tuple[int, Union[str, tuple]]:
         if self.server.unix_path:
             return _socket.AF_UNIX, self.server.unix_path
-        # The C-level resolver: never a gevent one, which cannot run in the
-        # event loop's own callbacks.
-        infos = _socket.getaddrinfo(self.server.host, self.server.port, 0, _socket.SOCK_DGRAM)
-        family, _, _, _, address = infos[0]
-        return family, address
+        if os.getpid() == self._resolver_pid and self._resolved is None:
+            self.resolve()        # the master, whose loop does not carry sessions
+        if self._resolved is None:
+            raise OSError(errno.EHOSTUNREACH, "syslog host %s was not resolved"
+                          % self.server.host)
+        return self._resolved
 
     def _connect(self) -> _socket.socket:
         family, address = self._address()
@@ -193,6 +209,8 @@ class SyslogHandler(logging.Handler):
         try:
             self.close_socket()
             self._retry_at = 0.0
+            if os.getpid() == self._resolver_pid and self.server.unix_path is None:
+                self._resolved = None     # looked up again by the next send
         finally:
             self.release()
 

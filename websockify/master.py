@@ -145,10 +145,19 @@ class Master:
 
     def _reload_auth_and_tls(self) -> None:
         """On SIGHUP: certificates and the auth plugin are read again for the new workers."""
+        settings = self.settings
+        previous = (settings.tls, settings.target_tls, settings.auth)
         try:
             self._load_auth_and_tls()
         except ConfigError as exc:
             log.error("%s; new workers keep the previous TLS and auth configuration", exc)
+            return
+        if previous[0] is not None and settings.tls is None:
+            # A certificate being renewed may be missing for a moment: never
+            # let a reload turn wss:// off.
+            settings.tls, settings.target_tls, settings.auth = previous
+            log.error("certificate file %s not found; new workers keep the previous TLS "
+                      "and auth configuration", settings.cert)
             return
         if self.settings.tls is not None:
             log.info("TLS certificate %s reloaded", self.settings.cert)

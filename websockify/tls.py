@@ -57,10 +57,13 @@ def _key_password(settings) -> Optional[bytes]:
     if settings.key_password_file:
         try:
             with open(settings.key_password_file, "rb") as handle:
-                return handle.read().rstrip(b"\r\n")
+                lines = handle.read().splitlines()
         except OSError as exc:
             raise TLSConfigError("--key-password-file %s: %s"
                                  % (settings.key_password_file, exc.strerror)) from None
+        if not lines:
+            raise TLSConfigError("--key-password-file %s is empty" % settings.key_password_file)
+        return lines[0]
     value = os.environ.get(KEY_PASSWORD_ENV)
     return value.encode() if value else None
 
@@ -219,11 +222,13 @@ class TLSStream:
             cert = self.tls.getpeercert()
         except (ValueError, ssl.SSLError):
             return None
+        # The last commonName wins, as in websockify 0.13.
+        common_name = None
         for rdn in (cert or {}).get("subject", ()):
             for name, value in rdn:
                 if name == "commonName":
-                    return value
-        return None
+                    common_name = value
+        return common_name
 
     # -- non-blocking ----------------------------------------------------
 
