@@ -10,7 +10,7 @@ master drives this from its loop.
 
 import collections
 import errno
-import importlib.util
+import importlib.machinery
 import logging
 import os
 import shlex
@@ -43,12 +43,26 @@ class WrapError(ConfigError):
     """The program cannot be wrapped or started (exit status EXIT_CONFIG)."""
 
 
+def _built_library() -> Optional[str]:
+    """websockify/_rebind<suffix>.so beside this module, or None.
+
+    Looked for in this package's directory only: an import search could
+    find another copy's library (an editable install's finder, say).
+    """
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    name = REBIND_MODULE.rpartition(".")[2]
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(package_dir, name + suffix)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def find_rebind_lib(explicit: Optional[str] = None) -> str:
     """The absolute path of the rebind library to preload.
 
     --rebind-lib, else $WEBSOCKIFY_REBIND_LIB, else the library built next to
-    this package (found the way an import would find it, so an editable
-    install's in-place build counts).
+    this package's own files (an editable install builds it in place).
     """
     path = explicit or os.environ.get(REBIND_LIB_ENV)
     if path:
@@ -56,9 +70,8 @@ def find_rebind_lib(explicit: Optional[str] = None) -> str:
         if not (os.path.isfile(path) and os.access(path, os.R_OK)):
             raise WrapError("%s: %s is not a readable file" % (where, path))
     else:
-        spec = importlib.util.find_spec(REBIND_MODULE)
-        path = spec.origin if spec is not None else None
-        if not path or not os.path.isfile(path):
+        path = _built_library()
+        if path is None:
             raise WrapError(
                 "cannot wrap a program: the rebind library was not built with this "
                 "websockify (no C compiler when it was installed?); install again with "
