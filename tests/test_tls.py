@@ -79,6 +79,36 @@ def test_large_transfer_both_ways_over_tls(websockify, echo_target, pki):
     ws.close()
 
 
+def test_many_concurrent_tls_sessions_keep_their_bytes_apart(websockify, echo_target, pki):
+    """Sessions on one worker, each with its own TLS stream and random sizes."""
+    import random
+    import threading
+    proc, port = websockify("--cert", pki.server.pem, "--workers", "1",
+                            "{port}", "127.0.0.1:%d" % echo_target)
+    context = client_context(pki)
+    failures = []
+
+    def session(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            ws = RawWebSocket(port, ssl_context=context, timeout=30)
+            assert ws.status == 101
+            for _ in range(5):
+                payload = rng.randbytes(rng.choice([1, 100, 20000, 300000]))
+                ws.send_binary(payload)
+                assert ws.recv_data(len(payload)) == payload
+            ws.close()
+        except Exception as exc:        # collected: a thread cannot fail the test
+            failures.append("session %d: %r" % (seed, exc))
+    threads = [threading.Thread(target=session, args=(seed,)) for seed in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures
+    assert not any(thread.is_alive() for thread in threads)
+
+
 def test_openssl_s_client_gets_101(websockify, echo_target, pki):
     if OPENSSL is None:
         pytest.skip("openssl is not installed")
@@ -447,6 +477,16 @@ def test_ssl_target_verified_with_a_ca_file_and_sni(websockify, tls_target, pki)
     assert echo_roundtrip(ws, b"through tls to the target" * 1000) == \
         b"through tls to the target" * 1000
     target.wait_log(r"SNI localhost")
+
+
+def test_ssl_target_carries_megabytes_both_ways(websockify, tls_target, pki):
+    target_port, _ = tls_target
+    proc, port = trusting_target(websockify, pki, target_port)
+    ws = RawWebSocket(port, timeout=30)
+    assert ws.status == 101
+    payload = os.urandom(3 << 20)
+    ws.send_binary(payload)
+    assert ws.recv_data(len(payload)) == payload
 
 
 def test_ssl_target_that_does_not_verify_is_502(websockify, tls_target):
