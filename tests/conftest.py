@@ -1,6 +1,3 @@
-import os
-import socket
-
 import pytest
 
 from tests.helpers import (PYTHON, Process, free_port, port_open, wait_for,

@@ -8,7 +8,7 @@ import time
 import pytest
 import websocket
 
-from tests.helpers import PYTHON, ROOT, RawWebSocket, mask_frame
+from tests.helpers import PYTHON, ROOT, RawWebSocket
 
 
 def test_echo_answers_each_message_with_its_type(websockify):

@@ -17,8 +17,8 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tests.helpers import (PYTHON, RawWebSocket, children_of, free_port, handshake_request,
-                           mask_frame, port_open, read_http_response, wait_for)
+from tests.helpers import (RawWebSocket, children_of, free_port, handshake_request,
+                           mask_frame, read_http_response, wait_for)
 from websockify.errors import InvalidPayload, MessageTooBig, ProtocolError
 from websockify.legacy import (Base64Decoder, HixieParser, hixie76_challenge,
                                hixie76_key_number)

@@ -17,7 +17,7 @@ import pytest
 
 from websockify import errors
 from websockify.demo.echo import echo_connection
-from tests.helpers import (PYTHON, ROOT, RawWebSocket, children_of, free_port,
+from tests.helpers import (ROOT, RawWebSocket, children_of, free_port,
                            handshake_request, pid_alive, port_open, read_http_response,
                            wait_for, websockify_argv)
 

@@ -14,7 +14,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -157,7 +156,6 @@ def test_host_token_end_to_end(websockify, echo4, tmp_path):
     cfg = write(tmp_path / "tokens.cfg", "desk1.example.org: 127.0.0.1:%d\n" % echo4.port)
     proc, port = start_tokens(websockify, "--token-plugin", "TokenFile", "--token-source", cfg,
                               "--host-token", "{port}")
-    ws = RawWebSocket.__new__(RawWebSocket)
     from tests.helpers import handshake_request, read_http_response
     for host, expected in (("desk1.example.org:6080", 101), ("desk1.example.org", 101),
                            ("[::1]:6080", 404), ("other:1", 404)):

@@ -8,13 +8,12 @@ Skipped, with the reason, where redis-server, nginx or redis-py is missing
 import json
 import os
 import shutil
-import signal
 import socket
 import urllib.request
 
 import pytest
 
-from tests.helpers import (RawWebSocket, free_port, handshake_request, port_open,
+from tests.helpers import (free_port, handshake_request, port_open,
                            read_http_response, wait_for)
 from tests.test_tokens import EchoServer, answer, assert_clean, echo_through, refusal_lines
 
