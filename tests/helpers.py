@@ -121,6 +121,29 @@ def websockify_argv(*args):
     return [PYTHON, "-m", "websockify"] + [str(a) for a in args]
 
 
+class ServerUnderTest:
+    """A running websockify, its worker processes and its log, as tests read them."""
+
+    def __init__(self, proc, port, target_port, workers=1):
+        self.proc = proc
+        self.port = port
+        self.target_port = target_port
+        self.workers = sorted(wait_for(
+            lambda: len(children_of(proc.pid)) == workers and children_of(proc.pid),
+            what="%d worker process(es)" % workers))
+
+    def log(self):
+        return self.proc.log()
+
+    def lines_about(self, cport):
+        """The log lines about the client whose local port is ``cport``."""
+        regex = re.compile(r"\b127\.0\.0\.1:%d\b" % cport)
+        return [line for line in self.log().splitlines() if regex.search(line)]
+
+    def wait_line(self, pattern, timeout=10.0):
+        return self.proc.wait_log(pattern, timeout)
+
+
 # -- a byte-level WebSocket client -------------------------------------------
 
 def handshake_request(path="/", host="127.0.0.1", key=None, version="13",

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from tests.helpers import (RawWebSocket, children_of, free_port, handshake_request,
-                           mask_frame, read_http_response, wait_for)
+from tests.helpers import (RawWebSocket, ServerUnderTest, children_of, free_port,
+                           handshake_request, mask_frame, read_http_response, wait_for)
 
 RFC_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 RFC_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="   # RFC 6455 section 1.3
@@ -63,26 +63,8 @@ def refusal_pattern(cport, status, request_line=None):
     return r"127\.0\.0\.1:%d: refused %s: %d \S" % (cport, what, status)
 
 
-class Bridge:
+class Bridge(ServerUnderTest):
     """A running server plus what the tests check about it."""
-
-    def __init__(self, proc, port, target_port, workers=1):
-        self.proc = proc
-        self.port = port
-        self.target_port = target_port
-        self.workers = sorted(wait_for(
-            lambda: len(children_of(proc.pid)) == workers and children_of(proc.pid),
-            what="%d worker process(es)" % workers))
-
-    def log(self):
-        return self.proc.log()
-
-    def lines_about(self, cport):
-        regex = re.compile(r"\b127\.0\.0\.1:%d\b" % cport)
-        return [line for line in self.log().splitlines() if regex.search(line)]
-
-    def wait_line(self, pattern, timeout=10.0):
-        return self.proc.wait_log(pattern, timeout)
 
     def echo_session(self, payload=b"still serving"):
         """A normal session; returns the pid of the worker that served it."""

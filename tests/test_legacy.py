@@ -17,8 +17,8 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tests.helpers import (RawWebSocket, children_of, free_port, handshake_request,
-                           mask_frame, read_http_response, wait_for)
+from tests.helpers import (RawWebSocket, ServerUnderTest, children_of, free_port,
+                           handshake_request, mask_frame, read_http_response)
 from websockify.errors import InvalidPayload, MessageTooBig, ProtocolError
 from websockify.legacy import (Base64Decoder, HixieParser, hixie76_challenge,
                                hixie76_key_number)
@@ -193,24 +193,7 @@ def recv_base64(ws, n) -> bytes:
 # -- the server under test -----------------------------------------------------------
 
 
-class Bridge:
-    def __init__(self, proc, port, target_port):
-        self.proc = proc
-        self.port = port
-        self.target_port = target_port
-        self.workers = wait_for(lambda: len(children_of(proc.pid)) == 1 and children_of(proc.pid),
-                                what="one worker")
-
-    def log(self):
-        return self.proc.log()
-
-    def lines_about(self, cport):
-        regex = re.compile(r"\b127\.0\.0\.1:%d\b" % cport)
-        return [line for line in self.log().splitlines() if regex.search(line)]
-
-    def wait_line(self, pattern, timeout=10.0):
-        return self.proc.wait_log(pattern, timeout)
-
+class Bridge(ServerUnderTest):
     def closed_line(self, cport, code=r"\d+"):
         return self.wait_line(r"\[(\d+)\] INFO 127\.0\.0\.1:%d \S+ -> [^\n]*: closed \((%s)"
                               % (cport, code))
