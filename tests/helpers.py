@@ -121,6 +121,27 @@ def websockify_argv(*args):
     return [PYTHON, "-m", "websockify"] + [str(a) for a in args]
 
 
+def ipv6_available() -> bool:
+    """Whether this host can bind ::1."""
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def echo_through(port, path="/", extra=(), payload=b"hello through the token"):
+    """One WebSocket session that must echo ``payload`` through the server."""
+    ws = RawWebSocket(port, path=path, extra=extra)
+    try:
+        assert ws.status == 101, (ws.status, ws.buffer)
+        ws.send_binary(payload)
+        assert ws.recv_data(len(payload)) == payload
+    finally:
+        ws.close()
+
+
 class ServerUnderTest:
     """A running websockify, its worker processes and its log, as tests read them."""
 

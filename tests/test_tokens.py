@@ -21,7 +21,8 @@ import urllib.parse
 
 import pytest
 
-from tests.helpers import PYTHON, ROOT, RawWebSocket, children_of, free_port, wait_for
+from tests.helpers import (PYTHON, ROOT, RawWebSocket, children_of, echo_through, free_port,
+                           ipv6_available, wait_for)
 from websockify.plugins import tokens as tp
 from websockify.demo.echo import echo_connection
 
@@ -62,15 +63,6 @@ def echo4():
     server.close()
 
 
-def ipv6_available():
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 def answer(port, path="/", extra=(), host="127.0.0.1"):
     """(status, body) of an upgrade request; the WebSocket is closed."""
     ws = RawWebSocket(port, path=path, extra=extra)
@@ -78,16 +70,6 @@ def answer(port, path="/", extra=(), host="127.0.0.1"):
         if ws.status == 101:
             return 101, b""
         return ws.status, ws.buffer
-    finally:
-        ws.close()
-
-
-def echo_through(port, path="/", extra=(), payload=b"hello through the token"):
-    ws = RawWebSocket(port, path=path, extra=extra)
-    try:
-        assert ws.status == 101, (ws.status, ws.buffer)
-        ws.send_binary(payload)
-        assert ws.recv_data(len(payload)) == payload
     finally:
         ws.close()
 

@@ -15,7 +15,8 @@ import pytest
 
 from tests.helpers import (free_port, handshake_request, port_open,
                            read_http_response, wait_for)
-from tests.test_tokens import EchoServer, answer, assert_clean, echo_through, refusal_lines
+from tests.helpers import echo_through
+from tests.test_tokens import EchoServer, answer, assert_clean, refusal_lines
 
 redis = pytest.importorskip("redis", reason="redis-py is not installed (pip install "
                             "'websockify[redis]')")

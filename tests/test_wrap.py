@@ -22,7 +22,7 @@ from websockify import cli, errors
 from websockify.wrap import REBIND_LIB_ENV, WrapError, find_rebind_lib
 from tests.helpers import (PYTHON, ROOT, RawWebSocket, free_port, pid_alive, port_open,
                            wait_for, websockify_argv)
-from tests.test_tokens import echo_through, ipv6_available
+from tests.helpers import echo_through, ipv6_available
 
 # A TCP echo server that binds the port it is given on every address, as a
 # program written for that port would. Modes: serve (forever), once (one
