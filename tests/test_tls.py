@@ -218,9 +218,9 @@ def test_bad_cipher_list_stops_at_start(processes, pki):
 
 # -- key passwords ---------------------------------------------------------------------
 
-def test_key_password_from_file(websockify, echo_target, pki, tmp_path):
+def test_key_password_from_file_first_line_only(websockify, echo_target, pki, tmp_path):
     secret = tmp_path / "password"
-    secret.write_text("open sesame\n")
+    secret.write_text("open sesame\n# rotated 2026-11\n")
     proc, port = websockify("--cert", pki.locked.cert, "--key", pki.locked.key,
                             "--key-password-file", str(secret), "--workers", "1",
                             "{port}", "127.0.0.1:%d" % echo_target)
@@ -230,14 +230,7 @@ def test_key_password_from_file(websockify, echo_target, pki, tmp_path):
         assert b"sesame" not in handle.read()
 
 
-def test_key_password_file_first_line_only_and_empty_file(websockify, processes, echo_target,
-                                                        pki, tmp_path):
-    secret = tmp_path / "password"
-    secret.write_text("open sesame\n# rotated 2026-11\n")
-    proc, port = websockify("--cert", pki.locked.cert, "--key", pki.locked.key,
-                            "--key-password-file", str(secret), "--workers", "1",
-                            "{port}", "127.0.0.1:%d" % echo_target)
-    assert RawWebSocket(port, ssl_context=client_context(pki)).status == 101
+def test_empty_key_password_file_stops_at_start(processes, pki, tmp_path):
     empty = tmp_path / "empty"
     empty.write_text("")
     bad = processes(websockify_argv("--cert", pki.locked.cert, "--key", pki.locked.key,

@@ -432,7 +432,7 @@ class Handler(WebSocketHandler):
         """Tell TLS from plain by the first byte and do the TLS handshake.
 
         False when the connection is over (refused or failed, logged here).
-        Without a certificate and without --ssl-only nothing is peeked: the
+        Without a certificate nothing is peeked (--ssl-only needs one): the
         request reader itself recognises a TLS hello.
         """
         server = self.server
@@ -448,16 +448,15 @@ class Handler(WebSocketHandler):
             log.info("%s: client disconnected during the handshake: %s",
                      self.peer, exc.strerror or exc)
             return False
-        if first is None or (first and not looks_like_tls(first[0])):
-            # Nothing in time, or plain HTTP: the request reader answers.
-            if server.ssl_only and first:
+        if first == b"":
+            return False          # connected and closed: nothing to say
+        if first is None:
+            return True           # nothing in time: the request reader answers 408
+        if not looks_like_tls(first[0]):
+            if server.ssl_only:
                 self._refuse_plain()
                 return False
             return True
-        if not first:
-            return False          # connected and closed: nothing to say
-        if context is None:
-            return True           # the request reader refuses it with a reason
         stream = TLSStream(self._raw_socket(), context, server_side=True)
         self.socket = self.tls = stream
         self.rfile = HeadReader(stream)
@@ -510,21 +509,17 @@ class Handler(WebSocketHandler):
     # -- answering ---------------------------------------------------------
 
     def run_application(self):
-        if is_upgrade_request(self.environ):
-            try:
-                self._upgrade()
-            except HTTPError as exc:
-                self.status, body = self._refusal(exc, self.requestline)
-                self._send_and_close(body)
-            return
         server = self.server
-        if server.web_auth and server.auth is not None:
-            try:
-                server.auth.check(self.headers, *server.auth_target)
-            except HTTPError as exc:
-                self.status, body = self._refusal(exc, self.requestline)
-                self._send_and_close(body)
+        try:
+            if is_upgrade_request(self.environ):
+                self._upgrade()
                 return
+            if server.web_auth and server.auth is not None:
+                server.auth.check(self.headers, *server.auth_target)
+        except HTTPError as exc:
+            self.status, body = self._refusal(exc, self.requestline)
+            self._send_and_close(body)
+            return
         WSGIHandler.run_application(self)
 
     def _upgrade(self) -> None:

@@ -159,8 +159,8 @@ class Master:
             log.error("certificate file %s not found; new workers keep the previous TLS "
                       "and auth configuration", settings.cert)
             return
-        if self.settings.tls is not None:
-            log.info("TLS certificate %s reloaded", self.settings.cert)
+        if settings.tls is not None:
+            log.info("TLS certificate %s reloaded", settings.cert)
 
     def _reload_token_plugin(self) -> None:
         """On SIGHUP: re-read the token source for the new workers, or keep the old one."""

@@ -151,8 +151,8 @@ class ProxyService:
         """--auth-plugin's verdict on the request, after the token lookup (as websockify)."""
         auth = self.settings.auth
         if auth is not None:
-            auth.check(handler.headers, target.host if not target.unix_path else None,
-                       target.port if not target.unix_path else target.unix_path)
+            # A unix-socket target is (None, path), as websockify passes it.
+            auth.check(handler.headers, target.host, target.unix_path or target.port)
 
     def open_target(self, handler) -> Target:
         """Authenticate, then connect to the session's target or raise 502/504."""
@@ -178,7 +178,7 @@ class ProxyService:
 
     def _start_target_tls(self, target: Target, timeout: float) -> None:
         """--ssl-target: the TLS handshake with the target, its certificate checked."""
-        host = None if target.unix_path else target.host
+        host = target.host            # None for a unix-socket target
         context = self.settings.target_tls.context_for(host)
         stream = TLSStream(target.sock, context, server_side=False, server_hostname=host)
         target.sock = stream

@@ -74,9 +74,9 @@ def server_certificate(settings) -> Optional[str]:
     As in websockify, the default ``self.pem`` is used only if it exists;
     with --ssl-only a missing certificate is an error.
     """
-    cert = settings.cert
+    cert = settings.cert              # made absolute by the command line parser
     if cert and os.path.exists(cert):
-        return os.path.abspath(cert)
+        return cert
     if settings.ssl_only:
         raise TLSConfigError("--ssl-only: certificate file %s not found" % cert)
     return None
@@ -87,7 +87,7 @@ def build_server_context(settings) -> Optional[ssl.SSLContext]:
     cert = server_certificate(settings)
     if cert is None:
         return None
-    key = os.path.abspath(settings.key) if settings.key else None
+    key = settings.key or None
     password = _key_password(settings)
 
     def ask_password() -> bytes:
@@ -161,17 +161,15 @@ class TargetContexts:
 def _ssl_reason(exc: BaseException) -> str:
     reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
     if reason:
-        return str(reason).replace("_", " ").lower() if reason.isupper() else str(reason)
-    return getattr(exc, "strerror", None) or str(exc)
+        return reason.replace("_", " ").lower() if reason.isupper() else reason
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def describe_error(exc: BaseException) -> str:
     """One short line for a failed TLS handshake."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return "certificate verify failed: %s" % (exc.verify_message or exc.reason)
-    if isinstance(exc, ssl.SSLError):
-        return _ssl_reason(exc)
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return "certificate verify failed: %s" % _ssl_reason(exc)
+    return _ssl_reason(exc)
 
 
 # -- a TLS connection ----------------------------------------------------------
@@ -185,8 +183,8 @@ class TLSStream:
     ``shutdown``.
     """
 
-    __slots__ = ("sock", "family", "incoming", "outgoing", "tls", "raw_out", "eof",
-                 "eof_told", "unread", "server_side")
+    __slots__ = ("sock", "incoming", "outgoing", "tls", "raw_out", "eof", "eof_told",
+                 "unread")
     #: Tells the relay that bytes must pass through this object (no splice).
     encrypted = True
 
@@ -194,7 +192,6 @@ class TLSStream:
                  server_side: bool, server_hostname: Optional[str] = None):
         sock.setblocking(False)
         self.sock = sock
-        self.family = sock.family
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
@@ -205,13 +202,9 @@ class TLSStream:
         #: Until the first non-blocking read, the cooperative calls may have
         #: left complete records in ``incoming``.
         self.unread = True
-        self.server_side = server_side
 
     def fileno(self) -> int:
         return self.sock.fileno()
-
-    def getpeercert(self):
-        return self.tls.getpeercert()
 
     def version(self) -> Optional[str]:
         return self.tls.version()
