@@ -16,10 +16,10 @@ other byte ``\\xNN``.
 Writing never happens on the event loop per chunk: a session appends its
 entries to an in-memory buffer and hands it to one native writer thread per
 worker, which does the blocking writes, when it holds 64 KiB or when an
-entry comes a second after the last hand-off (and at the session's end).  When that thread falls more than MAX_BEHIND bytes
-behind (a slow or stuck disk), the session handing over more stops
-recording, with one log line, and its file is ended with the footer so it
-still plays up to that point.
+entry comes a second after the last hand-off (and at the session's end).
+When that thread falls more than MAX_BEHIND bytes behind (a slow or stuck
+disk), the session handing over more stops recording, with one log line,
+and its file is ended with the footer so it still plays up to that point.
 """
 
 import _queue
