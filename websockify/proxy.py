@@ -190,7 +190,8 @@ class ProxyService:
                                  % (target, timeout)) from None
         except OSError as exc:
             target.abandon()
-            raise BadGateway("TLS to target %s failed: %s" % (target, describe_error(exc))) from None
+            raise BadGateway("TLS to target %s failed: %s"
+                             % (target, describe_error(exc))) from None
 
     # -- after the 101 -------------------------------------------------------
 
