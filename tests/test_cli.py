@@ -126,16 +126,23 @@ def test_wrap_command_accepted():
     (("6080", "localhost:notaport"), "port"),
     (("6080", "localhost"), "target"),
     (("--timeout=-1",) + tuple(POSITIONALS), "negative"),
+    (("--worker-timeout=-1",) + tuple(POSITIONALS), "--worker-timeout must not be negative"),
     (("--workers", "0") + tuple(POSITIONALS), "--workers"),
     (("--max-frame-size", "10") + tuple(POSITIONALS), "--max-frame-size"),
     (("--web", "/nonexistent/websockify-test-dir") + tuple(POSITIONALS), "--web"),
     (("--unix-listen-mode", "rw") + tuple(POSITIONALS), "mode"),
     (("--unix-listen-mode", "999") + tuple(POSITIONALS), "mode"),
 ], ids=["none", "no-target", "three", "bad-listen-port", "port-range", "bad-target-port",
-        "target-without-port", "negative-timeout", "workers-0", "max-frame-size-10",
+        "target-without-port", "negative-timeout", "negative-worker-timeout", "workers-0", "max-frame-size-10",
         "web-missing", "mode-letters", "mode-not-octal"])
 def test_usage_error(args, expected):
     assert_usage_error(run_cli(*args), expected)
+
+
+def test_worker_timeout_default_and_value():
+    assert cli.parse_args(POSITIONALS).worker_timeout == 60.0
+    assert cli.parse_args(["--worker-timeout", "0"] + POSITIONALS).worker_timeout == 0.0
+    assert cli.parse_args(["--worker-timeout=2.5"] + POSITIONALS).worker_timeout == 2.5
 
 
 def test_negative_timeout_as_separate_argument():

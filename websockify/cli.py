@@ -184,7 +184,8 @@ def _check_wrap(values: dict, tokens: Optional[str]) -> None:
 
 
 def _check_values(values: dict) -> None:
-    for dest in ("timeout", "idle_timeout", "heartbeat", "heartbeat_timeout", "graceful_timeout"):
+    for dest in ("timeout", "idle_timeout", "heartbeat", "heartbeat_timeout", "graceful_timeout",
+                 "worker_timeout"):
         if values[dest] < 0:
             raise UsageError("--%s must not be negative" % dest.replace("_", "-"))
     for dest in ("connect_timeout", "handshake_timeout"):

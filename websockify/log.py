@@ -330,6 +330,14 @@ def reopen_log_files() -> None:
             handler.reopen()
 
 
+def log_file_stream():
+    """The --log-file stream, or None."""
+    for handler in logging.getLogger(LOGGER_NAME).handlers:
+        if isinstance(handler, ReopenableFileHandler):
+            return handler.stream
+    return None
+
+
 def log_streams() -> list:
     """Open files and sockets the logger writes to (kept open across daemonizing)."""
     streams = []

@@ -1,10 +1,11 @@
-"""The arbiter: listener, daemon, workers, signals, timeouts.
+"""The master process: plugins, listener, daemon, signals, forking, the loop.
 
 No gevent here.  Signal handlers only queue the signal and wake the loop
-through a pipe; the loop dispatches to ``handle_<name>``, reaps and
-respawns workers, reads their scoreboard slots and enforces --timeout,
---idle-timeout and --run-once. A wrapped program (``-- COMMAND``) is
-supervised from the same loop (websockify.wrap).
+through a pipe; the loop dispatches to ``handle_<name>`` and lets the
+arbiter (websockify.arbiter) decide about workers: this module gives it
+real processes (fork, kill, waitpid) and the configuration it reloads.  A
+wrapped program (``-- COMMAND``) is supervised from the same loop
+(websockify.wrap).
 """
 
 import errno
@@ -14,10 +15,11 @@ import select
 import signal
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from websockify import scoreboard as sb
-from websockify.errors import ConfigError, EXIT_CONFIG, EXIT_FAILURE, EXIT_LISTEN, EXIT_OK, EXIT_WORKER_BOOT
+from websockify.arbiter import Arbiter, Policy, Processes
+from websockify.errors import ConfigError, EXIT_CONFIG, EXIT_FAILURE, EXIT_LISTEN, EXIT_WORKER_BOOT
 from websockify.log import log_streams, reopen_log_files, setup_logging
 from websockify.sockets import (ListenError, describe_listener, open_listener,
                                 raise_nofile_limit, unlink_unix_listener)
@@ -26,8 +28,6 @@ from websockify.wrap import WrapError, WrappedProgram
 log = logging.getLogger("websockify")
 
 TICK = 0.25
-WORKER_STALL_TIMEOUT = 60.0     # a worker that stops reporting this long is killed
-EXTRA_STOP_TIME = 8.0           # beyond --graceful-timeout before workers are killed
 
 SIGNALS = {
     signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
@@ -35,29 +35,63 @@ SIGNALS = {
 }
 
 
-class WorkerProcess:
-    __slots__ = ("pid", "slot", "number", "started", "retiring")
+class ForkedWorkers(Processes):
+    """The arbiter's real processes: workers forked from the master."""
 
-    def __init__(self, pid: int, slot: int, number: int):
-        self.pid = pid
-        self.slot = slot
-        self.number = number
-        self.started = time.time()
-        self.retiring = False
+    def __init__(self, master: "Master"):
+        self.master = master
+
+    def spawn(self, number: int, slot: sb.Slot) -> int:
+        master = self.master
+        master_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            status = EXIT_WORKER_BOOT
+            try:
+                signal.set_wakeup_fd(-1)
+                for signum in SIGNALS:
+                    signal.signal(signum, signal.SIG_DFL)
+                # Until boot installs handlers, a log reopen or reload must not kill us.
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                os.close(master._wake_r)
+                os.close(master._wake_w)
+                if master.wrapped is not None:
+                    master.wrapped.close()
+                from websockify.worker import run_worker
+                status = run_worker(master.settings, master.listener, slot.board, slot.index,
+                                    number, master_pid)
+            except BaseException:
+                log.exception("worker %d failed", number)
+            finally:
+                from websockify.worker import exit_child
+                exit_child(status)
+        return pid
+
+    def signal(self, pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> List[Tuple[int, int]]:
+        exited = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            exited.append((pid, status))
+        return exited
 
 
 class Master:
     def __init__(self, settings):
         self.settings = settings
-        self.workers: Dict[int, WorkerProcess] = {}
         self.listener = None
-        self.board: Optional[sb.Scoreboard] = None
         self.signal_queue: List[int] = []
-        self.stopping: Optional[int] = None    # the scoreboard command we stop with
-        self.stop_deadline: Optional[float] = None
-        self.exit_status = EXIT_OK
-        self.started = time.time()
-        self.last_busy = self.started
         self.worker_count = settings.workers or os.cpu_count() or 1
         if settings.run_once:
             # One worker, which stops accepting after its first session.
@@ -65,6 +99,21 @@ class Master:
         self._wake_r = self._wake_w = -1
         self.pid_file_written = False
         self.wrapped: Optional[WrappedProgram] = None
+        self.arbiter = Arbiter(
+            Policy(workers=self.worker_count, graceful_timeout=settings.graceful_timeout,
+                   worker_timeout=settings.worker_timeout, run_once=bool(settings.run_once),
+                   timeout=settings.timeout, idle_timeout=settings.idle_timeout),
+            ForkedWorkers(self), sb.SlotPool(self.worker_count * 2 + 2),
+            reload_config=self._reload_config, on_stop=self._close_listener,
+            on_other_exit=self._other_exited)
+
+    @property
+    def exit_status(self) -> int:
+        return self.arbiter.exit_status
+
+    @exit_status.setter
+    def exit_status(self, value: int) -> None:
+        self.arbiter.exit_status = value
 
     # -- start ---------------------------------------------------------------
 
@@ -105,17 +154,15 @@ class Master:
                 self._daemonize()
             self._write_pid_file()
             self._title()
-            self.board = sb.Scoreboard(self.worker_count * 2 + 2)
             self._install_signals()
             if self.wrapped is not None and not self._start_wrapped():
                 return self.exit_status
-            for number in range(1, self.worker_count + 1):
-                self.spawn_worker(number)
+            self.arbiter.start()
             self._loop()
         except Exception:
             log.exception("master failed")
             self.exit_status = EXIT_FAILURE
-            self._kill_workers(signal.SIGKILL)
+            self.arbiter.kill_all(signal.SIGKILL)
             if self.wrapped is not None:
                 self.wrapped.kill_now()
         finally:
@@ -161,6 +208,21 @@ class Master:
             return
         if settings.tls is not None:
             log.info("TLS certificate %s reloaded", settings.cert)
+
+    def _reload_config(self) -> Callable[[], None]:
+        """On SIGHUP: plugins and certificates read again for the new workers.
+
+        Returns the undo the arbiter calls if the new workers fail to boot, so
+        that replacements of the old workers are forked with the old setup.
+        """
+        settings = self.settings
+        previous = (settings.tokens, settings.tls, settings.target_tls, settings.auth)
+        self._reload_token_plugin()
+        self._reload_auth_and_tls()
+
+        def undo() -> None:
+            settings.tokens, settings.tls, settings.target_tls, settings.auth = previous
+        return undo
 
     def _reload_token_plugin(self) -> None:
         """On SIGHUP: re-read the token source for the new workers, or keep the old one."""
@@ -271,88 +333,6 @@ class Master:
         if len(self.signal_queue) < 20:
             self.signal_queue.append(signum)
 
-    # -- workers -----------------------------------------------------------
-
-    def _free_slot(self) -> int:
-        used = {worker.slot for worker in self.workers.values()}
-        for slot in range(self.board.slots):
-            if slot not in used:
-                return slot
-        raise RuntimeError("no free scoreboard slot")
-
-    def spawn_worker(self, number: int) -> WorkerProcess:
-        slot = self._free_slot()
-        self.board.reset(slot)
-        master_pid = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            status = EXIT_WORKER_BOOT
-            try:
-                signal.set_wakeup_fd(-1)
-                for signum in SIGNALS:
-                    signal.signal(signum, signal.SIG_DFL)
-                # Until boot installs handlers, a log reopen or reload must not kill us.
-                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-                if self.wrapped is not None:
-                    self.wrapped.close()
-                from websockify.worker import run_worker
-                status = run_worker(self.settings, self.listener, self.board, slot,
-                                    number, master_pid)
-            except BaseException:
-                log.exception("worker %d failed", number)
-            finally:
-                from websockify.worker import exit_child
-                exit_child(status)
-        worker = WorkerProcess(pid, slot, number)
-        self.workers[pid] = worker
-        log.debug("started worker %d (pid %d)", number, pid)
-        return worker
-
-    def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            worker = self.workers.pop(pid, None)
-            if worker is not None:
-                self._worker_exited(worker, status)
-            elif self.wrapped is not None and self.wrapped.owns(pid):
-                self._wrapped_exited(status)
-
-    def _worker_exited(self, worker: WorkerProcess, status: int) -> None:
-        booted = self.board.read(worker.slot)[5]
-        if os.WIFSIGNALED(status):
-            how = "killed by signal %d" % os.WTERMSIG(status)
-            code = None
-        else:
-            code = os.WEXITSTATUS(status)
-            how = "exited with status %d" % code
-        if self.stopping is not None or worker.retiring:
-            log.debug("worker %d (pid %d) %s", worker.number, worker.pid, how)
-            return
-        if code == EXIT_WORKER_BOOT or not booted:
-            log.error("worker %d (pid %d) failed to start (%s); stopping the server",
-                      worker.number, worker.pid, how)
-            self.exit_status = EXIT_WORKER_BOOT
-            self.stop(sb.FAST)
-            return
-        log.warning("worker %d (pid %d) %s; starting a new one",
-                    worker.number, worker.pid, how)
-        self.spawn_worker(worker.number)
-
-    def _kill_workers(self, signum: int) -> None:
-        for pid in list(self.workers):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-
     # -- the loop --------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -373,40 +353,31 @@ class Master:
             while self.signal_queue:
                 signum = self.signal_queue.pop(0)
                 getattr(self, "handle_" + SIGNALS[signum])()
-            self._reap()
-            if self.stopping is not None:
+            arbiter = self.arbiter
+            arbiter.reap()
+            arbiter.tick()
+            if arbiter.stopping is not None:
                 # The program is stopped last: draining sessions still use it.
-                if not self.workers and (wrapped is None or wrapped.stop_step(time.time())):
+                if not arbiter.workers and (wrapped is None or wrapped.stop_step(time.time())):
                     return
-                if self.stop_deadline is not None and time.time() > self.stop_deadline:
-                    log.warning("workers did not stop in time; killing them")
-                    self._kill_workers(signal.SIGKILL)
-                    self.stop_deadline = None
                 continue
-            self._check_workers()
-            self._check_timeouts()
-            if wrapped is not None and self.stopping is None:
+            if wrapped is not None:
                 wrapped.tick(time.time())
 
     def stop(self, command: int) -> None:
-        """Tell every worker to stop with ``command`` (escalating only)."""
-        if self.stopping is not None and command <= self.stopping:
-            return
-        self.stopping = command
-        if command == sb.DRAIN:
-            self.stop_deadline = None
-        elif command == sb.GRACEFUL:
-            self.stop_deadline = time.time() + self.settings.graceful_timeout + EXTRA_STOP_TIME
-        else:
-            self.stop_deadline = time.time() + EXTRA_STOP_TIME
-        for worker in self.workers.values():
-            self.board.command(worker.slot, command)
+        self.arbiter.stop(command)
+
+    def _close_listener(self) -> None:
         # No new worker will be forked: let the kernel refuse new clients.
         if self.listener is not None:
             try:
                 self.listener.close()
             except OSError:
                 pass
+
+    def _other_exited(self, pid: int, status: int) -> None:
+        if self.wrapped is not None and self.wrapped.owns(pid):
+            self._wrapped_exited(status)
 
     # -- the wrapped program -------------------------------------------------
 
@@ -420,47 +391,10 @@ class Master:
         return True
 
     def _wrapped_exited(self, status: int) -> None:
-        code = self.wrapped.exited(status, stopping=self.stopping is not None)
+        code = self.wrapped.exited(status, stopping=self.arbiter.stopping is not None)
         if code is not None:
             # --wrap-mode exit: websockify ends with the program's status.
             self.exit_status = code
-            self.stop(sb.GRACEFUL)
-
-    def _check_workers(self) -> None:
-        now = time.time()
-        for worker in list(self.workers.values()):
-            pid, heartbeat, live, connections, done, booted, command = self.board.read(worker.slot)
-            if booted and now - heartbeat > WORKER_STALL_TIMEOUT:
-                log.error("worker %d (pid %d) stopped reporting for %.0fs; killing it",
-                          worker.number, worker.pid, now - heartbeat)
-                try:
-                    os.kill(worker.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.board.reset(worker.slot)
-
-    def totals(self) -> tuple:
-        live = done = 0
-        for worker in self.workers.values():
-            row = self.board.read(worker.slot)
-            live += row[2]
-            done += row[4]
-        return live, done
-
-    def _check_timeouts(self) -> None:
-        settings = self.settings
-        now = time.time()
-        live, done = self.totals()
-        if live:
-            self.last_busy = now
-        if settings.run_once and done >= 1:
-            log.info("exiting due to --run-once")
-            self.stop(sb.GRACEFUL)
-        elif settings.timeout and now - self.started >= settings.timeout:
-            log.info("listener exit due to --timeout %g", settings.timeout)
-            self.stop(sb.DRAIN)
-        elif settings.idle_timeout and now - self.last_busy >= settings.idle_timeout:
-            log.info("listener exit due to --idle-timeout %g", settings.idle_timeout)
             self.stop(sb.GRACEFUL)
 
     # -- signals -----------------------------------------------------------------
@@ -478,26 +412,16 @@ class Master:
         self.stop(sb.FAST)
 
     def handle_hup(self) -> None:
-        if self.stopping is not None:
-            return
-        log.info("got SIGHUP: replacing workers")
-        self._reload_token_plugin()
-        self._reload_auth_and_tls()
-        old = [worker for worker in self.workers.values() if not worker.retiring]
-        for worker in old:
-            worker.retiring = True
-        for worker in old:
-            self.spawn_worker(worker.number)
-            self.board.command(worker.slot, sb.GRACEFUL)
+        self.arbiter.request_reload()
 
     def handle_usr1(self) -> None:
         # Reopen first, so that this line reaches a syslog server that came back.
         reopen_log_files()
         log.info("got SIGUSR1: reopening log files")
-        self._kill_workers(signal.SIGUSR1)
+        self.arbiter.kill_all(signal.SIGUSR1)
 
     def handle_chld(self) -> None:
-        self._reap()
+        self.arbiter.reap()
 
     # -- end -----------------------------------------------------------------
 

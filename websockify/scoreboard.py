@@ -1,13 +1,21 @@
 """Per-worker counters in shared memory: how workers report to the master.
 
-The master maps an anonymous shared region before forking; each worker
+The master maps anonymous shared regions before forking; each worker
 writes only its own slot, the master reads them all and writes the command
 field.  No locks: every field is one aligned 8-byte word.
+
+Slots come from a ``SlotPool``: a free list over regions of a fixed size,
+grown by one more region when every slot is taken.  A worker keeps the
+region it was forked with (it inherited that mapping); a region added later
+only reaches the workers forked after it.  So however many generations of
+workers drain side by side after reloads, the master never runs out of
+bookkeeping.
 """
 
 import mmap
 import struct
 import time
+from typing import List, Optional
 
 _SLOT = struct.Struct("<qdqqqqq")   # pid, heartbeat, live, connections, done, booted, command
 SLOT_SIZE = _SLOT.size
@@ -22,6 +30,8 @@ _PID, _HEARTBEAT, _LIVE, _CONNECTIONS, _DONE, _BOOTED, _COMMAND = range(7)
 
 
 class Scoreboard:
+    """One shared region of ``slots`` slots."""
+
     def __init__(self, slots: int):
         self.slots = slots
         self._map = mmap.mmap(-1, max(SLOT_SIZE * slots, mmap.PAGESIZE))
@@ -38,8 +48,9 @@ class Scoreboard:
         struct.pack_into(fmt, self._map, self._offset(slot, field), value)
 
     # -- master side ----------------------------------------------------
-    def reset(self, slot: int) -> None:
-        _SLOT.pack_into(self._map, slot * SLOT_SIZE, 0, time.time(), 0, 0, 0, 0, RUN)
+    def reset(self, slot: int, now: Optional[float] = None) -> None:
+        _SLOT.pack_into(self._map, slot * SLOT_SIZE, 0,
+                        time.time() if now is None else now, 0, 0, 0, 0, RUN)
 
     def command(self, slot: int, command: int) -> None:
         if command > self._get(slot, _COMMAND):
@@ -50,8 +61,9 @@ class Scoreboard:
         return _SLOT.unpack_from(self._map, slot * SLOT_SIZE)
 
     # -- worker side ----------------------------------------------------
-    def report(self, slot: int, live: int, connections: int, done: int) -> None:
-        self._set(slot, _HEARTBEAT, time.time())
+    def report(self, slot: int, live: int, connections: int, done: int,
+               now: Optional[float] = None) -> None:
+        self._set(slot, _HEARTBEAT, time.time() if now is None else now)
         self._set(slot, _LIVE, live)
         self._set(slot, _CONNECTIONS, connections)
         self._set(slot, _DONE, done)
@@ -62,3 +74,57 @@ class Scoreboard:
 
     def pending_command(self, slot: int) -> int:
         return self._get(slot, _COMMAND)
+
+
+class Slot:
+    """One worker's place: a region and an index in it."""
+
+    __slots__ = ("board", "index")
+
+    def __init__(self, board: Scoreboard, index: int):
+        self.board = board
+        self.index = index
+
+    def read(self) -> tuple:
+        return self.board.read(self.index)
+
+    def command(self, command: int) -> None:
+        self.board.command(self.index, command)
+
+    @property
+    def booted(self) -> bool:
+        return bool(self.board.read(self.index)[_BOOTED])
+
+    @property
+    def heartbeat(self) -> float:
+        return self.board.read(self.index)[_HEARTBEAT]
+
+
+class SlotPool:
+    """Free slots over as many regions as the workers alive at once need."""
+
+    def __init__(self, region_slots: int):
+        self.region_slots = max(1, region_slots)
+        self.regions: List[Scoreboard] = []
+        self._free: List[Slot] = []
+
+    def allocate(self, now: Optional[float] = None) -> Slot:
+        if not self._free:
+            board = Scoreboard(self.region_slots)
+            self.regions.append(board)
+            # Reversed, so that pop() hands out index 0 first.
+            self._free.extend(Slot(board, index) for index in reversed(range(board.slots)))
+        slot = self._free.pop()
+        slot.board.reset(slot.index, now)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        self._free.append(slot)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.regions) * self.region_slots
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - len(self._free)

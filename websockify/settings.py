@@ -144,6 +144,10 @@ OPTIONS: List[Option] = [
     Option(("--graceful-timeout",), "graceful_timeout",
            "on SIGTERM or SIGHUP, seconds open sessions may take to end before "
            "they are closed with 1001", kind="float", default=30.0, metavar="SECONDS"),
+    Option(("--worker-timeout",), "worker_timeout",
+           "a worker whose event loop has not reported for SECONDS is sent SIGABRT "
+           "(its traceback is logged), then SIGKILL, and replaced (0: never)",
+           kind="float", default=60.0, metavar="SECONDS"),
     Option(("--pid-file",), "pid_file", "write the master's process id to FILE",
            kind="str", metavar="FILE"),
     Option(("--connect-timeout",), "connect_timeout",

@@ -5,6 +5,7 @@ open sessions, connections, sessions done) and obeys the command the master
 writes there; it never decides on its own that the whole server exits.
 """
 
+import faulthandler
 import logging
 import os
 import signal
@@ -53,7 +54,7 @@ class Worker:
         import gevent
         from gevent.event import Event
 
-        from websockify.log import TRAFFIC_LEGEND, reopen_log_files, traffic_printer
+        from websockify.log import TRAFFIC_LEGEND, traffic_printer
         from websockify.proxy import ProxyService
         from websockify.server import BridgeServer
         from websockify.web import StaticFiles, method_not_allowed
@@ -87,14 +88,19 @@ class Worker:
         gevent.signal_handler(signal.SIGTERM, self._signalled, sb.GRACEFUL)
         gevent.signal_handler(signal.SIGINT, self._signalled, sb.GRACEFUL)
         gevent.signal_handler(signal.SIGQUIT, self._signalled, sb.FAST)
-        gevent.signal_handler(signal.SIGUSR1, reopen_log_files)
-        reopen_log_files()   # a rotation may have happened while we booted
+        gevent.signal_handler(signal.SIGUSR1, self._reopen_logs)
+        self._reopen_logs()   # a rotation may have happened while we booted
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.server.start()
         self.board.mark_booted(self.slot, os.getpid())
         self._report()
         log.debug("worker %d (pid %d) serving, up to %d connections",
                   self.number, os.getpid(), connections)
+
+    def _reopen_logs(self) -> None:
+        from websockify.log import reopen_log_files
+        reopen_log_files()
+        enable_fault_traceback()
 
     def _signalled(self, command: int) -> None:
         self._obey(command)
@@ -155,6 +161,21 @@ class Worker:
             service.wait_empty(2.0 if self.command == sb.FAST else 6.0)
         server.close()
         service.finish_recordings(2.0 if self.command == sb.FAST else 10.0)
+
+
+def enable_fault_traceback() -> None:
+    """Where a stuck worker's stack goes when the watchdog sends SIGABRT.
+
+    faulthandler writes from its C signal handler, so it works even while
+    the event loop is blocked in a plugin's C call: the log file if there
+    is one (reopened files are picked up again on SIGUSR1), else stderr.
+    """
+    from websockify.log import log_file_stream
+    stream = log_file_stream() or sys.stderr
+    try:
+        faulthandler.enable(file=stream, all_threads=True)
+    except (ValueError, OSError, AttributeError):
+        pass   # no usable stream (stderr closed by a daemon without a log file)
 
 
 def _default_connections() -> int:
