@@ -400,7 +400,7 @@ def test_old_style_plugin_lets_in_and_sees_the_target(teapot_server, echo_target
     assert refusals(proc) == []
 
 
-def test_plugin_raising_other_errors_gives_403_and_keeps_the_worker(websockify, echo_target,
+def test_plugin_raising_other_errors_gives_500_and_keeps_the_worker(websockify, echo_target,
                                                                     plugin_dir):
     proc, port = websockify("--workers", "1", "--auth-plugin", "oldauth.Exploding",
                             "127.0.0.1:{port}", "127.0.0.1:%d" % echo_target,
@@ -408,11 +408,11 @@ def test_plugin_raising_other_errors_gives_403_and_keeps_the_worker(websockify, 
     workers = worker_pids(proc)
     before = log_size(proc)
     status, _, _ = upgrade(port)
-    assert status == 403
+    assert status == 500
     lines = new_lines(proc, before)
     errors = [line for line in lines if "plugin bug 42" in line]
     assert len(errors) == 1, lines
-    assert "ValueError" in errors[0] and " 403 " in errors[0], errors
+    assert "ValueError" in errors[0] and " 500 " in errors[0], errors
     assert "Traceback" not in proc.log()
     assert children_of(proc.pid) == workers
     ws = RawWebSocket(port, extra=["X-Magic-Word: please"])

@@ -3,8 +3,8 @@
 The plugin is built in the master before workers fork, so a plugin that
 cannot be imported or refuses its source stops the start (exit 5).  Its
 verdict becomes an HTTP answer: an ``AuthenticationError`` gives its own
-status and headers; any other exception is a 403 with the error in the log,
-never a dead worker.
+status and headers; any other exception (SystemExit and KeyboardInterrupt
+included) is a 500 with the error in the log, never a dead worker.
 """
 
 import http
@@ -63,9 +63,10 @@ class Authenticator:
                 raise
             raise AuthRefused(503, "auth plugin %s took longer than %g s"
                               % (self.name, self.timeout)) from None
-        except Exception as exc:
-            raise AuthRefused(403, "auth plugin %s failed: %s: %s"
-                              % (self.name, type(exc).__name__, exc)) from None
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            raise AuthRefused(500, "auth plugin %s failed: %s: %s"
+                              % (self.name, type(exc).__name__, str(exc)[:200]),
+                              "authentication plugin failed") from None
         finally:
             timer.close()
 

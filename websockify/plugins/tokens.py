@@ -94,6 +94,19 @@ class BackendUnavailable(TokenError):
     reason_phrase = "Service Unavailable"
 
 
+class PluginFailed(TokenError):
+    """The plugin itself broke (any exception, SystemExit included): 500.
+
+    The client hears only that; the log line names the plugin and the error.
+    """
+    status_code = 500
+    reason_phrase = "Internal Server Error"
+
+    def __init__(self, log_text: str):
+        super().__init__("token plugin failed")
+        self.log_text = log_text
+
+
 # -- targets ------------------------------------------------------------------
 
 def _port(text, what="port") -> int:
@@ -835,8 +848,10 @@ class TokenResolver:
             raise
         except socket.timeout:
             raise BackendUnavailable("token lookup timed out") from None
-        except Exception as exc:
-            raise TokenRefused("token refused by %s: %s: %s" % (
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # Not even sys.exit() in a plugin may end the worker: it is this
+            # session's 500 (gevent would pass SystemExit to the main greenlet).
+            raise PluginFailed("token plugin %s failed: %s: %s" % (
                 self.name, type(exc).__name__, str(exc)[:200])) from None
         if result is None:
             raise TokenNotFound("unknown token")
