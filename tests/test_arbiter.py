@@ -2,15 +2,15 @@
 
 No process is forked here: FakeProcesses hands out pids and plays the
 workers' side of the scoreboard (boot, heartbeat, obeying commands) the
-way websockify.worker does, and the test moves the clock.
+way websockify.arbiter.worker does, and the test moves the clock.
 """
 
 import signal
 
 import pytest
 
-from websockify import scoreboard as sb
-from websockify.arbiter import (ABORT_GRACE, BACKOFF_MAX, BOOT_TIMEOUT_FLOOR,
+from websockify.arbiter import scoreboard as sb
+from websockify.arbiter.decisions import (ABORT_GRACE, BACKOFF_MAX, BOOT_TIMEOUT_FLOOR,
                                 EXTRA_STOP_TIME, Arbiter, Policy, Processes)
 from websockify.errors import EXIT_OK, EXIT_WORKER_BOOT
 

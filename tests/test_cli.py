@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import ROOT, websockify_argv
 from websockify import cli
-from websockify.settings import OPTIONS
+from websockify.config import OPTIONS
 
 # The options of websockify 0.13, as its --help lists them.
 OPTIONS_013 = """

@@ -5,7 +5,7 @@ import re
 import subprocess
 
 from tests.helpers import PYTHON, ROOT
-from websockify.settings import OPTIONS
+from websockify.config import OPTIONS
 
 MAN_PAGE = os.path.join(ROOT, "man", "websockify.1")
 

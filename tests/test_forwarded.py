@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import RawWebSocket, read_http_response, wait_for
 from tests.test_cli import assert_usage_error, run_cli
-from websockify.forwarded import (TrustedProxies, forwarded_client, parse_address,
+from websockify.protocol.forwarded import (TrustedProxies, forwarded_client, parse_address,
                                   parse_trusted_proxies, peer_label)
 
 

@@ -20,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 from tests.helpers import (RawWebSocket, ServerUnderTest, children_of, free_port,
                            handshake_request, mask_frame, read_http_response)
 from websockify.errors import InvalidPayload, MessageTooBig, ProtocolError
-from websockify.legacy import (Base64Decoder, HixieParser, hixie76_challenge,
+from websockify.protocol.legacy import (Base64Decoder, HixieParser, hixie76_challenge,
                                hixie76_key_number)
 
 TIMEOUT = 10.0
@@ -769,7 +769,7 @@ def echo_server(websockify):
 
 
 def _echo_supports_legacy() -> bool:
-    from websockify.echo import EchoSession
+    from websockify.server.echo import EchoSession
     return EchoSession.codec_framing
 
 

@@ -10,8 +10,10 @@ import pytest
 
 from tests.helpers import PYTHON, ROOT
 from tests.test_docs import MAN_PAGE, man_text
-from websockify import errors, master, sockets, tls
-from websockify.settings import OPTIONS
+from websockify import errors
+from websockify.arbiter import master
+from websockify.net import sockets, tls
+from websockify.config import OPTIONS
 
 #: Options other parts of the project add; the man page documents them by
 #: these names whether or not this checkout has them yet.

@@ -199,7 +199,7 @@ def test_client_close_shuts_the_target(websockify):
 def test_internal_error_closes_with_1011_and_only_that_session():
     """An unexpected exception in a pump ends its session with 1011."""
     import gevent
-    from websockify import relay as relay_module
+    from websockify.server import relay as relay_module
 
     loop = gevent.get_hub().loop
     finished = []

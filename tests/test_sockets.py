@@ -10,7 +10,7 @@ import pytest
 from tests.helpers import (PYTHON, ROOT, RawWebSocket, free_port, handshake_request,
                            port_open, read_http_response, wait_for)
 from websockify.errors import EXIT_LISTEN
-from websockify.sockets import (inetd_listener, systemd_listen_fds, tcp_listener,
+from websockify.net.sockets import (inetd_listener, systemd_listen_fds, tcp_listener,
                                 unix_listener)
 
 
@@ -33,8 +33,8 @@ def test_accepted_client_sockets_inherit_nodelay_and_keepalive():
 
 
 def test_target_sockets_get_nodelay_and_keepalive():
-    from websockify.proxy import Target, _connect
-    from websockify.sockets import tune_stream
+    from websockify.server.proxy import Target, _connect
+    from websockify.net.sockets import tune_stream
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
@@ -63,7 +63,7 @@ def test_unix_listener_mode(tmp_path):
 
 def test_inetd_listener_refuses_a_socket_that_is_not_listening():
     import pytest
-    from websockify.sockets import ListenError
+    from websockify.net.sockets import ListenError
     sock = socket.socket()
     try:
         with pytest.raises(ListenError):

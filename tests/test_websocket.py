@@ -1,6 +1,6 @@
 """Unit tests of the frame layer: masking, FrameParser, close payloads, encoders.
 
-Everything here feeds bytes to ``websockify.websocket`` directly; no sockets.
+Everything here feeds bytes to ``websockify.protocol.frames`` directly; no sockets.
 """
 
 import os
@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import mask_frame
-from websockify import websocket as ws
+from websockify.protocol import frames as ws
 from websockify.errors import (InvalidPayload, MessageTooBig, ProtocolError,
                                WebSocketError)
-from websockify.websocket import (OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING,
+from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING,
                                   OP_PONG, OP_TEXT, FrameParser, binary_header,
                                   close_payload, encode_frame,
                                   encode_frame_header, parse_close_payload)

@@ -19,7 +19,7 @@ import textwrap
 import pytest
 
 from websockify import cli, errors
-from websockify.wrap import REBIND_LIB_ENV, WrapError, find_rebind_lib
+from websockify.arbiter.wrap import REBIND_LIB_ENV, WrapError, find_rebind_lib
 from tests.helpers import (PYTHON, ROOT, RawWebSocket, free_port, pid_alive, port_open,
                            wait_for, websockify_argv)
 from tests.helpers import echo_through, ipv6_available

@@ -7,10 +7,10 @@ from typing import List, Optional, Tuple
 
 from websockify import __version__
 from websockify.errors import EXIT_USAGE
-from websockify.forwarded import parse_trusted_proxies
+from websockify.protocol.forwarded import parse_trusted_proxies
 from websockify.log import parse_syslog_server
-from websockify.settings import OPTIONS, Settings
-from websockify.sockets import systemd_listen_fds
+from websockify.config import OPTIONS, Settings
+from websockify.net.sockets import systemd_listen_fds
 
 USAGE = """
     %(prog)s [options] [source_addr:]source_port target_addr:target_port
@@ -238,5 +238,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write("%s\nwebsockify: error: %s\n" % (
             USAGE.strip("\n").replace("%(prog)s", "websockify"), exc))
         return EXIT_USAGE
-    from websockify.master import Master
+    from websockify.arbiter.master import Master
     return Master(settings).run()

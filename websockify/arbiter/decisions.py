@@ -3,7 +3,7 @@
 No system calls here.  Workers are started, signalled and reaped through a
 ``Processes`` object and time comes from a clock, so every decision (reap,
 respawn, back-off, reload, stop, the watchdog) can be driven by tests with
-fake processes and a fake clock; websockify.master supplies the real ones.
+fake processes and a fake clock; websockify.arbiter.master supplies the real ones.
 
 The rules:
 
@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from websockify import scoreboard as sb
+from websockify.arbiter import scoreboard as sb
 from websockify.errors import EXIT_OK, EXIT_WORKER_BOOT
 
 log = logging.getLogger("websockify")

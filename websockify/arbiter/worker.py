@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 
-from websockify import scoreboard as sb
+from websockify.arbiter import scoreboard as sb
 from websockify.errors import EXIT_OK, EXIT_WORKER_BOOT
 
 log = logging.getLogger("websockify")
@@ -55,9 +55,9 @@ class Worker:
         from gevent.event import Event
 
         from websockify.log import TRAFFIC_LEGEND, traffic_printer
-        from websockify.proxy import ProxyService
-        from websockify.server import BridgeServer
-        from websockify.web import StaticFiles, method_not_allowed
+        from websockify.server.proxy import ProxyService
+        from websockify.server.bridge import BridgeServer
+        from websockify.server.web import StaticFiles, method_not_allowed
 
         try:
             from setproctitle import setproctitle
@@ -73,7 +73,7 @@ class Worker:
             traffic(TRAFFIC_LEGEND)
         service_class = ProxyService
         if settings.echo:
-            from websockify.echo import EchoService
+            from websockify.server.echo import EchoService
             service_class = EchoService
         self.service = service_class(settings, loop, on_session_end=self._session_ended,
                                      traffic=traffic)

@@ -44,12 +44,12 @@ class WrapError(ConfigError):
 
 
 def _built_library() -> Optional[str]:
-    """websockify/_rebind<suffix>.so beside this module, or None.
+    """websockify/_rebind<suffix>.so in the websockify package directory, or None.
 
-    Looked for in this package's directory only: an import search could
-    find another copy's library (an editable install's finder, say).
+    Looked for in that directory only: an import search could find another
+    copy's library (an editable install's finder, say).
     """
-    package_dir = os.path.dirname(os.path.abspath(__file__))
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     name = REBIND_MODULE.rpartition(".")[2]
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = os.path.join(package_dir, name + suffix)

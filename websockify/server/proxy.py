@@ -18,11 +18,11 @@ from gevent.socket import wait_write
 
 from websockify.errors import BadGateway, GatewayTimeout
 from websockify.plugins.tokens import UNIX, BackendUnavailable
-from websockify.handshake import redact_uri
+from websockify.server.http import redact_uri
 from websockify.record import Recorder
-from websockify.relay import Relay
-from websockify.sockets import tune_stream
-from websockify.tls import TLSStream, describe_error
+from websockify.server.relay import Relay
+from websockify.net.sockets import tune_stream
+from websockify.net.tls import TLSStream, describe_error
 
 log = logging.getLogger("websockify")
 

@@ -10,7 +10,7 @@ import logging
 
 from gevent.pywsgi import WSGIServer
 
-from websockify.handshake import Handler
+from websockify.server.http import Handler
 
 log = logging.getLogger("websockify")
 

@@ -5,7 +5,7 @@ through a pipe; the loop dispatches to ``handle_<name>`` and lets the
 arbiter (websockify.arbiter) decide about workers: this module gives it
 real processes (fork, kill, waitpid) and the configuration it reloads.  A
 wrapped program (``-- COMMAND``) is supervised from the same loop
-(websockify.wrap).
+(websockify.arbiter.wrap).
 """
 
 import errno
@@ -17,13 +17,13 @@ import sys
 import time
 from typing import Callable, List, Optional, Tuple
 
-from websockify import scoreboard as sb
-from websockify.arbiter import Arbiter, Policy, Processes
+from websockify.arbiter import scoreboard as sb
+from websockify.arbiter.decisions import Arbiter, Policy, Processes
 from websockify.errors import ConfigError, EXIT_CONFIG, EXIT_FAILURE, EXIT_LISTEN, EXIT_WORKER_BOOT
 from websockify.log import log_streams, reopen_log_files, setup_logging
-from websockify.sockets import (ListenError, describe_listener, open_listener,
+from websockify.net.sockets import (ListenError, describe_listener, open_listener,
                                 raise_nofile_limit, unlink_unix_listener)
-from websockify.wrap import WrapError, WrappedProgram
+from websockify.arbiter.wrap import WrapError, WrappedProgram
 
 log = logging.getLogger("websockify")
 
@@ -58,13 +58,13 @@ class ForkedWorkers(Processes):
                 os.close(master._wake_w)
                 if master.wrapped is not None:
                     master.wrapped.close()
-                from websockify.worker import run_worker
+                from websockify.arbiter.worker import run_worker
                 status = run_worker(master.settings, master.listener, slot.board, slot.index,
                                     number, master_pid)
             except BaseException:
                 log.exception("worker %d failed", number)
             finally:
-                from websockify.worker import exit_child
+                from websockify.arbiter.worker import exit_child
                 exit_child(status)
         return pid
 
@@ -183,7 +183,7 @@ class Master:
     def _load_auth_and_tls(self) -> None:
         """The auth plugin and the TLS contexts, before any fork (ConfigError: exit 5)."""
         from websockify.plugins.auth import load_authenticator
-        from websockify.tls import TargetContexts, build_server_context
+        from websockify.net.tls import TargetContexts, build_server_context
         settings = self.settings
         tls = build_server_context(settings)
         target_tls = TargetContexts(settings) if settings.ssl_target else None

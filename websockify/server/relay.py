@@ -24,7 +24,7 @@ from typing import Callable, List, Optional
 
 from websockify.errors import WebSocketError
 from websockify.record import SessionRecording
-from websockify.websocket import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameParser,
+from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameParser,
                                   binary_header, close_payload, encode_frame,
                                   frame_header, parse_close_payload)
 

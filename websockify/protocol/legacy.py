@@ -28,8 +28,8 @@ import sys
 from typing import Callable, Optional
 
 from websockify.errors import BadRequest, InvalidPayload, MessageTooBig, ProtocolError
-from websockify.relay import Codec
-from websockify.websocket import OP_CLOSE, OP_TEXT, FrameParser, binary_header
+from websockify.server.relay import Codec
+from websockify.protocol.frames import OP_CLOSE, OP_TEXT, FrameParser, binary_header
 
 # -- base64 -------------------------------------------------------------------
 

@@ -11,9 +11,9 @@ about 64 KiB as it arrives when it is long, so memory stays bounded.
 
 from typing import List
 
-from websockify.proxy import ProxyService, Target
-from websockify.relay import READ_CHUNK, Relay
-from websockify.websocket import OP_CONTINUATION
+from websockify.server.proxy import ProxyService, Target
+from websockify.server.relay import READ_CHUNK, Relay
+from websockify.protocol.frames import OP_CONTINUATION
 
 # Echo a partial message once this much of it has arrived.
 FRAGMENT_SIZE = 64 * 1024

@@ -27,11 +27,11 @@ import gevent
 from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler
 
-from websockify import forwarded, legacy
+from websockify.protocol import forwarded, legacy
 from websockify.errors import BadRequest, HeaderTooLarge, HTTPError
-from websockify.tls import TLSStream, describe_error, looks_like_tls
-from websockify.relay import HYBI, Codec
-from websockify.websocket import GUID, SUPPORTED_VERSIONS
+from websockify.net.tls import TLSStream, describe_error, looks_like_tls
+from websockify.server.relay import HYBI, Codec
+from websockify.protocol.frames import GUID, SUPPORTED_VERSIONS
 
 log = logging.getLogger("websockify")
 

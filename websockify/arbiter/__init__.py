@@ -1,0 +1,1 @@
+"""The master and its workers: processes, signals, reloads, the wrapped program."""

@@ -1,0 +1,1 @@
+"""Sockets and TLS: listeners, socket options, TLS contexts and streams."""
