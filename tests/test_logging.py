@@ -253,7 +253,7 @@ def test_no_pings_without_heartbeat(websockify, echo_target):
 def test_tokens_are_redacted_from_log_lines(websockify, echo_target, tmp_path):
     """Tokens are credentials: neither refusal lines nor session lines show them."""
     from tests.helpers import RawWebSocket
-    from websockify.server.http import redact_uri
+    from websockify.protocol.handshake import redact_uri
 
     assert redact_uri("GET /w?token=s3cret&x=1 HTTP/1.1") == "GET /w?token=<redacted>&x=1 HTTP/1.1"
     assert redact_uri("/v?path=websockify%3Ftoken%3Ds3cret%26a%3D1") == \

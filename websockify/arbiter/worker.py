@@ -75,8 +75,8 @@ class Worker:
         if settings.echo:
             from websockify.server.echo import EchoService
             service_class = EchoService
-        self.service = service_class(settings, loop, on_session_end=self._session_ended,
-                                     traffic=traffic)
+        self.service = service_class(settings, loop, on_session_start=self._session_started,
+                                     on_session_end=self._session_ended, traffic=traffic)
         application = (StaticFiles(settings.web, settings.file_only) if settings.web
                        else method_not_allowed)
         connections = settings.worker_connections or _default_connections()
@@ -105,7 +105,11 @@ class Worker:
     def _signalled(self, command: int) -> None:
         self._obey(command)
 
+    def _session_started(self) -> None:
+        self.server.session_started()
+
     def _session_ended(self) -> None:
+        self.server.release()
         self._report()
 
     def _report(self) -> None:

@@ -1,9 +1,7 @@
-"""Our WebSocket layer over gevent-websocket (RFC 6455).
+"""WebSocket frames (RFC 6455): parsing client frames, encoding ours, unmasking.
 
-gevent-websocket parses the upgrade well enough, but its frame path unmasks
-byte by byte in Python, trusts any 64-bit length and accepts unmasked client
-frames.  This module keeps its constants and header encoder and replaces the
-rest with:
+gevent-websocket's frame path unmasks byte by byte in Python, trusts any
+64-bit length and accepts unmasked client frames, so frames are ours:
 
 * ``unmask``: a vectorised XOR (numpy when installed, otherwise one big
   integer XOR), never a per-byte loop;
@@ -19,9 +17,6 @@ import codecs
 import struct
 from typing import Callable, Optional, Tuple, Union
 
-from geventwebsocket.websocket import Header as _GWSHeader
-from geventwebsocket.websocket import WebSocket as _GWSWebSocket
-
 from websockify.errors import InvalidPayload, MessageTooBig, ProtocolError
 
 try:  # numpy is an optional accelerator (the ``numpy`` extra)
@@ -29,15 +24,14 @@ try:  # numpy is an optional accelerator (the ``numpy`` extra)
 except ImportError:  # pragma: no cover - depends on the environment
     _numpy = None
 
-OP_CONTINUATION = _GWSWebSocket.OPCODE_CONTINUATION
-OP_TEXT = _GWSWebSocket.OPCODE_TEXT
-OP_BINARY = _GWSWebSocket.OPCODE_BINARY
-OP_CLOSE = _GWSWebSocket.OPCODE_CLOSE
-OP_PING = _GWSWebSocket.OPCODE_PING
-OP_PONG = _GWSWebSocket.OPCODE_PONG
+# Opcodes (RFC 6455 5.2).
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
 
-SUPPORTED_VERSIONS = ("13", "8", "7")
-GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_CONTROL_PAYLOAD = 125
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
 
@@ -152,16 +146,6 @@ def _unmask_into_auto(buf: bytearray, start: int, stop: int, key: bytes) -> None
 unmask: Callable[[bytes, bytes], bytes] = _unmask_auto if _numpy is not None else unmask_pure
 unmask_into: Callable[[bytearray, int, int, bytes], None] = (
     _unmask_into_auto if _numpy is not None else unmask_into_pure)
-#: Which implementation ``unmask`` uses, for logs and the benchmark.
-UNMASK_IMPLEMENTATION = "numpy" if _numpy is not None else "pure"
-
-
-def encode_frame_header(opcode: int, length: int, fin: bool = True,
-                        mask: Optional[bytes] = None) -> bytes:
-    """Encode a frame header; gevent-websocket's encoder does the bit work."""
-    return bytes(_GWSHeader.encode_header(fin, opcode, mask or b"", length, 0))
-
-
 def _header_table() -> Tuple[bytes, ...]:
     # Short unmasked FIN headers are requested for every frame sent to the
     # browser; precompute the one-byte-length ones.

@@ -1,6 +1,6 @@
 """Legacy WebSocket clients: the ``base64`` subprotocol and Hixie-75/76.
 
-Everything here is a *codec* for the relay (see ``relay.Codec``): how the
+Everything here is a *codec* for the relay (see ``protocol.codec.Codec``): how the
 client's bytes are parsed and how target bytes are framed for it.  The HyBi
 binary codec in relay.py is the fast path; these are the slow, compatible
 ones, and none of them uses splice(2):
@@ -28,7 +28,7 @@ import sys
 from typing import Callable, Optional
 
 from websockify.errors import BadRequest, InvalidPayload, MessageTooBig, ProtocolError
-from websockify.server.relay import Codec
+from websockify.protocol.codec import Codec
 from websockify.protocol.frames import OP_CLOSE, OP_TEXT, FrameParser, binary_header
 
 # -- base64 -------------------------------------------------------------------

@@ -12,9 +12,9 @@ target).  The rules, from RFC 6455 sections 5.5 and 7:
   reply, unless a protocol error means nothing it sends can be trusted.
 - ``CLOSING_BY_PEER``: the client's close frame arrived and our reply (its
   own code echoed, as 5.5.1 suggests) is queued; nothing more is read.
-- ``CLOSED``: both close frames have been exchanged (or, for a codec whose
-  clients never reply, ours is queued): once the queue is flushed, the
-  TCP connection is dropped.
+- ``CLOSED``: both close frames have been exchanged (or ours is queued and
+  no reply is awaited: a Hixie client, or a client that broke the
+  protocol): once the queue is flushed, the TCP connection is dropped.
 
 The close code and reason the session ends with are those of whoever
 closed first; 1005 when the client's close frame carried no code.
@@ -81,8 +81,13 @@ class SessionState:
         return code, reason
 
     def fail(self, code: int, reason: str) -> Optional[CloseFrame]:
-        """A protocol error: close with ``code`` and read nothing more from the client."""
+        """A protocol error: close with ``code``, read nothing more, await no reply.
+
+        RFC 6455 7.1.7: after failing the connection the endpoint need not
+        wait for the peer's close frame.
+        """
         frame = self.close(code, reason)
+        self.state = CLOSED
         self.client_readable = False
         return frame
 

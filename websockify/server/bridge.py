@@ -25,7 +25,6 @@ class BridgeServer(WSGIServer):
                  run_once: bool = False):
         super().__init__(listener, application, log=None, error_log=log)
         self.service = service
-        service.server = self
         self.max_connections = max_connections
         self.connections = 0
         self.run_once = run_once
@@ -37,7 +36,6 @@ class BridgeServer(WSGIServer):
         self.auth = settings.auth
         self.web_auth = bool(settings.web_auth)
         self.auth_target = (settings.target_host, settings.target_port)
-        self.upgrades = 0
         self.handshakes = set()
         self._accepting_for_good = True
 
@@ -74,7 +72,6 @@ class BridgeServer(WSGIServer):
 
     def session_started(self) -> None:
         """A WebSocket session began; with --run-once, no other may start."""
-        self.upgrades += 1
         if self.run_once:
             self.stop_accepting_for_good()
 

@@ -38,7 +38,7 @@ class EchoSession(Relay):
         self._fragmented = False         # a fragment of this message was already sent
 
     def _client_data(self, chunk, opcode: int) -> None:
-        if self.close_sent or self.close_received:
+        if not self.session.is_open:
             return
         self.stats.from_client += len(chunk)
         # Copied: the chunk is a view of the shared receive buffer.
@@ -49,7 +49,7 @@ class EchoSession(Relay):
             self._emit(False)
 
     def _client_message_end(self, opcode: int) -> None:
-        if self.close_sent or self.close_received:
+        if not self.session.is_open:
             return
         self._opcode = opcode
         self._emit(True)

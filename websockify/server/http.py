@@ -1,144 +1,38 @@
-"""The HTTP side of a connection: request head, upgrade checks, refusals.
+"""The HTTP side of a connection: TLS sniffing, reading the head, answering.
 
 A subclass of gevent-websocket's handler (itself a gevent pywsgi handler)
-that reads the request head under a byte budget and a deadline, validates
-the WebSocket upgrade itself (gevent-websocket crashes on a key that is not
-base64 and has no header limit), maps every ``HTTPError`` to a response with
-one log line, and hands an accepted WebSocket to the proxy service.  Plain
-requests go to the WSGI application: static files or 405.
-
-HyBi 7, 8 and 13 are answered with Sec-WebSocket-Accept; a request with
-neither Sec-WebSocket-Version nor Sec-WebSocket-Key is a Hixie one (draft 76
-with Sec-WebSocket-Key1/2 and 8 bytes after the head, else draft 75).  The
-handshake picks the session's codec (relay.Codec, legacy.py).
+that tells TLS from plain by the first byte, reads the request head under a
+byte budget and a deadline, has protocol.handshake judge it (gevent-websocket
+would crash on a key that is not base64 and has no header limit), maps every
+``HTTPError`` to a response with one log line, and hands an accepted
+WebSocket to the proxy service.  Plain requests go to the WSGI application:
+static files or 405.
 """
 
-import base64
-import binascii
-import hashlib
 import logging
-import re
 import socket
 import time
 import _socket
-from typing import Optional, Tuple
+from typing import Optional
 
 import gevent
 from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler
 
-from websockify.protocol import forwarded, legacy
 from websockify.errors import BadRequest, HeaderTooLarge, HTTPError
 from websockify.net.tls import TLSStream, describe_error, looks_like_tls
-from websockify.server.relay import HYBI, Codec
-from websockify.protocol.frames import GUID, SUPPORTED_VERSIONS
+from websockify.protocol import forwarded
+from websockify.protocol.handshake import (HEADER_LIMIT, Accept, RequestHeaders, UpgradeRequest,
+                                           head_end, is_request_line, is_upgrade_request,
+                                           negotiate, redact_uri, refusal_bytes)
 
 log = logging.getLogger("websockify")
 
-HEADER_LIMIT = 16 * 1024
 _READ_SIZE = 4096
 
 
 class ClientGone(Exception):
     """The client closed or reset the connection before its request was complete."""
-
-
-_REQUEST_LINE = re.compile(rb"[A-Z][A-Z0-9_-]* [^\s]+ HTTP/[0-9]\.[0-9]\r?\n")
-
-
-def _head_end(data: bytes, searched: int) -> Tuple[int, int]:
-    """Where the head ends (CRLF or, from hand-written clients, bare LF lines)."""
-    crlf = data.find(b"\r\n\r\n", max(0, searched - 3))
-    lf = data.find(b"\n\n", max(0, searched - 1))
-    if lf >= 0 and (crlf < 0 or lf < crlf):
-        return lf, 2
-    return crlf, 4
-
-
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-
-class RequestHeaders:
-    """Request headers with the small interface pywsgi's environ code uses."""
-
-    __slots__ = ("headers", "_values")
-    status = ""          # pywsgi checks this for a parse failure
-
-    def __init__(self):
-        self.headers = []        # raw "Name: value\r\n" lines, as pywsgi expects
-        self._values = {}        # lower-case name -> value (repeats joined by ", ")
-
-    @classmethod
-    def parse(cls, block: bytes) -> "RequestHeaders":
-        parsed = cls()
-        values = parsed._values
-        for raw in block.split(b"\n"):
-            line = raw.rstrip(b"\r").decode("latin-1")
-            if not line:
-                continue
-            name, colon, value = line.partition(":")
-            if not colon or not _TOKEN.fullmatch(name):
-                raise BadRequest("malformed header line %r" % line[:100])
-            value = value.strip(" \t")
-            key = name.lower()
-            values[key] = values[key] + ", " + value if key in values else value
-            parsed.headers.append("%s: %s\r\n" % (name, value))
-        return parsed
-
-    def get(self, name: str, default=None):
-        return self._values.get(name.lower(), default)
-
-    getheader = get
-
-    def remove(self, name: str) -> None:
-        key = name.lower()
-        if self._values.pop(key, None) is not None:
-            self.headers = [h for h in self.headers if h.split(":", 1)[0].lower() != key]
-
-    def remove_prefix(self, prefix: str) -> list:
-        """Drop headers whose names start with ``prefix`` (``-`` and ``_`` alike,
-        as WSGI's environ cannot tell them apart); the names dropped."""
-        wanted = prefix.lower().replace("-", "_")
-        names = [key for key in self._values if key.replace("-", "_").startswith(wanted)]
-        for key in names:
-            self.remove(key)
-        return names
-
-    # The read side of the header message websockify 0.13 gives auth plugins.
-    def __getitem__(self, name: str):
-        return self._values.get(name.lower())
-
-    def __setitem__(self, name: str, value: str) -> None:
-        self.remove(name)
-        self._values[name.lower()] = value
-        self.headers.append("%s: %s\r\n" % (name, value))
-
-    def __delitem__(self, name: str) -> None:
-        self.remove(name)
-
-    def __contains__(self, name: str) -> bool:
-        return name.lower() in self._values
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def keys(self) -> list:
-        return [line.split(":", 1)[0] for line in self.headers]
-
-    def items(self) -> list:
-        return [(line.split(":", 1)[0], line.split(":", 1)[1].strip()) for line in self.headers]
-
-    def values(self) -> list:
-        return [value for _, value in self.items()]
-
-    def get_all(self, name: str, failobj=None):
-        key = name.lower()
-        found = [value for header, value in self.items() if header.lower() == key]
-        return found or failobj
-
-    @property
-    def typeheader(self):
-        return self._values.get("content-type")
 
 
 class HeadReader:
@@ -173,9 +67,9 @@ class HeadReader:
                 if newline >= 0:
                     line = data[:newline + 1]
                     self.request_line = line.rstrip(b"\r\n").decode("latin-1")
-                    if not _REQUEST_LINE.fullmatch(line):
+                    if not is_request_line(line):
                         raise BadRequest("not an HTTP request line (expected METHOD /path HTTP/1.1)")
-            end, size = _head_end(data, searched)
+            end, size = head_end(data, searched)
             if end >= 0:
                 if end + size > self.limit:
                     raise HeaderTooLarge(self.limit)
@@ -229,60 +123,10 @@ class HeadReader:
         self.closed = True
 
 
-_TOKEN_VALUE = re.compile(r"((?:^|[?&;])token=)[^&;#\s]*")
-# noVNC's ?path=websockify%3Ftoken%3D... form: the value ends at %26 (&).
-_ENCODED_TOKEN_VALUE = re.compile(r"((?:%3[Ff]|%26)token%3[Dd])(?:(?!%26)[^&;#\s])*")
-
-
-def redact_uri(text: str) -> str:
-    """A request line or URI for the log, with token values hidden: tokens
-    (signed targets, JWTs) are credentials."""
-    if "oken" not in text:          # token=, token%3D, Token...: nothing to hide
-        return text
-    text = _TOKEN_VALUE.sub(r"\1<redacted>", text)
-    return _ENCODED_TOKEN_VALUE.sub(r"\1<redacted>", text)
-
-
-def response_bytes(status_line: str, text: str, headers=()) -> bytes:
-    body = (text + "\n").encode("utf-8", "replace")
-    lines = ["HTTP/1.1 %s" % status_line,
-             "Content-Type: text/plain; charset=utf-8",
-             "Content-Length: %d" % len(body),
-             "Connection: close"]
-    lines += ["%s: %s" % (name, value) for name, value in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def accept_key(key: str) -> str:
-    digest = hashlib.sha1((key + GUID).encode("latin-1")).digest()
-    return base64.b64encode(digest).decode("ascii")
-
-
-def choose_subprotocol(offer: Optional[str]) -> Optional[str]:
-    """``binary`` wherever the client lists it, else ``base64``, else none."""
-    if not offer:
-        return None
-    protocols = [item.strip() for item in offer.split(",")]
-    if "binary" in protocols:
-        return "binary"
-    if "base64" in protocols:
-        return "base64"
-    return None
-
-
 def _key3_timeout(timeout: float) -> HTTPError:
     return HTTPError(408, "Request Timeout",
                      "the 8 bytes after a Hixie-76 request head not received within %g s"
                      % timeout)
-
-
-def is_upgrade_request(environ: dict) -> bool:
-    if environ.get("REQUEST_METHOD") != "GET":
-        return False
-    if environ.get("HTTP_UPGRADE", "").strip().lower() != "websocket":
-        return False
-    tokens = [t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(",")]
-    return "upgrade" in tokens
 
 
 class Handler(WebSocketHandler):
@@ -294,7 +138,6 @@ class Handler(WebSocketHandler):
         self.client_address = address
         self.server = server
         self.rfile = HeadReader(sock)
-        self.codec: Codec = HYBI
         #: The TLS stream when the client opened with a TLS hello.
         self.tls: Optional[TLSStream] = None
         self.detached = False
@@ -404,7 +247,7 @@ class Handler(WebSocketHandler):
                  exc.log_text)
         self._logged_refusal = True
         self.close_connection = True
-        return exc.status_line, response_bytes(exc.status_line, exc.text, exc.headers)
+        return exc.status_line, refusal_bytes(exc.status_line, exc.text, exc.headers)
 
     def handle(self):
         try:
@@ -511,7 +354,7 @@ class Handler(WebSocketHandler):
     def run_application(self):
         server = self.server
         try:
-            if is_upgrade_request(self.environ):
+            if is_upgrade_request(self.command, self.headers):
                 self._upgrade()
                 return
             if server.web_auth and server.auth is not None:
@@ -523,74 +366,17 @@ class Handler(WebSocketHandler):
         WSGIHandler.run_application(self)
 
     def _upgrade(self) -> None:
-        environ = self.environ
-        if self.request_version != "HTTP/1.1":
-            raise BadRequest("WebSocket upgrade needs HTTP/1.1, got %s" % self.request_version)
-        if ("HTTP_SEC_WEBSOCKET_VERSION" not in environ
-                and "HTTP_SEC_WEBSOCKET_KEY" not in environ):
-            self._upgrade_hixie()
-            return
-        version = environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip()
-        if version not in SUPPORTED_VERSIONS:
-            what = ("unsupported WebSocket version %r" % version if version
-                    else "missing Sec-WebSocket-Version")
-            raise BadRequest("%s; supported versions: %s" % (what, ", ".join(SUPPORTED_VERSIONS)),
-                             [("Sec-WebSocket-Version", ", ".join(SUPPORTED_VERSIONS))])
-        key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
-        if not key:
-            raise BadRequest("missing Sec-WebSocket-Key")
-        try:
-            raw_key = base64.b64decode(key, validate=True)
-        except (binascii.Error, ValueError):
-            raw_key = b""
-        if len(raw_key) != 16:
-            raise BadRequest("invalid Sec-WebSocket-Key: must be 16 bytes in base64")
-        protocol = choose_subprotocol(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"))
-        codec = legacy.BASE64 if protocol == "base64" else HYBI
-        self._check_codec(codec)
-        session = self.server.service.open_target(self)          # may raise 502/504
-        headers = ["HTTP/1.1 101 Switching Protocols",
-                   "Upgrade: websocket",
-                   "Connection: Upgrade",
-                   "Sec-WebSocket-Accept: %s" % accept_key(key)]
-        if protocol:
-            headers.append("Sec-WebSocket-Protocol: %s" % protocol)
-        self._accept(session, codec, ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"),
-                     "101 Switching Protocols")
-
-    def _upgrade_hixie(self) -> None:
-        """Draft 76 (Sec-WebSocket-Key1/2 and key3) or draft 75 (neither)."""
-        environ = self.environ
-        key1 = environ.get("HTTP_SEC_WEBSOCKET_KEY1")
-        key2 = environ.get("HTTP_SEC_WEBSOCKET_KEY2")
-        host = environ.get("HTTP_HOST", "").strip()
-        if not host:
-            raise BadRequest("missing Host (a Hixie handshake answers with the location)")
-        if key1 is None and key2 is None:
-            codec = legacy.HIXIE_75
-        elif key1 is None or key2 is None:
-            raise BadRequest("Hixie-76 handshake needs both Sec-WebSocket-Key1 and Key2")
-        else:
-            codec = legacy.HIXIE_76
-            numbers = (legacy.hixie76_key_number(key1, "Sec-WebSocket-Key1"),
-                       legacy.hixie76_key_number(key2, "Sec-WebSocket-Key2"))
-        self._check_codec(codec)
-        if codec is legacy.HIXIE_76:
+        service = self.server.service
+        accept = negotiate(UpgradeRequest(self.request_version, self.path, self.headers,
+                                          secure=self.tls is not None),
+                           legacy_clients=service.legacy_clients)
+        key3 = b""
+        if accept.needs_key3:
             key3 = self._read_key3()
             if key3 is None:
                 return
-            answer = legacy.hixie76_challenge(numbers[0], numbers[1], key3)
-        else:
-            answer = b""
-        protocol = environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"
-                               if codec is legacy.HIXIE_76 else "HTTP_WEBSOCKET_PROTOCOL")
-        scheme = "wss" if environ.get("wsgi.url_scheme") == "https" else "ws"
-        location = "%s://%s%s" % (scheme, host, self.path)
-        response = legacy.hixie_response(codec.draft, environ.get("HTTP_ORIGIN"), location,
-                                         protocol.strip() if protocol else None)
-        session = self.server.service.open_target(self)          # may raise 502/504
-        self._accept(session, codec, response + answer,
-                     response.split(b"\r\n", 1)[0][9:].decode("latin-1"))
+        session = service.open_target(self)          # may raise 502/504
+        self._accept(session, accept, accept.response(key3))
 
     def _read_key3(self) -> Optional[bytes]:
         """The 8 bytes after a draft-76 head, under the handshake deadline.
@@ -620,16 +406,7 @@ class Handler(WebSocketHandler):
         key3, rfile.buffer = rfile.buffer[:8], rfile.buffer[8:]
         return key3
 
-    def _check_codec(self, codec: Codec) -> None:
-        """Refuse a legacy client when the service frames its own output as HyBi."""
-        if codec.binary:
-            return
-        session_class = getattr(self.server.service, "session_class", None)
-        if session_class is not None and not session_class.codec_framing:
-            raise BadRequest("%s WebSocket clients are not supported by this service"
-                             % codec.name)
-
-    def _accept(self, session, codec: Codec, response: bytes, status: str) -> None:
+    def _accept(self, session, accept: Accept, response: bytes) -> None:
         """Send the 101 (the target is connected) and start the session."""
         try:
             self.socket.sendall(response)
@@ -639,13 +416,12 @@ class Handler(WebSocketHandler):
                      self.peer, exc.strerror or exc)
             self.close_connection = True
             return
-        self.status = status
+        self.status = accept.status
         self.headers_sent = True
         self.close_connection = True
-        self.codec = codec
         early = self.rfile.take_buffer()
         client = self._detach()
-        self.server.service.start_session(session, client, early, self)
+        self.server.service.start_session(session, client, early, self, accept.codec)
 
     def _detach(self):
         """Hand the client connection to the relay: a plain socket or the TLS stream."""

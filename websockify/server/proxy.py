@@ -18,7 +18,8 @@ from gevent.socket import wait_write
 
 from websockify.errors import BadGateway, GatewayTimeout
 from websockify.plugins.tokens import UNIX, BackendUnavailable
-from websockify.server.http import redact_uri
+from websockify.protocol.codec import Codec
+from websockify.protocol.handshake import redact_uri
 from websockify.record import Recorder
 from websockify.server.relay import Relay
 from websockify.net.sockets import tune_stream
@@ -114,15 +115,17 @@ class ProxyService:
 
     session_class = Relay
 
-    def __init__(self, settings, loop, *, on_session_end: Callable[[], None],
+    def __init__(self, settings, loop, *, on_session_start: Callable[[], None],
+                 on_session_end: Callable[[], None],
                  traffic: Optional[Callable[[str], None]] = None):
         self.settings = settings
         self.loop = loop
+        # The worker's: the server counts connections, the scoreboard sessions.
+        self.on_session_start = on_session_start
         self.on_session_end = on_session_end
         self.traffic = traffic
         self.relays = set()
         self.sessions_done = 0
-        self.server = None     # the BridgeServer, which counts connections
         self.recorder = Recorder(settings.record) if settings.record else None
 
     # -- before the 101 ----------------------------------------------------
@@ -195,14 +198,17 @@ class ProxyService:
 
     # -- after the 101 -------------------------------------------------------
 
+    @property
+    def legacy_clients(self) -> bool:
+        """Whether base64 and Hixie clients can be served (their framing is the codec's)."""
+        return self.session_class.codec_framing
+
     def start_session(self, target: Target, client: socket.socket, early: bytes,
-                      handler) -> Relay:
+                      handler, codec: Codec) -> Relay:
         label = "%s %s -> %s" % (handler.peer, redact_uri(handler.environ.get("RAW_URI", "/")),
                                  self.describe_target(target))
-        codec = getattr(handler, "codec", None)     # the client's framing (handshake)
         log.debug("%s: session opened (protocol %s, %s framing)", label,
-                  handler.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "-"),
-                  codec.name if codec is not None else "binary")
+                  handler.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "-"), codec.name)
         recording = self.recorder.open(label) if self.recorder is not None else None
         relay = self.session_class(self.loop, client, target.sock, label=label,
                       on_finish=self._finished,
@@ -212,7 +218,7 @@ class ProxyService:
                       traffic=self.traffic, codec=codec, recorder=recording)
         target.sock = None
         self.relays.add(relay)
-        self.server.session_started()
+        self.on_session_start()
         relay.start(early)
         return relay
 
@@ -225,12 +231,11 @@ class ProxyService:
         if relay.recorder is not None:
             relay.recorder.close()
         stats = relay.stats
-        code = stats.close_code
-        reason = (" %s" % stats.close_reason) if stats.close_reason else ""
+        code = relay.session.close_code
+        reason = (" %s" % relay.session.close_reason) if relay.session.close_reason else ""
         log.info("%s: closed (%s%s) after %.1fs, %d bytes from client, %d bytes to client",
                  relay.label, code if code is not None else "-", reason,
                  time.time() - stats.started, stats.from_client, stats.to_client)
-        self.server.release()
         self.on_session_end()
 
     def shutdown_all(self, code: int = 1001, reason: str = "Server shutting down") -> None:

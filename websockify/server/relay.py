@@ -10,9 +10,11 @@ queued, so each direction holds at most one read chunk (plus a few control
 frames) in memory, and a client that stops reading makes us stop reading
 the target.
 
-What the client's frames look like is the session's ``Codec``: the default
-one is HyBi with target bytes sent as binary frames (the fast path, which may
-splice); legacy.py has the base64 subprotocol and Hixie-75/76.
+What the client's frames look like is the session's codec (protocol.codec):
+the default one is HyBi with target bytes sent as binary frames (the fast
+path, which may splice); protocol.legacy has the base64 subprotocol and
+Hixie-75/76.  When a close frame has gone either way, what may still flow
+is decided by the session state (protocol.session).
 """
 
 import fcntl
@@ -23,10 +25,11 @@ import time
 from typing import Callable, List, Optional
 
 from websockify.errors import WebSocketError
+from websockify.protocol.codec import HYBI, Codec
+from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, binary_header,
+                                        encode_frame, frame_header, parse_close_payload)
+from websockify.protocol.session import SessionState
 from websockify.record import SessionRecording
-from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameParser,
-                                  binary_header, close_payload, encode_frame,
-                                  frame_header, parse_close_payload)
 
 log = logging.getLogger("websockify")
 
@@ -174,42 +177,6 @@ class _Leg:
             pass
 
 
-class Codec:
-    """How one session's client speaks: HyBi (RFC 6455), binary downstream.
-
-    Chosen by the handshake and fixed for the session.  The relay asks it
-    for the parser of client bytes and for the frames it sends; per chunk,
-    a ``binary`` codec costs nothing (the relay frames with
-    ``binary_header`` itself and may splice), any other one is called
-    through ``frame`` for every read from the target.
-    """
-
-    name = "binary"
-    #: Target bytes go to the client as binary frames, framed by the relay.
-    binary = True
-    #: Target bytes may go to the client through splice(2) (binary only).
-    splice = True
-    #: The protocol has ping/pong: --heartbeat applies.
-    pings = True
-    #: After our close frame, the client answers with its own.
-    awaits_close_reply = True
-
-    def parser(self, on_data: Callable[[bytes, int], None],
-               on_control: Callable[[int, bytes], None],
-               on_message_end: Optional[Callable[[int], None]], max_frame_size: int):
-        """The incremental parser of what the client sends (``feed_buffer``)."""
-        return FrameParser(on_data, on_control, max_frame_size=max_frame_size,
-                           on_message_end=on_message_end)
-
-    def frame(self, data) -> bytes:
-        """Target bytes as the client's frame(s), for non-binary codecs."""
-        return binary_header(len(data)) + bytes(data)
-
-    def close_frame(self, code: Optional[int], reason: str) -> bytes:
-        return encode_frame(OP_CLOSE, close_payload(code, reason))
-
-
-HYBI = Codec()
 
 
 class _NoWatcher:
@@ -238,44 +205,40 @@ class _NoLeg:
 
 
 class SessionStats:
-    """What the session log line reports."""
+    """What the session log line reports (the close code is the session state's)."""
 
-    __slots__ = ("started", "from_client", "to_client", "close_code", "close_reason")
+    __slots__ = ("started", "from_client", "to_client")
 
     def __init__(self):
         self.started = time.time()
         self.from_client = 0      # payload bytes received from the browser
         self.to_client = 0        # payload bytes sent to the browser
-        self.close_code: Optional[int] = None
-        self.close_reason = ""
 
 
 class Relay:
-    """Bridge a WebSocket client socket and a TCP target socket."""
+    """Bridge a WebSocket client socket and a TCP target socket.
+
+    The bytes are moved here; what may still flow once a close frame went
+    either way is the session state's decision (protocol.session).
+    """
 
     #: Whether ``_client_message_end`` must hear of message boundaries.
     wants_message_end = False
     #: Whether what this class sends the client is framed by the session's
     #: codec, so that legacy codecs (base64, Hixie) can be used with it.  A
-    #: subclass that overrides ``_client_data`` queues frames of its own;
-    #: unless it sets this itself it is taken to speak HyBi binary only.
+    #: subclass that queues HyBi frames of its own must set this to False.
     codec_framing = True
 
     __slots__ = ("loop", "client", "target", "parser", "stats", "on_finish",
-                 "traffic", "label", "close_sent", "close_received",
-                 "target_eof", "finished", "_close_timer", "_heartbeat", "_pong_deadline", "splice",
-                 "bulk", "backlog_limit", "codec", "_downstream", "encrypted", "recorder")
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "_client_data" in cls.__dict__ and "codec_framing" not in cls.__dict__:
-            cls.codec_framing = False
+                 "traffic", "label", "session", "finished", "_close_timer", "_heartbeat",
+                 "_pong_deadline", "splice", "bulk", "backlog_limit", "codec", "_downstream",
+                 "encrypted", "recorder")
 
     def __init__(self, loop, client_sock: socket.socket, target_sock: Optional[socket.socket],
                  *, label: str, on_finish: Callable[["Relay"], None],
                  max_frame_size: int, heartbeat: float = 0, heartbeat_timeout: float = 0,
                  traffic: Optional[Callable[[str], None]] = None,
-                 splice: bool = True, codec: Optional[Codec] = None,
+                 codec: Optional[Codec] = None,
                  recorder: Optional[SessionRecording] = None):
         self.loop = loop
         self.client = _Leg(loop, client_sock)
@@ -284,8 +247,6 @@ class Relay:
         # --record (record.SessionRecording): chosen here, once, so that an
         # unrecorded session runs exactly the code it runs without the option.
         self.recorder = recorder
-        if recorder is not None:
-            splice = False      # recorded bytes must pass through this process
         self.parser = codec.parser(
             self._client_data if recorder is None else self._record_client_data,
             self._client_control,
@@ -299,12 +260,11 @@ class Relay:
         self.on_finish = on_finish
         self.traffic = traffic
         self.label = label
-        self.close_sent = False
-        self.close_received = False
-        self.target_eof = False
+        self.session = SessionState(codec.awaits_close_reply)
         self.finished = False
-        # Zero-copy downstream when both legs are plain sockets.
-        self.splice = (splice_pipe() if splice and codec.splice and self.client.plain
+        # Zero-copy downstream when both legs are plain sockets (and recorded
+        # bytes must pass through this process).
+        self.splice = (splice_pipe() if recorder is None and codec.splice and self.client.plain
                        and self.target.plain else None)
         self.bulk = False
         # A TLS leg can hold readable bytes its socket's watcher does not see.
@@ -346,7 +306,7 @@ class Relay:
         if self.finished:
             return
         client, target = self.client, self.target
-        closing = self.close_sent or self.close_received
+        session = self.session
         traffic = self.traffic
         if traffic:
             self._trace_flushes(traffic)
@@ -358,7 +318,7 @@ class Relay:
                 flushed = True
             if flushed:
                 _stop(target.writer)
-                if closing:
+                if session.closing:
                     # What the client sent before its close has reached the target.
                     target.close()
             else:
@@ -370,18 +330,18 @@ class Relay:
             return
         if flushed:
             _stop(client.writer)
-            if self.close_sent and self.close_received and not target.open:
+            if session.exchanged and not target.open:
                 self._finish()
                 return
         else:
             _start(client.writer, self._guard, self._on_client_writable)
         # Read the target only while the client's queue is empty.
-        if target.open and not self.close_sent and not client.out:
+        if target.open and session.is_open and not client.out:
             _start(target.reader, self._guard, self._on_target_readable)
         elif target.open:
             _stop(target.reader)
         # Read the client while the target keeps up and pongs don't pile up.
-        if (not self.close_received and not target.out
+        if (session.client_readable and not target.out
                 and client.out_bytes < self.backlog_limit):
             _start(client.reader, self._guard, self._on_client_readable)
         else:
@@ -418,7 +378,7 @@ class Relay:
     def _target_lost(self, exc: OSError) -> None:
         log.info("%s: target connection error: %s", self.label, exc.strerror or exc)
         self.target.close()
-        self._send_close(1011, "Target connection lost")
+        self._send_close(self.session.close(1011, "Target connection lost"))
         self._arm_close_timer()
 
     # -- client -> target ----------------------------------------------
@@ -450,7 +410,7 @@ class Relay:
         self._update()
 
     def _client_data(self, chunk: bytes, opcode: int) -> None:
-        if self.close_received or not self.target.open:
+        if not self.session.client_readable or not self.target.open:
             return
         self.stats.from_client += len(chunk)
         self.target.queue(chunk)
@@ -464,23 +424,16 @@ class Relay:
 
     def _client_control(self, opcode: int, payload: bytes) -> None:
         if opcode == OP_PING:
-            if not self.close_sent:
+            if self.session.is_open:
                 self.client.queue(encode_frame(OP_PONG, payload))
         elif opcode == OP_PONG:
             if self._pong_deadline is not None:
                 self._pong_deadline.stop()
         elif opcode == OP_CLOSE:
             code, reason = parse_close_payload(payload)
-            self.close_received = True
-            if not self.close_sent:
-                # The client started the close; otherwise keep our own reason.
-                self.stats.close_code = code if code is not None else 1005
-                self.stats.close_reason = reason
             self.client.reader.stop()
             self.target.reader.stop()
-            if not self.close_sent:
-                # Echo the client's code, as RFC 6455 5.5.1 suggests.
-                self._send_close(code, "")
+            self._send_close(self.session.peer_closed(code, reason))
             self._arm_close_timer()
 
     # -- target -> client ----------------------------------------------
@@ -498,9 +451,8 @@ class Relay:
         if n is None:
             return
         if not n:
-            self.target_eof = True
             self.target.close()
-            self._send_close(1000, "Target closed")
+            self._send_close(self.session.close(1000, "Target closed"))
             self._arm_close_timer()
             self._update()
             return
@@ -610,17 +562,12 @@ class Relay:
 
     # -- closing -------------------------------------------------------
 
-    def _send_close(self, code: Optional[int], reason: str) -> None:
-        if self.close_sent:
+    def _send_close(self, frame) -> None:
+        """Queue the close frame the session state asked for (None: nothing to send)."""
+        if frame is None:
             return
-        self.close_sent = True
-        if self.stats.close_code is None:
-            self.stats.close_code = code
-            self.stats.close_reason = reason
-        self.client.queue(self.codec.close_frame(code, reason))
-        if not self.codec.awaits_close_reply:
-            # No answer will come: hang up once the close frame is out.
-            self.close_received = True
+        self.client.queue(self.codec.close_frame(*frame))
+        if not self.session.client_readable:
             self.client.reader.stop()
 
     def _arm_close_timer(self) -> None:
@@ -631,8 +578,7 @@ class Relay:
     def _fail(self, code: int, reason: str) -> None:
         """Close after an error: drop the target, tell the client why."""
         self.target.close()
-        self._send_close(code, reason)
-        self.close_received = True   # nothing more is read from the client
+        self._send_close(self.session.fail(code, reason))
         self.client.reader.stop()
         self._arm_close_timer()
         self._update()
@@ -642,14 +588,12 @@ class Relay:
         if self.finished:
             return
         self.target.close()
-        self._send_close(code, reason)
+        self._send_close(self.session.close(code, reason))
         self._arm_close_timer()
         self._guard(self._update)
 
     def _abort(self, why: str) -> None:
-        if self.stats.close_code is None:
-            self.stats.close_code = 1006
-            self.stats.close_reason = why
+        self.session.abort(why)
         self._finish()
 
     def _finish(self) -> None:
@@ -670,7 +614,7 @@ class Relay:
         self.on_finish(self)
 
     def _send_heartbeat(self) -> None:
-        if self.close_sent or self.client.out_bytes >= CONTROL_BACKLOG:
+        if not self.session.is_open or self.client.out_bytes >= CONTROL_BACKLOG:
             return
         self.client.queue(encode_frame(OP_PING, b"websockify"))
         deadline = self._pong_deadline
@@ -682,9 +626,10 @@ class Relay:
         """The client answered no ping in time: a dead peer, close it now."""
         log.info("%s: no pong in time after a ping (--heartbeat-timeout); closing",
                  self.label)
-        self.stats.close_code, self.stats.close_reason = 1011, "Heartbeat timeout"
+        # The timeout is what the log reports, even over a close under way.
+        self.session.close_code, self.session.close_reason = 1011, "Heartbeat timeout"
         self.target.close()
-        self._send_close(1011, "Heartbeat timeout")
+        self._send_close(self.session.fail(1011, "Heartbeat timeout"))
         try:
             self.client.flush()
         except OSError:
