@@ -1,6 +1,5 @@
 """The session state machine (protocol.session), driven by events alone."""
 
-import pytest
 from hypothesis import given, strategies as st
 
 from websockify.protocol.session import (CLOSED, CLOSING_BY_PEER, CLOSING_BY_US, OPEN,
