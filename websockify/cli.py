@@ -1,4 +1,4 @@
-"""argv -> Settings, with websockify 0.13's spelling; no behaviour here."""
+"""argv -> Config, with websockify 0.13's spelling; no behaviour here."""
 
 import argparse
 import os
@@ -6,10 +6,8 @@ import sys
 from typing import List, Optional, Tuple
 
 from websockify import __version__
-from websockify.errors import EXIT_USAGE
-from websockify.protocol.forwarded import parse_trusted_proxies
-from websockify.log import parse_syslog_server
-from websockify.config import OPTIONS, Settings
+from websockify.config import OPTIONS, Config, check_values
+from websockify.errors import EXIT_USAGE, UsageError
 from websockify.net.sockets import systemd_listen_fds
 
 USAGE = """
@@ -18,10 +16,6 @@ USAGE = """
     %(prog)s [options] --unix-target=FILE [source_addr:]source_port
     %(prog)s [options] [source_addr:]source_port -- WRAP_COMMAND_LINE
     %(prog)s [options] --echo [source_addr:]source_port"""
-
-
-class UsageError(Exception):
-    """A command line that cannot run; printed with the usage, exit 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +84,8 @@ def _join_negative_values(argv: List[str]) -> List[str]:
     return out
 
 
-def parse_args(argv: List[str]) -> Settings:
-    """Parse ``argv`` (without the program name) into Settings."""
+def parse_args(argv: List[str]) -> Config:
+    """Parse ``argv`` (without the program name) into a Config."""
     wrap_cmd: Optional[List[str]] = None
     if "--" in argv:
         cut = argv.index("--")
@@ -107,23 +101,22 @@ def parse_args(argv: List[str]) -> Settings:
         if values.get(opt.dest) is None:
             values[opt.dest] = opt.default if opt.kind != "flag" else False
 
-    _check_values(values)
-    settings = Settings(options=values, wrap_cmd=wrap_cmd)
+    check_values(values)
+    where = {}
 
     tokens = values["token_plugin"] or values["target_config"]
     if values["inetd"] or values["unix_listen"]:
         if values["inetd"] and values["unix_listen"]:
             raise UsageError("--inetd and --unix-listen cannot be used together")
     else:
-        settings.listen_fds = systemd_listen_fds()
+        where["listen_fds"] = listen_fds = systemd_listen_fds()
         # Under socket activation the listen address may be left out (one
         # command line serves both ways); when given, it is not used.
         targets = 0 if (values["echo"] or values["unix_target"] or tokens) else 1
-        if not (settings.listen_fds and len(args) <= targets):
+        if not (listen_fds and len(args) <= targets):
             if not args:
                 raise UsageError("Too few arguments")
-            settings.listen_host, settings.listen_port = _split_address(args.pop(0),
-                                                                        "listen")
+            where["listen_host"], where["listen_port"] = _split_address(args.pop(0), "listen")
 
     if wrap_cmd is not None:
         _check_wrap(values, tokens)
@@ -148,27 +141,12 @@ def parse_args(argv: List[str]) -> Settings:
         target = args.pop(0)
         if ":" not in target:
             raise UsageError("Error parsing target: %r" % target)
-        settings.target_host, settings.target_port = _split_address(target, "target")
-        if not settings.target_host:
+        where["target_host"], where["target_port"] = _split_address(target, "target")
+        if not where["target_host"]:
             raise UsageError("Error parsing target: %r" % target)
     if args:
         raise UsageError("Too many arguments")
-
-    if values["unix_listen_mode"] is not None:
-        try:
-            values["unix_listen_mode"] = int(values["unix_listen_mode"], 8)
-        except ValueError:
-            raise UsageError("Error parsing listen unix socket mode") from None
-    else:
-        values["unix_listen_mode"] = 0o600
-    # The daemon changes directory; keep every path the user gave us usable.
-    for dest in ("web", "log_file", "pid_file", "unix_listen", "unix_target",
-                 "target_config", "cert", "key", "key_password_file", "cafile",
-                 "ssl_target_cafile", "record",
-                 "rebind_lib"):
-        if values[dest]:
-            values[dest] = os.path.abspath(values[dest])
-    return settings
+    return Config(values, wrap_cmd=wrap_cmd, **where)
 
 
 def _check_wrap(values: dict, tokens: Optional[str]) -> None:
@@ -183,60 +161,13 @@ def _check_wrap(values: dict, tokens: Optional[str]) -> None:
                          "TCP port is moved off the port websockify listens on)")
 
 
-def _check_values(values: dict) -> None:
-    for dest in ("timeout", "idle_timeout", "heartbeat", "heartbeat_timeout", "graceful_timeout",
-                 "worker_timeout"):
-        if values[dest] < 0:
-            raise UsageError("--%s must not be negative" % dest.replace("_", "-"))
-    for dest in ("connect_timeout", "handshake_timeout"):
-        if values[dest] <= 0:
-            raise UsageError("--%s must be positive" % dest.replace("_", "-"))
-    if values["workers"] is not None and values["workers"] < 1:
-        raise UsageError("--workers must be at least 1")
-    if values["worker_connections"] is not None and values["worker_connections"] < 1:
-        raise UsageError("--worker-connections must be at least 1")
-    if values["heartbeat_timeout"] and not values["heartbeat"]:
-        raise UsageError("--heartbeat-timeout needs --heartbeat")
-    if values["max_frame_size"] < 126:
-        raise UsageError("--max-frame-size must be at least 126 bytes")
-    if values["target_config"] and values["token_plugin"]:
-        raise UsageError("--target-config and --token-plugin cannot be used together "
-                         "(--target-config FILE means --token-plugin TokenFile "
-                         "--token-source FILE)")
-    if values["token_source"] is not None and not values["token_plugin"]:
-        raise UsageError("You must use --token-plugin to use --token-source")
-    if values["host_token"] and not (values["token_plugin"] or values["target_config"]):
-        raise UsageError("You must use --token-plugin to use --host-token")
-    if values["auth_source"] is not None and not values["auth_plugin"]:
-        raise UsageError("You must use --auth-plugin to use --auth-source")
-    if values["web_auth"] and not values["auth_plugin"]:
-        raise UsageError("--web-auth needs --auth-plugin")
-    for dest, needs in (("ssl_target_cafile", "ssl_target"),
-                        ("ssl_target_no_verify", "ssl_target")):
-        if values[dest] and not values[needs]:
-            raise UsageError("--%s needs --%s" % (dest.replace("_", "-"), needs.replace("_", "-")))
-    if values["ssl_target_cafile"] and values["ssl_target_no_verify"]:
-        raise UsageError("--ssl-target-cafile and --ssl-target-no-verify contradict each other")
-    try:
-        if values["syslog"] is not None:
-            values["syslog"] = parse_syslog_server(values["syslog"])
-        if values["trusted_proxy"] is not None:
-            values["trusted_proxy"] = parse_trusted_proxies(values["trusted_proxy"])
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if values["legacy_syslog"] and not values["syslog"]:
-        raise UsageError("--legacy-syslog needs --syslog")
-    if values["web"] and not os.path.isdir(values["web"]):
-        raise UsageError("--web: %s is not a directory" % values["web"])
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        settings = parse_args(argv)
+        config = parse_args(argv)
     except UsageError as exc:
         sys.stderr.write("%s\nwebsockify: error: %s\n" % (
             USAGE.strip("\n").replace("%(prog)s", "websockify"), exc))
         return EXIT_USAGE
     from websockify.arbiter.master import Master
-    return Master(settings).run()
+    return Master(config).run()

@@ -81,6 +81,12 @@ class MessageTooBig(WebSocketError):
     close_code = 1009
 
 
+class UsageError(Exception):
+    """A command line (or library call) that cannot run: exit EXIT_USAGE."""
+
+    exit_code = EXIT_USAGE
+
+
 class ConfigError(Exception):
     """A setting that cannot work; the master exits with EXIT_CONFIG."""
 

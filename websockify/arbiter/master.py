@@ -1,4 +1,4 @@
-"""The master process: plugins, listener, daemon, signals, forking, the loop.
+"""The master process: plugins, listener, signals, forking, the loop.
 
 No gevent here.  Signal handlers only queue the signal and wake the loop
 through a pipe; the loop dispatches to ``handle_<name>`` and lets the
@@ -8,7 +8,6 @@ wrapped program (``-- COMMAND``) is supervised from the same loop
 (websockify.arbiter.wrap).
 """
 
-import errno
 import logging
 import os
 import select
@@ -18,12 +17,15 @@ import time
 from typing import Callable, List, Optional, Tuple
 
 from websockify.arbiter import scoreboard as sb
+from websockify.arbiter.daemon import PidFile, daemonize
 from websockify.arbiter.decisions import Arbiter, Policy, Processes
+from websockify.arbiter.wrap import WrapError, WrappedProgram
+from websockify.config import Config
 from websockify.errors import ConfigError, EXIT_CONFIG, EXIT_FAILURE, EXIT_LISTEN, EXIT_WORKER_BOOT
 from websockify.log import log_streams, reopen_log_files, setup_logging
 from websockify.net.sockets import (ListenError, describe_listener, open_listener,
-                                raise_nofile_limit, unlink_unix_listener)
-from websockify.arbiter.wrap import WrapError, WrappedProgram
+                                    raise_nofile_limit, unlink_unix_listener)
+from websockify.runtime import Runtime
 
 log = logging.getLogger("websockify")
 
@@ -59,8 +61,8 @@ class ForkedWorkers(Processes):
                 if master.wrapped is not None:
                     master.wrapped.close()
                 from websockify.arbiter.worker import run_worker
-                status = run_worker(master.settings, master.listener, slot.board, slot.index,
-                                    number, master_pid)
+                status = run_worker(master.config, master.runtime, master.listener,
+                                    slot.board, slot.index, number, master_pid)
             except BaseException:
                 log.exception("worker %d failed", number)
             finally:
@@ -88,21 +90,24 @@ class ForkedWorkers(Processes):
 
 
 class Master:
-    def __init__(self, settings):
-        self.settings = settings
+    """The master process for one configuration, from start to exit status."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.runtime = Runtime()
         self.listener = None
         self.signal_queue: List[int] = []
-        self.worker_count = settings.workers or os.cpu_count() or 1
-        if settings.run_once:
+        self.worker_count = config.workers or os.cpu_count() or 1
+        if config.run_once:
             # One worker, which stops accepting after its first session.
             self.worker_count = 1
         self._wake_r = self._wake_w = -1
-        self.pid_file_written = False
+        self.pid_file = PidFile(config.pid_file)
         self.wrapped: Optional[WrappedProgram] = None
         self.arbiter = Arbiter(
-            Policy(workers=self.worker_count, graceful_timeout=settings.graceful_timeout,
-                   worker_timeout=settings.worker_timeout, run_once=bool(settings.run_once),
-                   timeout=settings.timeout, idle_timeout=settings.idle_timeout),
+            Policy(workers=self.worker_count, graceful_timeout=config.graceful_timeout,
+                   worker_timeout=config.worker_timeout, run_once=bool(config.run_once),
+                   timeout=config.timeout, idle_timeout=config.idle_timeout),
             ForkedWorkers(self), sb.SlotPool(self.worker_count * 2 + 2),
             reload_config=self._reload_config, on_stop=self._close_listener,
             on_other_exit=self._other_exited)
@@ -118,41 +123,46 @@ class Master:
     # -- start ---------------------------------------------------------------
 
     def run(self) -> int:
-        settings = self.settings
+        config = self.config
         try:
-            setup_logging(settings.verbose, settings.log_file, settings.syslog,
-                          settings.legacy_syslog, settings.daemon)
+            setup_logging(config.verbose, config.log_file, config.syslog,
+                          config.legacy_syslog, config.daemon)
         except OSError as exc:
             sys.stderr.write("websockify: cannot open log file %s: %s\n"
-                             % (settings.log_file, exc.strerror))
+                             % (config.log_file, exc.strerror))
             return EXIT_CONFIG
         try:
-            settings.tokens = self._load_token_plugin()
+            if config.target_config:
+                log.warning("--target-config is deprecated: use --token-plugin TokenFile "
+                            "--token-source %s", config.target_config)
+            self.runtime.tokens = self._load_token_plugin()
             self._load_auth_and_tls()
-            if settings.record:
+            if config.record:
                 from websockify.record import check_destination
-                check_destination(settings.record)
+                check_destination(config.record)
         except ConfigError as exc:
             log.error("%s", exc)
             return EXIT_CONFIG
         nofile = raise_nofile_limit()
         try:
-            self.listener = open_listener(settings)
+            self.listener = open_listener(config)
         except ListenError as exc:
             log.error("%s", exc)
             return EXIT_LISTEN
-        if settings.wrap_cmd:
+        if config.wrap_cmd:
             try:
-                # Sets the target, before the banner and before any worker fork.
-                self.wrapped = WrappedProgram.from_settings(settings, self.listener)
+                self.wrapped = WrappedProgram.from_config(config, self.listener)
             except WrapError as exc:
                 log.error("%s", exc)
                 return EXIT_CONFIG
+            # The program is the target, before the banner and before any fork.
+            self.config = config = config.replace(target_host=self.wrapped.target_host,
+                                                  target_port=self.wrapped.target_port)
         self._banner(nofile)
         try:
-            if settings.daemon:
+            if config.daemon:
                 self._daemonize()
-            self._write_pid_file()
+            self.pid_file.write()
             self._title()
             self._install_signals()
             if self.wrapped is not None and not self._start_wrapped():
@@ -171,43 +181,40 @@ class Master:
 
     def _load_token_plugin(self):
         """Build the token plugin here, before any fork: a bad source fails the start."""
-        settings = self.settings
-        if not (settings.token_plugin or settings.target_config):
+        config = self.config
+        if not (config.token_plugin or config.target_config):
             return None
         from websockify.plugins.tokens import load_resolver
-        if settings.target_config and settings.tokens is None:
-            log.warning("--target-config is deprecated: use --token-plugin TokenFile "
-                        "--token-source %s", settings.target_config)
-        return load_resolver(settings)
+        return load_resolver(config)
 
     def _load_auth_and_tls(self) -> None:
         """The auth plugin and the TLS contexts, before any fork (ConfigError: exit 5)."""
         from websockify.plugins.auth import load_authenticator
         from websockify.net.tls import TargetContexts, build_server_context
-        settings = self.settings
-        tls = build_server_context(settings)
-        target_tls = TargetContexts(settings) if settings.ssl_target else None
-        auth = load_authenticator(settings)
-        settings.tls, settings.target_tls, settings.auth = tls, target_tls, auth
+        config, runtime = self.config, self.runtime
+        tls = build_server_context(config)
+        target_tls = TargetContexts(config) if config.ssl_target else None
+        auth = load_authenticator(config)
+        runtime.tls, runtime.target_tls, runtime.auth = tls, target_tls, auth
 
     def _reload_auth_and_tls(self) -> None:
         """On SIGHUP: certificates and the auth plugin are read again for the new workers."""
-        settings = self.settings
-        previous = (settings.tls, settings.target_tls, settings.auth)
+        runtime = self.runtime
+        previous = runtime.snapshot()
         try:
             self._load_auth_and_tls()
         except ConfigError as exc:
             log.error("%s; new workers keep the previous TLS and auth configuration", exc)
             return
-        if previous[0] is not None and settings.tls is None:
+        if previous[2] is not None and runtime.tls is None:
             # A certificate being renewed may be missing for a moment: never
             # let a reload turn wss:// off.
-            settings.tls, settings.target_tls, settings.auth = previous
+            runtime.restore(previous)
             log.error("certificate file %s not found; new workers keep the previous TLS "
-                      "and auth configuration", settings.cert)
+                      "and auth configuration", self.config.cert)
             return
-        if settings.tls is not None:
-            log.info("TLS certificate %s reloaded", settings.cert)
+        if runtime.tls is not None:
+            log.info("TLS certificate %s reloaded", self.config.cert)
 
     def _reload_config(self) -> Callable[[], None]:
         """On SIGHUP: plugins and certificates read again for the new workers.
@@ -215,101 +222,77 @@ class Master:
         Returns the undo the arbiter calls if the new workers fail to boot, so
         that replacements of the old workers are forked with the old setup.
         """
-        settings = self.settings
-        previous = (settings.tokens, settings.tls, settings.target_tls, settings.auth)
+        previous = self.runtime.snapshot()
         self._reload_token_plugin()
         self._reload_auth_and_tls()
-
-        def undo() -> None:
-            settings.tokens, settings.tls, settings.target_tls, settings.auth = previous
-        return undo
+        return lambda: self.runtime.restore(previous)
 
     def _reload_token_plugin(self) -> None:
         """On SIGHUP: re-read the token source for the new workers, or keep the old one."""
-        if self.settings.tokens is None:
+        if self.runtime.tokens is None:
             return
         try:
-            self.settings.tokens = self._load_token_plugin()
+            self.runtime.tokens = self._load_token_plugin()
         except ConfigError as exc:
             log.error("%s; new workers keep the previous token configuration", exc)
             return
-        log.info("token plugin %s reloaded", self.settings.tokens.name)
+        log.info("token plugin %s reloaded", self.runtime.tokens.name)
 
     def _banner(self, nofile: int) -> None:
-        settings = self.settings
+        config, runtime = self.config, self.runtime
         log.info("WebSocket server settings:")
-        if settings.inetd:
+        if config.inetd:
             log.info("  - Listen for inetd connections")
-        elif settings.unix_listen:
-            log.info("  - Listen on unix socket %s", settings.unix_listen)
-        elif settings.listen_fds:
+        elif config.unix_listen:
+            log.info("  - Listen on unix socket %s", config.unix_listen)
+        elif config.listen_fds:
             log.info("  - Listen on %s (socket passed by systemd)",
                      describe_listener(self.listener))
         else:
             log.info("  - Listen on %s", describe_listener(self.listener))
-        if settings.web:
+        if config.web:
             log.info("  - Web server%s. Web root: %s",
-                     " (no directory listings)" if settings.file_only else "", settings.web)
+                     " (no directory listings)" if config.file_only else "", config.web)
         else:
             log.info("  - No web server (plain HTTP requests get 405)")
-        if settings.tls is None:
+        if runtime.tls is None:
             log.info("  - No SSL/TLS support (no cert file)")
         else:
             log.info("  - SSL/TLS support%s, certificate %s%s",
-                     " only (plain connections get 403)" if settings.ssl_only
-                     else " (ws:// and wss:// on one port)", settings.cert,
-                     ", client certificates required" if settings.verify_client else "")
-        if settings.ssl_target_no_verify:
+                     " only (plain connections get 403)" if config.ssl_only
+                     else " (ws:// and wss:// on one port)", config.cert,
+                     ", client certificates required" if config.verify_client else "")
+        if config.ssl_target_no_verify:
             log.warning("  - --ssl-target-no-verify: the target's certificate is NOT "
                         "verified; anyone on the path to the target can read the session")
-        elif settings.ssl_target:
+        elif config.ssl_target:
             log.info("  - TLS to the target, verified with %s",
-                     settings.ssl_target_cafile or "the system CAs")
-        if settings.auth is not None:
-            log.info("  - Authentication plugin %s%s", settings.auth.name,
-                     " (static files too)" if settings.web_auth else "")
-        if settings.record:
-            log.info("  - Recording to '%s.*'", settings.record)
-        if settings.daemon:
+                     config.ssl_target_cafile or "the system CAs")
+        if runtime.auth is not None:
+            log.info("  - Authentication plugin %s%s", runtime.auth.name,
+                     " (static files too)" if config.web_auth else "")
+        if config.record:
+            log.info("  - Recording to '%s.*'", config.record)
+        if config.daemon:
             log.info("  - Backgrounding (daemon)")
-        if settings.libserver:
+        if config.libserver:
             log.warning("  - --libserver has no effect: this server always uses gevent workers")
         log.info("  - %d worker(s), descriptor limit %d", self.worker_count, nofile)
-        if settings.tokens is not None:
-            log.info("  - %s%s", settings.tokens.describe(),
-                     ", token from the Host header" if settings.host_token else "")
+        if runtime.tokens is not None:
+            log.info("  - %s%s", runtime.tokens.describe(),
+                     ", token from the Host header" if config.host_token else "")
         if self.wrapped is not None:
             log.info("  - %s", self.wrapped.describe())
-        log.info("  - proxying from %s to %s", settings.listen_description,
-                 settings.target_description)
+        log.info("  - proxying from %s to %s", config.listen_description,
+                 config.target_description)
 
     def _daemonize(self) -> None:
-        import daemon  # python-daemon
-        settings = self.settings
+        config = self.config
         streams = log_streams()
-        keep = [self.listener.fileno()] + [s.fileno() for s in streams]
-        log_stream = next((s for s in streams if getattr(s, "name", "") == settings.log_file),
-                          None) if settings.log_file else None
-        context = daemon.DaemonContext(
-            working_directory=settings.web or "/",
-            umask=0o022,
-            files_preserve=keep,
-            stdout=log_stream,
-            stderr=log_stream,
-            signal_map={},
-            detach_process=True,
-        )
-        context.open()
-
-    def _write_pid_file(self) -> None:
-        path = self.settings.pid_file
-        if not path:
-            return
-        tmp = "%s.%d.tmp" % (path, os.getpid())
-        with open(tmp, "w") as handle:
-            handle.write("%d\n" % os.getpid())
-        os.replace(tmp, path)
-        self.pid_file_written = True
+        log_stream = next((s for s in streams if getattr(s, "name", "") == config.log_file),
+                          None) if config.log_file else None
+        daemonize([self.listener.fileno()] + [s.fileno() for s in streams], log_stream,
+                  config.web or "/")
 
     def _title(self) -> None:
         try:
@@ -317,7 +300,7 @@ class Master:
         except ImportError:  # pragma: no cover
             return
         setproctitle("websockify master %s -> %s" % (
-            self.settings.listen_description, self.settings.target_description))
+            self.config.listen_description, self.config.target_description))
 
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = os.pipe()
@@ -436,12 +419,7 @@ class Master:
                 self.listener.close()
             except OSError:
                 pass
-        if not self.settings.inetd:
-            unlink_unix_listener(self.settings.unix_listen)
-        if self.pid_file_written:
-            try:
-                os.unlink(self.settings.pid_file)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    log.warning("cannot remove pid file: %s", exc.strerror)
+        if not self.config.inetd:
+            unlink_unix_listener(self.config.unix_listen)
+        self.pid_file.remove()
         log.info("websockify stopped")

@@ -20,12 +20,13 @@ log = logging.getLogger("websockify")
 REPORT_INTERVAL = 0.2
 
 
-def run_worker(settings, listener, board, slot: int, number: int, master_pid: int) -> int:
+def run_worker(config, runtime, listener, board, slot: int, number: int,
+               master_pid: int) -> int:
     """Entry point in the forked child; returns the process exit status."""
     try:
         from gevent import monkey
         monkey.patch_all()
-        worker = Worker(settings, listener, board, slot, number, master_pid)
+        worker = Worker(config, runtime, listener, board, slot, number, master_pid)
         worker.boot()
     except Exception:
         log.exception("worker %d failed to start", number)
@@ -39,8 +40,9 @@ def run_worker(settings, listener, board, slot: int, number: int, master_pid: in
 
 
 class Worker:
-    def __init__(self, settings, listener, board, slot, number, master_pid):
-        self.settings = settings
+    def __init__(self, config, runtime, listener, board, slot, number, master_pid):
+        self.config = config
+        self.runtime = runtime
         self.listener = listener
         self.board = board
         self.slot = slot
@@ -67,22 +69,27 @@ class Worker:
 
         self._stop_event = Event()
         loop = gevent.get_hub().loop
-        settings = self.settings
-        traffic = traffic_printer() if settings.traffic else None
+        config, runtime = self.config, self.runtime
+        traffic = traffic_printer() if config.traffic else None
         if traffic:
             traffic(TRAFFIC_LEGEND)
         service_class = ProxyService
-        if settings.echo:
+        if config.echo:
             from websockify.server.echo import EchoService
             service_class = EchoService
-        self.service = service_class(settings, loop, on_session_start=self._session_started,
+        self.service = service_class(config, runtime, loop, on_session_start=self._session_started,
                                      on_session_end=self._session_ended, traffic=traffic)
-        application = (StaticFiles(settings.web, settings.file_only) if settings.web
+        application = (StaticFiles(config.web, config.file_only) if config.web
                        else method_not_allowed)
-        connections = settings.worker_connections or _default_connections()
+        connections = config.worker_connections or _default_connections()
         self.server = BridgeServer(self.listener, application, self.service,
                                    max_connections=connections,
-                                   run_once=settings.run_once)
+                                   run_once=config.run_once, tls_context=runtime.tls,
+                                   ssl_only=bool(config.ssl_only),
+                                   handshake_timeout=config.handshake_timeout,
+                                   web_auth=runtime.auth if config.web_auth else None,
+                                   web_auth_target=(config.target_host, config.target_port),
+                                   trusted_proxy=config.trusted_proxy)
         # TERM/INT from an operator (or a terminal's Ctrl-C reaching the whole
         # process group) mean the same as the master's graceful command.
         gevent.signal_handler(signal.SIGTERM, self._signalled, sb.GRACEFUL)
@@ -154,7 +161,7 @@ class Worker:
                 self._stop_event.clear()
                 self._stop_event.wait(0.5)
         if self.command == sb.GRACEFUL:
-            deadline = time.time() + self.settings.graceful_timeout
+            deadline = time.time() + self.config.graceful_timeout
             while server.connections and time.time() < deadline and self.command == sb.GRACEFUL:
                 self._stop_event.clear()
                 self._stop_event.wait(min(0.2, max(0.0, deadline - time.time())))

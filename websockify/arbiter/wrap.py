@@ -192,23 +192,25 @@ class WrappedProgram:
         self._partial = b""
 
     @classmethod
-    def from_settings(cls, settings, listener: socket.socket) -> "WrappedProgram":
-        """Check everything that can be checked before daemonizing; set the target.
+    def from_config(cls, config, listener: socket.socket) -> "WrappedProgram":
+        """Check everything that can be checked before daemonizing.
 
-        The target must be in ``settings`` before any worker is forked.
+        The master makes ``target_host``:``target_port`` the sessions' target
+        before any worker is forked.
         """
         listen_port = listen_port_of(listener)
-        lib = find_rebind_lib(settings.rebind_lib)
+        lib = find_rebind_lib(config.rebind_lib)
         try:
             # Where websockify was started, not where the daemon moved to.
             cwd: Optional[str] = os.getcwd()
         except OSError:
             cwd = None
-        program = cls(settings.wrap_cmd, settings.wrap_mode, lib, listen_port,
-                      free_loopback_port(), cwd=cwd)
-        settings.target_host = TARGET_HOST
-        settings.target_port = program.target_port
-        return program
+        return cls(config.wrap_cmd, config.wrap_mode, lib, listen_port,
+                   free_loopback_port(), cwd=cwd)
+
+    @property
+    def target_host(self) -> str:
+        return TARGET_HOST
 
     def describe(self) -> str:
         return "wrapping %s (port %d moved to %s:%d by %s, --wrap-mode %s)" % (

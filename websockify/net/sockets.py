@@ -163,16 +163,16 @@ def activated_listener(count: int) -> socket.socket:
     return sock
 
 
-def open_listener(settings) -> socket.socket:
+def open_listener(config) -> socket.socket:
     forget_activation_environment()
-    if settings.inetd:
+    if config.inetd:
         return inetd_listener()
-    if settings.unix_listen:
-        return unix_listener(settings.unix_listen, settings.unix_listen_mode)
-    if settings.listen_fds:
-        return activated_listener(settings.listen_fds)
-    return tcp_listener(settings.listen_host, settings.listen_port,
-                        settings.prefer_ipv6)
+    if config.unix_listen:
+        return unix_listener(config.unix_listen, config.unix_listen_mode)
+    if config.listen_fds:
+        return activated_listener(config.listen_fds)
+    return tcp_listener(config.listen_host, config.listen_port,
+                        config.prefer_ipv6)
 
 
 def describe_listener(sock: socket.socket) -> str:

@@ -50,45 +50,45 @@ def looks_like_tls(first_byte: int) -> bool:
 
 # -- contexts ------------------------------------------------------------------
 
-def _key_password(settings) -> Optional[bytes]:
+def _key_password(config) -> Optional[bytes]:
     """--key-password, else --key-password-file, else the environment variable."""
-    if settings.key_password:
-        return settings.key_password.encode()
-    if settings.key_password_file:
+    if config.key_password:
+        return config.key_password.encode()
+    if config.key_password_file:
         try:
-            with open(settings.key_password_file, "rb") as handle:
+            with open(config.key_password_file, "rb") as handle:
                 lines = handle.read().splitlines()
         except OSError as exc:
             raise TLSConfigError("--key-password-file %s: %s"
-                                 % (settings.key_password_file, exc.strerror)) from None
+                                 % (config.key_password_file, exc.strerror)) from None
         if not lines:
-            raise TLSConfigError("--key-password-file %s is empty" % settings.key_password_file)
+            raise TLSConfigError("--key-password-file %s is empty" % config.key_password_file)
         return lines[0]
     value = os.environ.get(KEY_PASSWORD_ENV)
     return value.encode() if value else None
 
 
-def server_certificate(settings) -> Optional[str]:
+def server_certificate(config) -> Optional[str]:
     """The certificate file to serve TLS with, or None (plain only).
 
     As in websockify, the default ``self.pem`` is used only if it exists;
     with --ssl-only a missing certificate is an error.
     """
-    cert = settings.cert              # made absolute by the command line parser
+    cert = config.cert              # made absolute by the command line parser
     if cert and os.path.exists(cert):
         return cert
-    if settings.ssl_only:
+    if config.ssl_only:
         raise TLSConfigError("--ssl-only: certificate file %s not found" % cert)
     return None
 
 
-def build_server_context(settings) -> Optional[ssl.SSLContext]:
+def build_server_context(config) -> Optional[ssl.SSLContext]:
     """The listener's TLS context, or None when no certificate is there."""
-    cert = server_certificate(settings)
+    cert = server_certificate(config)
     if cert is None:
         return None
-    key = settings.key or None
-    password = _key_password(settings)
+    key = config.key or None
+    password = _key_password(config)
 
     def ask_password() -> bytes:
         # Called only for an encrypted key: never let OpenSSL prompt on a tty.
@@ -99,15 +99,15 @@ def build_server_context(settings) -> Optional[ssl.SSLContext]:
         return password
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    minimum = MIN_VERSIONS.get(settings.ssl_version or "default")
+    minimum = MIN_VERSIONS.get(config.ssl_version or "default")
     if minimum is not None:
         context.minimum_version = minimum
-    if settings.ssl_ciphers:
+    if config.ssl_ciphers:
         try:
-            context.set_ciphers(settings.ssl_ciphers)
+            context.set_ciphers(config.ssl_ciphers)
         except ssl.SSLError:
             raise TLSConfigError("--ssl-ciphers %r: no cipher matches"
-                                 % settings.ssl_ciphers) from None
+                                 % config.ssl_ciphers) from None
     try:
         context.load_cert_chain(cert, key, ask_password)
     except TLSConfigError:
@@ -118,9 +118,9 @@ def build_server_context(settings) -> Optional[ssl.SSLContext]:
     except OSError as exc:
         raise TLSConfigError("cannot read %s: %s"
                              % (exc.filename or key or cert, exc.strerror)) from None
-    if settings.verify_client:
+    if config.verify_client:
         context.verify_mode = ssl.CERT_REQUIRED
-        _load_cas(context, settings.cafile, "--cafile", ssl.Purpose.CLIENT_AUTH)
+        _load_cas(context, config.cafile, "--cafile", ssl.Purpose.CLIENT_AUTH)
     return context
 
 
@@ -138,17 +138,17 @@ def _load_cas(context: ssl.SSLContext, cafile: Optional[str], option: str,
 class TargetContexts:
     """Client-side contexts for --ssl-target (one checks host names)."""
 
-    def __init__(self, settings):
-        self.verify = not settings.ssl_target_no_verify
-        self.by_hostname = self._build(settings, check_hostname=self.verify)
+    def __init__(self, config):
+        self.verify = not config.ssl_target_no_verify
+        self.by_hostname = self._build(config, check_hostname=self.verify)
         # A unix-socket target has no name to check; the chain still is.
-        self.without_hostname = self._build(settings, check_hostname=False)
+        self.without_hostname = self._build(config, check_hostname=False)
 
-    def _build(self, settings, check_hostname: bool) -> ssl.SSLContext:
+    def _build(self, config, check_hostname: bool) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = check_hostname
         if self.verify:
-            _load_cas(context, settings.ssl_target_cafile, "--ssl-target-cafile",
+            _load_cas(context, config.ssl_target_cafile, "--ssl-target-cafile",
                       ssl.Purpose.SERVER_AUTH)
         else:
             context.verify_mode = ssl.CERT_NONE

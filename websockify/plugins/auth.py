@@ -71,10 +71,10 @@ class Authenticator:
             timer.close()
 
 
-def load_authenticator(settings) -> Optional[Authenticator]:
+def load_authenticator(config) -> Optional[Authenticator]:
     """The --auth-plugin instance, or None; PluginLoadError (exit 5) if unusable."""
-    if not settings.auth_plugin:
+    if not config.auth_plugin:
         return None
-    plugin = instantiate(settings.auth_plugin, settings.auth_source, DEFAULT_MODULE,
+    plugin = instantiate(config.auth_plugin, config.auth_source, DEFAULT_MODULE,
                          "auth plugin")
-    return Authenticator(plugin, settings.auth_plugin, settings.connect_timeout)
+    return Authenticator(plugin, config.auth_plugin, config.connect_timeout)

@@ -22,20 +22,23 @@ class BridgeServer(WSGIServer):
     max_accept = 8
 
     def __init__(self, listener, application, service, *, max_connections: int,
-                 run_once: bool = False):
+                 run_once: bool = False, tls_context=None, ssl_only: bool = False,
+                 handshake_timeout: float = 10.0, web_auth=None, web_auth_target=(None, None),
+                 trusted_proxy=None):
         super().__init__(listener, application, log=None, error_log=log)
         self.service = service
         self.max_connections = max_connections
         self.connections = 0
         self.run_once = run_once
-        settings = service.settings
         #: ssl.SSLContext for clients that open with a TLS hello (None: plain only).
-        self.tls_context = settings.tls
-        self.ssl_only = bool(settings.ssl_only)
-        self.handshake_timeout = settings.handshake_timeout
-        self.auth = settings.auth
-        self.web_auth = bool(settings.web_auth)
-        self.auth_target = (settings.target_host, settings.target_port)
+        self.tls_context = tls_context
+        self.ssl_only = ssl_only
+        self.handshake_timeout = handshake_timeout
+        #: --web-auth: the auth plugin asked for static files too, with this target.
+        self.web_auth = web_auth
+        self.web_auth_target = web_auth_target
+        #: --trusted-proxy: whose X-Forwarded-For names the client in log lines.
+        self.trusted_proxy = trusted_proxy
         self.handshakes = set()
         self._accepting_for_good = True
 

@@ -149,7 +149,7 @@ class Handler(WebSocketHandler):
     def peer(self) -> str:
         # The TCP peer, or the client a --trusted-proxy forwarded for.
         return forwarded.peer_label(self.client_address, self.headers,
-                                    self.server.service.settings.trusted_proxy)
+                                    self.server.trusted_proxy)
 
     # -- reading the request ---------------------------------------------
 
@@ -357,8 +357,8 @@ class Handler(WebSocketHandler):
             if is_upgrade_request(self.command, self.headers):
                 self._upgrade()
                 return
-            if server.web_auth and server.auth is not None:
-                server.auth.check(self.headers, *server.auth_target)
+            if server.web_auth is not None:
+                server.web_auth.check(self.headers, *server.web_auth_target)
         except HTTPError as exc:
             self.status, body = self._refusal(exc, self.requestline)
             self._send_and_close(body)

@@ -115,10 +115,11 @@ class ProxyService:
 
     session_class = Relay
 
-    def __init__(self, settings, loop, *, on_session_start: Callable[[], None],
+    def __init__(self, config, runtime, loop, *, on_session_start: Callable[[], None],
                  on_session_end: Callable[[], None],
                  traffic: Optional[Callable[[str], None]] = None):
-        self.settings = settings
+        self.config = config
+        self.runtime = runtime
         self.loop = loop
         # The worker's: the server counts connections, the scoreboard sessions.
         self.on_session_start = on_session_start
@@ -126,33 +127,33 @@ class ProxyService:
         self.traffic = traffic
         self.relays = set()
         self.sessions_done = 0
-        self.recorder = Recorder(settings.record) if settings.record else None
+        self.recorder = Recorder(config.record) if config.record else None
 
     # -- before the 101 ----------------------------------------------------
 
     def pick_target(self, handler) -> Target:
-        settings = self.settings
-        if settings.tokens is not None:
+        config = self.config
+        if self.runtime.tokens is not None:
             return self._token_target(handler)
-        if settings.unix_target:
-            return Target(unix_path=settings.unix_target)
-        return Target(settings.target_host, settings.target_port)
+        if config.unix_target:
+            return Target(unix_path=config.unix_target)
+        return Target(config.target_host, config.target_port)
 
     def _token_target(self, handler) -> Target:
         """Ask the token plugin; refusals are HTTPErrors (400/403/404/502/503)."""
         # Plugins block cooperatively (gevent is patched in workers); a lookup
         # that hangs must not hold the handshake for longer than a connect.
-        timeout = self.settings.connect_timeout
+        timeout = self.config.connect_timeout
         with gevent.Timeout(timeout, BackendUnavailable(
                 "token lookup took longer than %g s" % timeout)):
-            host, port = self.settings.tokens.resolve(handler.environ)
+            host, port = self.runtime.tokens.resolve(handler.environ)
         if host == UNIX:
             return Target(unix_path=port)
         return Target(host, port)
 
     def authenticate(self, handler, target: Target) -> None:
         """--auth-plugin's verdict on the request, after the token lookup (as websockify)."""
-        auth = self.settings.auth
+        auth = self.runtime.auth
         if auth is not None:
             # A unix-socket target is (None, path), as websockify passes it.
             auth.check(handler.headers, target.host, target.unix_path or target.port)
@@ -161,7 +162,7 @@ class ProxyService:
         """Authenticate, then connect to the session's target or raise 502/504."""
         target = self.pick_target(handler)
         self.authenticate(handler, target)
-        timeout = self.settings.connect_timeout
+        timeout = self.config.connect_timeout
         try:
             target.sock = _connect(target, timeout)
         except socket.timeout:
@@ -175,14 +176,14 @@ class ProxyService:
             raise BadGateway("cannot connect to target %s: %s"
                              % (target, exc.strerror or exc)) from None
         tune_stream(target.sock)
-        if self.settings.target_tls is not None:
+        if self.runtime.target_tls is not None:
             self._start_target_tls(target, timeout)
         return target
 
     def _start_target_tls(self, target: Target, timeout: float) -> None:
         """--ssl-target: the TLS handshake with the target, its certificate checked."""
         host = target.host            # None for a unix-socket target
-        context = self.settings.target_tls.context_for(host)
+        context = self.runtime.target_tls.context_for(host)
         stream = TLSStream(target.sock, context, server_side=False, server_hostname=host)
         target.sock = stream
         try:
@@ -212,9 +213,9 @@ class ProxyService:
         recording = self.recorder.open(label) if self.recorder is not None else None
         relay = self.session_class(self.loop, client, target.sock, label=label,
                       on_finish=self._finished,
-                      max_frame_size=self.settings.max_frame_size,
-                      heartbeat=self.settings.heartbeat,
-                      heartbeat_timeout=self.settings.heartbeat_timeout,
+                      max_frame_size=self.config.max_frame_size,
+                      heartbeat=self.config.heartbeat,
+                      heartbeat_timeout=self.config.heartbeat_timeout,
                       traffic=self.traffic, codec=codec, recorder=recording)
         target.sock = None
         self.relays.add(relay)
