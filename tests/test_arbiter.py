@@ -64,12 +64,12 @@ class FakeProcesses(Processes):
     # -- the workers' side -------------------------------------------------
     def boot(self, pid):
         slot = self.slots[pid]
-        slot.board.mark_booted(slot.index, pid)
+        slot.board.mark_booted(slot.index)
         self.beat(pid)
 
     def beat(self, pid, live=0, done=0):
         slot = self.slots[pid]
-        slot.board.report(slot.index, live, live, done, now=self.clock())
+        slot.board.report(slot.index, live, done, now=self.clock())
 
     def exit(self, pid, status):
         self.exits.append((pid, status))
@@ -590,7 +590,8 @@ def test_slot_pool_grows_by_regions_and_reuses_freed_slots():
     again = pool.allocate()
     assert again is slots[1] and len(pool.regions) == 3
     # A reused slot starts clean.
-    slots[0].board.mark_booted(0, 42)
+    slots[0].board.mark_booted(0)
+    slots[0].board.report(0, 3, 7)
     pool.release(slots[0])
-    pid, _, live, connections, done, booted, command = pool.allocate().read()
-    assert (pid, live, connections, done, booted, command) == (0, 0, 0, 0, 0, sb.RUN)
+    _, live, done, booted, command = pool.allocate().read()
+    assert (live, done, booted, command) == (0, 0, 0, sb.RUN)

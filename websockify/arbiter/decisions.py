@@ -419,9 +419,8 @@ class Arbiter:
         """(open sessions, sessions done) over the workers alive."""
         live = done = 0
         for worker in self.workers.values():
-            row = worker.slot.read()
-            live += row[2]
-            done += row[4]
+            live += worker.slot.live
+            done += worker.slot.done
         return live, done
 
     def _check_timeouts(self, now: float) -> None:

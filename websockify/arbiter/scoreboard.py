@@ -17,7 +17,7 @@ import struct
 import time
 from typing import List, Optional
 
-_SLOT = struct.Struct("<qdqqqqq")   # pid, heartbeat, live, connections, done, booted, command
+_SLOT = struct.Struct("<dqqqq")   # heartbeat, live, done, booted, command
 SLOT_SIZE = _SLOT.size
 
 # Commands from the master, in increasing urgency.
@@ -26,7 +26,7 @@ DRAIN = 1       # stop accepting, let sessions end on their own (--timeout)
 GRACEFUL = 2    # stop accepting, close what is left after --graceful-timeout
 FAST = 3        # close every session now (SIGQUIT)
 
-_PID, _HEARTBEAT, _LIVE, _CONNECTIONS, _DONE, _BOOTED, _COMMAND = range(7)
+_HEARTBEAT, _LIVE, _DONE, _BOOTED, _COMMAND = range(5)
 
 
 class Scoreboard:
@@ -49,27 +49,25 @@ class Scoreboard:
 
     # -- master side ----------------------------------------------------
     def reset(self, slot: int, now: Optional[float] = None) -> None:
-        _SLOT.pack_into(self._map, slot * SLOT_SIZE, 0,
-                        time.time() if now is None else now, 0, 0, 0, 0, RUN)
+        _SLOT.pack_into(self._map, slot * SLOT_SIZE,
+                        time.time() if now is None else now, 0, 0, 0, RUN)
 
     def command(self, slot: int, command: int) -> None:
         if command > self._get(slot, _COMMAND):
             self._set(slot, _COMMAND, command)
 
     def read(self, slot: int) -> tuple:
-        """(pid, heartbeat, live, connections, done, booted, command)"""
+        """(heartbeat, live, done, booted, command)"""
         return _SLOT.unpack_from(self._map, slot * SLOT_SIZE)
 
     # -- worker side ----------------------------------------------------
-    def report(self, slot: int, live: int, connections: int, done: int,
-               now: Optional[float] = None) -> None:
+    def report(self, slot: int, live: int, done: int, now: Optional[float] = None) -> None:
+        """Heartbeat, open sessions and sessions done so far."""
         self._set(slot, _HEARTBEAT, time.time() if now is None else now)
         self._set(slot, _LIVE, live)
-        self._set(slot, _CONNECTIONS, connections)
         self._set(slot, _DONE, done)
 
-    def mark_booted(self, slot: int, pid: int) -> None:
-        self._set(slot, _PID, pid)
+    def mark_booted(self, slot: int) -> None:
         self._set(slot, _BOOTED, 1)
 
     def pending_command(self, slot: int) -> int:
@@ -93,11 +91,19 @@ class Slot:
 
     @property
     def booted(self) -> bool:
-        return bool(self.board.read(self.index)[_BOOTED])
+        return bool(self.board._get(self.index, _BOOTED))
 
     @property
     def heartbeat(self) -> float:
-        return self.board.read(self.index)[_HEARTBEAT]
+        return self.board._get(self.index, _HEARTBEAT)
+
+    @property
+    def live(self) -> int:
+        return self.board._get(self.index, _LIVE)
+
+    @property
+    def done(self) -> int:
+        return self.board._get(self.index, _DONE)
 
 
 class SlotPool:

@@ -1,7 +1,7 @@
 """A worker process: after fork, patch gevent, serve the shared listener.
 
 The worker reports to the master through its scoreboard slot (heartbeat,
-open sessions, connections, sessions done) and obeys the command the master
+open sessions, sessions done) and obeys the command the master
 writes there; it never decides on its own that the whole server exits.
 """
 
@@ -99,7 +99,7 @@ class Worker:
         self._reopen_logs()   # a rotation may have happened while we booted
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.server.start()
-        self.board.mark_booted(self.slot, os.getpid())
+        self.board.mark_booted(self.slot)
         self._report()
         log.debug("worker %d (pid %d) serving, up to %d connections",
                   self.number, os.getpid(), connections)
@@ -120,9 +120,7 @@ class Worker:
         self._report()
 
     def _report(self) -> None:
-        self.board.report(self.slot, len(self.service.relays),
-                          self.server.connections if self.server else 0,
-                          self.service.sessions_done)
+        self.board.report(self.slot, len(self.service.relays), self.service.sessions_done)
 
     def _obey(self, command: int) -> None:
         if command > self.command:

@@ -81,13 +81,12 @@ class BridgeServer(WSGIServer):
     def release(self) -> None:
         """A connection ended (handshake refused, static request done or relay finished)."""
         self.connections -= 1
-        if self._accepting_for_good and self.connections < self.max_connections:
-            self._start_accepting_if_started()
+        if self._accepting_for_good and self.connections < self.max_connections and self.started:
+            self.start_accepting()
 
     def stop_accepting_for_good(self) -> None:
         self._accepting_for_good = False
-        if self._watcher is not None:
-            self.stop_accepting()
+        self.stop_accepting()        # gevent's: a no-op when not accepting
 
     def kill_handshakes(self) -> None:
         for greenlet in list(self.handshakes):
