@@ -42,3 +42,20 @@ def test_man_page_defaults_match_the_option_table():
             # the option's own entry: ".BI --name= VALUE"
             section = text.split(".BI %s=" % opt.flags[-1], 1)[1][:1200]
             assert "Default: %s" % shown in section, (opt.flags[-1], shown)
+
+
+def test_readme_architecture_names_every_module():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    package = os.path.join(ROOT, "websockify")
+    missing = []
+    for folder, _, files in os.walk(package):
+        for name in files:
+            if name.endswith(".py") and name not in ("__init__.py", "__main__.py"):
+                if name not in section:
+                    missing.append(os.path.relpath(os.path.join(folder, name), ROOT))
+        sub = os.path.relpath(folder, package)
+        if sub != "." and "__pycache__" not in sub and os.path.basename(folder) + "/" not in section:
+            missing.append(sub + "/")
+    assert not missing, "not in the README's Architecture section: %s" % sorted(missing)

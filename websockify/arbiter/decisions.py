@@ -145,7 +145,7 @@ class Arbiter:
         self.exit_status = EXIT_OK
         self.started = clock()
         self.last_busy = self.started
-        # Counters for operators (log lines now, metrics later).
+        # Counters for operators.
         self.restarts = 0
         self.reloads = 0
         self.failed_reloads = 0

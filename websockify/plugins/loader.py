@@ -1,4 +1,4 @@
-"""Dotted names -> classes, for --token-plugin (and later --auth-plugin).
+"""Dotted names -> classes, for --token-plugin and --auth-plugin.
 
 A bare name (``TokenFile``) is looked up in the default module
 (``websockify.token_plugins``), as websockify 0.13 does; a dotted name
