@@ -16,8 +16,9 @@ import urllib.parse
 from typing import List, Optional
 
 from websockify.errors import EXIT_CONFIG, EXIT_USAGE
-from websockify.plugins.tokens import (UNIX, SignedTarget, SourceError, parse_target,
-                                       read_secret, sign_target)
+from websockify.plugins.tokens.base import SourceError
+from websockify.plugins.tokens.signed import SignedTarget, read_secret, sign_target
+from websockify.plugins.tokens.targets import UNIX, parse_target
 
 _LIFETIME = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
