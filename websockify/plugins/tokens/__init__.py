@@ -20,7 +20,7 @@ this package re-exports them.
 import re
 import socket
 import urllib.parse
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from websockify.errors import ConfigError, HTTPError
 from websockify.plugins.tokens.base import (  # noqa: F401
@@ -36,6 +36,12 @@ from websockify.plugins.tokens.signed import (  # noqa: F401
 from websockify.plugins.tokens.targets import (  # noqa: F401
     UNIX, parse_host, parse_port, parse_target, target_from_result)
 
+#: The plugins a bare ``--token-plugin NAME`` names, in the man page's order.
+#: websockify.token_plugins exports them and the man page test checks them
+#: from here, so a new plugin is added to this list only.
+PLUGINS: Dict[str, type] = {cls.__name__: cls for cls in (
+    TokenFile, ReadOnlyTokenFile, TokenFileName, BaseTokenAPI, JSONTokenApi, JWTTokenApi,
+    TokenRedis, UnixDomainSocketDirectory, SignedTarget)}
 
 _TOKEN_IN_URI = re.compile(r"[?&;]token=([^&;#\s]*)")
 
@@ -109,6 +115,7 @@ class TokenResolver:
             raise BadTarget("token plugin %s gave an unusable target: %s" % (self.name, exc)) from None
 
 
+#: Where bare names are looked up: the 0.13 module, whose plugins are PLUGINS.
 DEFAULT_MODULE = "websockify.token_plugins"
 
 
