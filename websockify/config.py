@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple
 
+from websockify.addr import format_host_port
+
 
 @dataclass(frozen=True)
 class Option:
@@ -214,10 +216,7 @@ class Settings:
             return "targets from --token-plugin %s" % (self.token_plugin or "TokenFile")
         if self.unix_target:
             return "unix:%s" % self.unix_target
-        host = self.target_host or ""
-        if ":" in host:
-            host = "[%s]" % host
-        return "%s:%s" % (host, self.target_port)
+        return format_host_port(self.target_host or "", self.target_port)
 
     @property
     def listen_description(self) -> str:
@@ -227,7 +226,4 @@ class Settings:
             return "unix:%s" % self.unix_listen
         if self.listen_fds:
             return "systemd socket"
-        host = self.listen_host or ""
-        if ":" in host:
-            host = "[%s]" % host
-        return "%s:%s" % (host, self.listen_port)
+        return format_host_port(self.listen_host or "", self.listen_port)

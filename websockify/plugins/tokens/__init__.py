@@ -22,6 +22,7 @@ import socket
 import urllib.parse
 from typing import Dict, Optional, Tuple
 
+from websockify.addr import UNIX, parse_host, parse_port  # noqa: F401
 from websockify.errors import ConfigError, HTTPError
 from websockify.plugins.tokens.base import (  # noqa: F401
     BackendUnavailable, BadTarget, BasePlugin, MissingToken, PluginFailed, SourceError,
@@ -33,8 +34,7 @@ from websockify.plugins.tokens.jwt import JWTTokenApi  # noqa: F401
 from websockify.plugins.tokens.redis import TokenRedis, parse_source_args  # noqa: F401
 from websockify.plugins.tokens.signed import (  # noqa: F401
     SIGNED_PREFIX, SignedTarget, read_secret, sign_target)
-from websockify.plugins.tokens.targets import (  # noqa: F401
-    UNIX, parse_host, parse_port, parse_target, target_from_result)
+from websockify.plugins.tokens.targets import parse_target, target_from_result  # noqa: F401
 
 #: The plugins a bare ``--token-plugin NAME`` names, in the man page's order.
 #: websockify.token_plugins exports them and the man page test checks them

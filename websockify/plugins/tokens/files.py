@@ -9,7 +9,8 @@ from typing import Dict, List, Tuple
 
 from websockify.plugins.tokens.base import (BadTarget, BasePlugin, SourceError, TokenRefused,
                                             need_source)
-from websockify.plugins.tokens.targets import UNIX, parse_target
+from websockify.addr import UNIX
+from websockify.plugins.tokens.targets import parse_target
 
 log = logging.getLogger("websockify")
 

@@ -7,7 +7,8 @@ import urllib.request
 
 from websockify.plugins.tokens.base import (BackendUnavailable, BadTarget, BasePlugin,
                                             SourceError, need_source)
-from websockify.plugins.tokens.targets import parse_host, parse_port, parse_target
+from websockify.addr import parse_host, parse_port
+from websockify.plugins.tokens.targets import parse_target
 
 
 class APIResponse:

@@ -6,8 +6,8 @@ import json
 import os
 import time
 
+from websockify.addr import parse_host, parse_port
 from websockify.plugins.tokens.base import BasePlugin, SourceError, TokenRefused, need_source
-from websockify.plugins.tokens.targets import parse_host, parse_port
 
 
 _JWS_ALGS = ["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384",

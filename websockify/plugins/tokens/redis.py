@@ -6,6 +6,7 @@ import logging
 import os
 from typing import List
 
+from websockify.addr import format_host_port, parse_host, parse_port
 from websockify.plugins.tokens.base import (BackendUnavailable, BadTarget, BasePlugin,
                                             SourceError, need_source)
 from websockify.plugins.tokens.targets import parse_target, target_from_result
@@ -63,8 +64,8 @@ class TokenRedis(BasePlugin):
             if len(fields) > 5 or not fields[0]:
                 raise ValueError("expected host[:port[:db[:password[:namespace]]]]")
             fields += [""] * (5 - len(fields))
-            self._server = fields[0]
-            self._port = int(fields[1]) if fields[1] else 6379
+            self._server = parse_host(fields[0])
+            self._port = parse_port(fields[1]) if fields[1] else 6379
             self._db = int(fields[2]) if fields[2] else 0
             self._password = fields[3] or None
             self._namespace = fields[4] + ":" if fields[4] else ""
@@ -72,8 +73,9 @@ class TokenRedis(BasePlugin):
             raise SourceError("TokenRedis source %r: %s" % (text, exc)) from None
         self._pool = None
         self._pool_pid = None
-        log.info("TokenRedis: tokens from redis %s:%d db %d%s", self._server, self._port,
-                 self._db, " namespace %s" % self._namespace[:-1] if self._namespace else "")
+        log.info("TokenRedis: tokens from redis %s db %d%s",
+                 format_host_port(self._server, self._port), self._db,
+                 " namespace %s" % self._namespace[:-1] if self._namespace else "")
 
     def _client(self):
         import redis
@@ -91,8 +93,8 @@ class TokenRedis(BasePlugin):
         try:
             value = self._client().get(self._namespace + token)
         except redis.exceptions.RedisError as exc:
-            raise BackendUnavailable("redis %s:%d: %s" % (self._server, self._port,
-                                                          str(exc) or type(exc).__name__)) from None
+            raise BackendUnavailable("redis %s: %s" % (format_host_port(self._server, self._port),
+                                                       str(exc) or type(exc).__name__)) from None
         if value is None:
             return None
         text = value.decode("utf-8", "replace").strip()

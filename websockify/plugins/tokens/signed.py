@@ -11,8 +11,8 @@ import os
 import time
 from typing import List, Optional, Tuple
 
+from websockify.addr import UNIX, format_host_port, parse_host, parse_port
 from websockify.plugins.tokens.base import BasePlugin, SourceError, TokenRefused, need_source
-from websockify.plugins.tokens.targets import UNIX, parse_host, parse_port
 
 log = logging.getLogger("websockify")
 
@@ -143,9 +143,6 @@ class SignedTarget(BasePlugin):
         except ValueError as exc:
             raise TokenRefused("signed target: %s" % exc) from None
         if not self.allowed(host, port):
-            raise TokenRefused("signed target %s outside the allow-list" % _show(host, port))
+            raise TokenRefused("signed target %s outside the allow-list"
+                               % format_host_port(host, port))
         return host, port
-
-
-def _show(host: str, port) -> str:
-    return "[%s]:%s" % (host, port) if ":" in host else "%s:%s" % (host, port)
