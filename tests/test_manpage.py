@@ -133,6 +133,13 @@ def test_auth_plugins_are_described():
         assert flag in text
 
 
+def test_token_plugins_are_those_of_the_registry():
+    from websockify.plugins.tokens import PLUGINS
+    match = re.search(r"a bare name \(([^)]*)\)", plain(entry("--token-plugin")))
+    assert match, entry("--token-plugin")
+    assert [name.strip() for name in match.group(1).split(",")] == list(PLUGINS)
+
+
 def test_token_redis_nginx_example():
     text = sections()["EXAMPLES"]
     assert "--token-plugin TokenRedis" in text

@@ -16,7 +16,7 @@ ALLOWED_STDLIB = {"base64", "binascii", "codecs", "dataclasses", "enum", "hashli
 FORBIDDEN = {"socket", "_socket", "ssl", "os", "select", "selectors", "fcntl", "subprocess",
              "threading", "gevent", "geventwebsocket", "asyncio", "io", "time", "logging"}
 # Project modules protocol code may use (pure themselves).
-ALLOWED_PROJECT = {"websockify.errors"}
+ALLOWED_PROJECT = {"websockify.errors", "websockify.addr"}
 
 
 def imports_of(path):

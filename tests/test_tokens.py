@@ -501,6 +501,14 @@ def test_token_plugins_module_has_websockify_names():
     assert m.parse_source_args('h::::"ns1:ns2"') == ["h", "", "", "", "ns1:ns2"]
 
 
+def test_every_registered_plugin_is_a_bare_name():
+    from websockify.plugins.loader import load_class
+    import websockify.token_plugins as m
+    for name, cls in tp.PLUGINS.items():
+        assert load_class(name, tp.DEFAULT_MODULE, "token plugin") is cls
+        assert name in m.__all__
+
+
 # -- TokenFileName and UnixDomainSocketDirectory ------------------------------------------
 
 def test_token_file_name(tmp_path):

@@ -5,7 +5,8 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-from websockify import __version__
+from websockify import __version__, addr
+from websockify.addr import AddressError, parse_host_port
 from websockify.config import OPTIONS, Config, check_values
 from websockify.errors import EXIT_USAGE, UsageError
 from websockify.net.sockets import systemd_listen_fds
@@ -48,19 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_address(text: str, what: str) -> Tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or a bare port -> (host, port)."""
-    if ":" in text:
-        host, port = text.rsplit(":", 1)
-        host = host.strip("[]")
-    else:
-        host, port = "", text
+    """The listen address (``[host:]port``) or the target (``host:port``), by addr's rules."""
     try:
-        number = int(port)
-    except ValueError:
-        raise UsageError("Error parsing %s port: %r" % (what, port)) from None
-    if not 0 <= number <= 65535:
-        raise UsageError("%s port out of range: %d" % (what.capitalize(), number))
-    return host, number
+        host, port = parse_host_port(text, listen=what == "listen")
+    except AddressError as exc:
+        if exc.kind == addr.PORT:
+            raise UsageError("Error parsing %s port: %r" % (what, exc.value)) from None
+        if exc.kind == addr.RANGE:
+            raise UsageError("%s port out of range: %d" % (what.capitalize(), exc.value)) from None
+        raise UsageError("Error parsing %s: %r" % ("target" if what == "target"
+                                                    else what + " address", text)) from None
+    return host, int(port)
 
 
 def _join_negative_values(argv: List[str]) -> List[str]:
@@ -138,12 +137,7 @@ def parse_args(argv: List[str]) -> Config:
     else:
         if not args:
             raise UsageError("Too few arguments")
-        target = args.pop(0)
-        if ":" not in target:
-            raise UsageError("Error parsing target: %r" % target)
-        where["target_host"], where["target_port"] = _split_address(target, "target")
-        if not where["target_host"]:
-            raise UsageError("Error parsing target: %r" % target)
+        where["target_host"], where["target_port"] = _split_address(args.pop(0), "target")
     if args:
         raise UsageError("Too many arguments")
     return Config(values, wrap_cmd=wrap_cmd, **where)

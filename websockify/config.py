@@ -43,6 +43,8 @@ def _parse_trusted(text: str):
     from websockify.protocol.forwarded import parse_trusted_proxies
     return parse_trusted_proxies(text)
 
+from websockify.addr import format_host_port
+
 
 @dataclass(frozen=True)
 class Option:
@@ -357,10 +359,7 @@ class Config:
             return "targets from --token-plugin %s" % (self.token_plugin or "TokenFile")
         if self.unix_target:
             return "unix:%s" % self.unix_target
-        host = self.target_host or ""
-        if ":" in host:
-            host = "[%s]" % host
-        return "%s:%s" % (host, self.target_port)
+        return format_host_port(self.target_host or "", self.target_port)
 
     @property
     def listen_description(self) -> str:
@@ -370,7 +369,4 @@ class Config:
             return "unix:%s" % self.unix_listen
         if self.listen_fds:
             return "systemd socket"
-        host = self.listen_host or ""
-        if ":" in host:
-            host = "[%s]" % host
-        return "%s:%s" % (host, self.listen_port)
+        return format_host_port(self.listen_host or "", self.listen_port)

@@ -9,6 +9,9 @@ import sys
 import time
 from typing import Callable, NamedTuple, Optional, Tuple, Union
 
+from websockify import addr
+from websockify.addr import AddressError, parse_host_port
+
 LOGGER_NAME = "websockify"
 FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(message)s"
 
@@ -77,18 +80,14 @@ def parse_syslog_server(text: str) -> SyslogServer:
         raise ValueError("--syslog: empty SERVER")
     if ":" not in text or text.startswith(("/", ".")):
         return SyslogServer(text, unix_path=os.path.abspath(text))
-    host, port_text = text.rsplit(":", 1)
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not host:
-        raise ValueError("--syslog: no host in %r (expected host:port or a socket path)"
-                         % text)
     try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError("--syslog: error parsing port in %r" % text) from None
-    if not 0 < port < 65536:
-        raise ValueError("--syslog: port out of range in %r" % text)
-    return SyslogServer(text, host=host, port=port)
+        host, port = parse_host_port(text)
+    except AddressError as exc:
+        reason = {addr.NO_HOST: "no host in %r (expected host:port or a socket path)",
+                  addr.PORT: "error parsing port in %r",
+                  addr.RANGE: "port out of range in %r"}.get(exc.kind)
+        raise ValueError("--syslog: %s" % (reason % text if reason else exc)) from None
+    return SyslogServer(text, host=host, port=int(port))
 
 
 def _printable_ascii(text: str, limit: int) -> str:

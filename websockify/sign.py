@@ -16,8 +16,9 @@ import urllib.parse
 from typing import List, Optional
 
 from websockify.errors import EXIT_CONFIG, EXIT_USAGE
-from websockify.plugins.tokens import (UNIX, SignedTarget, SourceError, parse_target,
-                                       read_secret, sign_target)
+from websockify.addr import UNIX, parse_host_port
+from websockify.plugins.tokens.base import SourceError
+from websockify.plugins.tokens.signed import SignedTarget, read_secret, sign_target
 
 _LIFETIME = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -70,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as exc:
         return EXIT_USAGE if exc.code else 0
     try:
-        host, port = parse_target(args.target)
+        host, port = parse_host_port(args.target, unix=True)
     except ValueError as exc:
         sys.stderr.write("websockify-sign: %s\n" % exc)
         return EXIT_USAGE

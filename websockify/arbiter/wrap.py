@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Callable, List, Optional
 
+from websockify.addr import format_host_port
 from websockify.errors import ConfigError
 
 log = logging.getLogger("websockify")
@@ -213,9 +214,9 @@ class WrappedProgram:
         return TARGET_HOST
 
     def describe(self) -> str:
-        return "wrapping %s (port %d moved to %s:%d by %s, --wrap-mode %s)" % (
-            shlex.join(self.argv), self.listen_port, TARGET_HOST, self.target_port,
-            self.rebind_lib, self.mode)
+        return "wrapping %s (port %d moved to %s by %s, --wrap-mode %s)" % (
+            shlex.join(self.argv), self.listen_port,
+            format_host_port(TARGET_HOST, self.target_port), self.rebind_lib, self.mode)
 
     # -- running -------------------------------------------------------------
 
@@ -254,8 +255,9 @@ class WrappedProgram:
         self.respawn_at = None
         self.term_sent_at = None
         self.killed = False
-        log.info("wrapped program %s started (pid %d); its port %d is moved to %s:%d",
-                 self.name, self.pid, self.listen_port, TARGET_HOST, self.target_port)
+        log.info("wrapped program %s started (pid %d); its port %d is moved to %s",
+                 self.name, self.pid, self.listen_port,
+                 format_host_port(TARGET_HOST, self.target_port))
 
     def owns(self, pid: int) -> bool:
         return self.pid is not None and pid == self.pid

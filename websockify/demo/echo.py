@@ -7,6 +7,8 @@ import socket
 import sys
 import threading
 
+from websockify.addr import parse_host_port
+
 
 def serve(host: str, port: int, ready=None) -> None:
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -38,9 +40,13 @@ def main(argv=None) -> int:
     if len(argv) != 1:
         sys.stderr.write("usage: python -m websockify.demo.echo [host:]port\n")
         return 2
-    host, _, port = argv[0].rpartition(":")
     try:
-        serve(host.strip("[]") or "127.0.0.1", int(port),
+        host, port = parse_host_port(argv[0], listen=True)
+    except ValueError as exc:
+        sys.stderr.write("python -m websockify.demo.echo: %s\n" % exc)
+        return 2
+    try:
+        serve(host or "127.0.0.1", int(port),
               ready=lambda p: print("echo target listening on port %d" % p, flush=True))
     except KeyboardInterrupt:
         pass

@@ -11,6 +11,8 @@ import socket
 import stat
 from typing import Mapping, Optional
 
+from websockify.addr import format_host_port
+
 log = logging.getLogger("websockify")
 
 BACKLOG = 1024
@@ -181,10 +183,7 @@ def describe_listener(sock: socket.socket) -> str:
     except OSError:
         return "?"
     if isinstance(address, tuple):
-        host = address[0]
-        if ":" in host:
-            host = "[%s]" % host
-        return "%s:%d" % (host, address[1])
+        return format_host_port(address[0], address[1])
     return "unix:%s" % (address or "?")
 
 

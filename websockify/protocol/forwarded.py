@@ -13,6 +13,8 @@ not know.  A value that does not parse is ignored.
 import ipaddress
 from typing import Callable, Optional, Sequence, Union
 
+from websockify.addr import format_host_port
+
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -123,9 +125,7 @@ def forwarded_client(client_address, get_header: Callable[[str], Optional[str]],
 def tcp_peer_label(client_address) -> str:
     """``1.2.3.4:5678``, ``[::1]:5678``, or ``unix-client``."""
     if isinstance(client_address, tuple) and client_address:
-        host = client_address[0]
-        return ("[%s]:%s" % (host, client_address[1]) if ":" in host
-                else "%s:%s" % tuple(client_address[:2]))
+        return format_host_port(client_address[0], client_address[1])
     return "unix-client"
 
 

@@ -16,6 +16,7 @@ import gevent
 from gevent import socket as gsocket
 from gevent.socket import wait_write
 
+from websockify.addr import format_host_port
 from websockify.errors import BadGateway, GatewayTimeout
 from websockify.plugins.tokens import UNIX, BackendUnavailable
 from websockify.protocol.codec import Codec
@@ -43,8 +44,7 @@ class Target:
     def __str__(self) -> str:
         if self.unix_path:
             return "unix:%s" % self.unix_path
-        host = self.host or ""
-        return "[%s]:%s" % (host, self.port) if ":" in host else "%s:%s" % (host, self.port)
+        return format_host_port(self.host or "", self.port)
 
     def abandon(self) -> None:
         if self.sock is not None:

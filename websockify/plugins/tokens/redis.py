@@ -1,0 +1,110 @@
+"""TokenRedis: tokens in Redis, and parse_source_args for its ``a:b:c`` source."""
+
+import importlib.util
+import json
+import logging
+import os
+from typing import List
+
+from websockify.addr import format_host_port, parse_host, parse_port
+from websockify.plugins.tokens.base import (BackendUnavailable, BadTarget, BasePlugin,
+                                            SourceError, need_source)
+from websockify.plugins.tokens.targets import parse_target, target_from_result
+
+log = logging.getLogger("websockify")
+
+
+def parse_source_args(src: str) -> List[str]:
+    """``a:b:c`` -> ['a', 'b', 'c']; a field in double quotes may hold colons."""
+    fields: List[str] = []
+    i, n = 0, len(src)
+    while True:
+        if i < n and src[i] == '"':
+            end = src.find('"', i + 1)
+            if end < 0 or (end + 1 < n and src[end + 1] != ":"):
+                raise ValueError("unbalanced quotes in %r" % src)
+            fields.append(src[i + 1:end])
+            i = end + 1
+        else:
+            end = src.find(":", i)
+            end = n if end < 0 else end
+            fields.append(src[i:end])
+            i = end
+        if i >= n:
+            return fields
+        i += 1  # the colon
+        if i == n:
+            fields.append("")
+            return fields
+
+
+class TokenRedis(BasePlugin):
+    """Tokens in Redis: key ``[namespace:]token``, value ``host:port`` or JSON.
+
+    The source is ``host[:port[:db[:password[:namespace]]]]``; empty fields
+    take 6379 and 0; a field in double quotes may hold colons.  JSON values
+    are ``{"host": "h:p"}`` or ``{"host": "h", "port": p}``.  Each worker
+    keeps one connection pool; a Redis that cannot be reached gives 503.
+    Needs redis-py (``pip install websockify[redis]``).
+    """
+
+    socket_timeout = 2.0
+
+    def __init__(self, src):
+        super().__init__(src)
+        text = need_source(self, src)
+        # Only look for the package here: the master builds plugins before it
+        # forks, and importing redis (which imports ssl) there would come
+        # before the workers' gevent patching.
+        if importlib.util.find_spec("redis") is None:
+            raise SourceError("TokenRedis needs the redis package "
+                              "(pip install 'websockify[redis]')")
+        try:
+            fields = parse_source_args(text)
+            if len(fields) > 5 or not fields[0]:
+                raise ValueError("expected host[:port[:db[:password[:namespace]]]]")
+            fields += [""] * (5 - len(fields))
+            self._server = parse_host(fields[0])
+            self._port = parse_port(fields[1]) if fields[1] else 6379
+            self._db = int(fields[2]) if fields[2] else 0
+            self._password = fields[3] or None
+            self._namespace = fields[4] + ":" if fields[4] else ""
+        except ValueError as exc:
+            raise SourceError("TokenRedis source %r: %s" % (text, exc)) from None
+        self._pool = None
+        self._pool_pid = None
+        log.info("TokenRedis: tokens from redis %s db %d%s",
+                 format_host_port(self._server, self._port), self._db,
+                 " namespace %s" % self._namespace[:-1] if self._namespace else "")
+
+    def _client(self):
+        import redis
+        if self._pool is None or self._pool_pid != os.getpid():
+            # One pool per process: a pool must not cross a fork.
+            self._pool = redis.ConnectionPool(
+                host=self._server, port=self._port, db=self._db, password=self._password,
+                socket_timeout=self.socket_timeout, socket_connect_timeout=self.socket_timeout,
+                max_connections=64)
+            self._pool_pid = os.getpid()
+        return redis.Redis(connection_pool=self._pool)
+
+    def lookup(self, token):
+        import redis
+        try:
+            value = self._client().get(self._namespace + token)
+        except redis.exceptions.RedisError as exc:
+            raise BackendUnavailable("redis %s: %s" % (format_host_port(self._server, self._port),
+                                                       str(exc) or type(exc).__name__)) from None
+        if value is None:
+            return None
+        text = value.decode("utf-8", "replace").strip()
+        try:
+            if text.startswith("{"):
+                data = json.loads(text)
+                if not isinstance(data, dict) or "host" not in data:
+                    raise ValueError("JSON without a host")
+                return target_from_result(data)
+            return parse_target(text)
+        except ValueError:
+            raise BadTarget("redis value for token %r is neither JSON nor host:port: %r"
+                            % (token[:64], text[:80])) from None
