@@ -6,6 +6,7 @@ HTTP statuses, the relay for close codes), so code that refuses a session
 only has to raise.
 """
 
+import http
 from typing import Iterable, Optional, Tuple
 
 # Process exit statuses (also documented in man/websockify.1).
@@ -17,11 +18,20 @@ EXIT_LISTEN = 4         # the listening socket could not be opened
 EXIT_CONFIG = 5         # a file or setting named on the command line is unusable
 
 
+def reason_phrase(status: int) -> str:
+    """The standard phrase of an HTTP status (http.HTTPStatus), for any status a plugin picks."""
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Client Error" if 400 <= status < 500 else "Error"
+
+
 class HTTPError(Exception):
     """Refuse a request before any upgrade with an HTTP status and a short body."""
 
-    def __init__(self, status: int, reason: str, text: Optional[str] = None,
+    def __init__(self, status: int, text: Optional[str] = None,
                  headers: Iterable[Tuple[str, str]] = ()):
+        reason = reason_phrase(status)
         super().__init__(text or reason)
         self.status = status
         self.reason = reason
@@ -37,23 +47,22 @@ class HTTPError(Exception):
 
 class BadRequest(HTTPError):
     def __init__(self, text: str, headers: Iterable[Tuple[str, str]] = ()):
-        super().__init__(400, "Bad Request", text, headers)
+        super().__init__(400, text, headers)
 
 
 class BadGateway(HTTPError):
     def __init__(self, text: str):
-        super().__init__(502, "Bad Gateway", text)
+        super().__init__(502, text)
 
 
 class GatewayTimeout(HTTPError):
     def __init__(self, text: str):
-        super().__init__(504, "Gateway Timeout", text)
+        super().__init__(504, text)
 
 
 class HeaderTooLarge(HTTPError):
     def __init__(self, limit: int):
-        super().__init__(431, "Request Header Fields Too Large",
-                         "request header block exceeds %d bytes" % limit)
+        super().__init__(431, "request header block exceeds %d bytes" % limit)
 
 
 class WebSocketError(Exception):

@@ -7,7 +7,6 @@ status and headers; any other exception (SystemExit and KeyboardInterrupt
 included) is a 500 with the error in the log, never a dead worker.
 """
 
-import http
 import logging
 from typing import Optional
 
@@ -26,11 +25,7 @@ class AuthRefused(HTTPError):
     """The plugin said no: its status and headers, a short body, the reason logged."""
 
     def __init__(self, status: int, log_text: str, text: Optional[str] = None, headers=()):
-        try:
-            reason = http.HTTPStatus(status).phrase
-        except ValueError:
-            reason = "Forbidden" if 400 <= status < 500 else "Error"
-        super().__init__(status, reason, text or reason, headers)
+        super().__init__(status, text, headers)
         self.log_text = log_text
 
 

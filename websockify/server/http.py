@@ -124,8 +124,7 @@ class HeadReader:
 
 
 def _key3_timeout(timeout: float) -> HTTPError:
-    return HTTPError(408, "Request Timeout",
-                     "the 8 bytes after a Hixie-76 request head not received within %g s"
+    return HTTPError(408, "the 8 bytes after a Hixie-76 request head not received within %g s"
                      % timeout)
 
 
@@ -164,8 +163,7 @@ class Handler(WebSocketHandler):
             self._deadline = time.monotonic() + timeout
         try:
             with gevent.Timeout(timeout, HTTPError(
-                    408, "Request Timeout",
-                    "request head not received within %g s" % self.server.handshake_timeout)):
+                    408, "request head not received within %g s" % self.server.handshake_timeout)):
                 head = self.rfile.read_head()
         except HTTPError as exc:
             return self._refusal(exc, self.rfile.request_line or "")
@@ -318,7 +316,7 @@ class Handler(WebSocketHandler):
     def _refuse_plain(self) -> None:
         self.requestline = ""
         self.status, body = self._refusal(
-            HTTPError(403, "Forbidden", "this port requires TLS: use wss:// or https://"),
+            HTTPError(403, "this port requires TLS: use wss:// or https://"),
             "plain connection")
         self._send_and_close(body)
 

@@ -28,37 +28,31 @@ class TokenError(HTTPError):
     """A refused token, answered with ``status`` before any upgrade."""
 
     status_code = 403
-    reason_phrase = "Forbidden"
 
     def __init__(self, text: str):
-        super().__init__(self.status_code, self.reason_phrase, text)
+        super().__init__(self.status_code, text)
 
 
 class TokenNotFound(TokenError):
     status_code = 404
-    reason_phrase = "Not Found"
 
 
 class TokenRefused(TokenError):
     status_code = 403
-    reason_phrase = "Forbidden"
 
 
 class MissingToken(TokenError):
     status_code = 400
-    reason_phrase = "Bad Request"
 
 
 class BadTarget(TokenError):
     """The token store holds something that is not a target."""
     status_code = 502
-    reason_phrase = "Bad Gateway"
 
 
 class BackendUnavailable(TokenError):
     """The token store (Redis, an HTTP API) cannot be asked right now."""
     status_code = 503
-    reason_phrase = "Service Unavailable"
 
 
 class PluginFailed(TokenError):
@@ -67,7 +61,6 @@ class PluginFailed(TokenError):
     The client hears only that; the log line names the plugin and the error.
     """
     status_code = 500
-    reason_phrase = "Internal Server Error"
 
     def __init__(self, log_text: str):
         super().__init__("token plugin failed")
