@@ -575,27 +575,37 @@ def test_hup_storm_keeps_sessions_and_the_newest_generation_serves(websockify):
     try:
         sessions.open_all(200)
         all_ok(sessions.echo())
-        watcher = PidWatcher(proc.pid)
+        holding = [pid for pid in first if held_sessions(pid, port)]
         for _ in range(10):            # 10 HUPs in 5 s
             proc.signal(signal.SIGHUP)
             time.sleep(0.5)
             assert proc.proc.poll() is None, proc.log()
-        seen = watcher.stop()
-        # The newest generation: four workers still listening, none of the first.
-        newest = wait_for(lambda: (lambda pids: pids if len(pids) == 4 else None)(
-            listening([pid for pid in worker_pids(proc.pid) if pid not in first], port)),
-            30, what="four listening workers of the last generation")
+
+        def newest():
+            # Four workers listening, none of the first generation, the same
+            # four half a second later, and every other worker draining.
+            def sample():
+                workers = worker_pids(proc.pid)
+                return listening([pid for pid in workers if pid not in first], port), workers
+            pids, workers = sample()
+            if len(pids) != 4 or listening(workers, port) != pids:
+                return None
+            time.sleep(0.5)
+            return pids if sample()[0] == pids else None
+        serving = wait_for(newest, 30, what="four listening workers of one new generation")
         all_ok(sessions.echo(), "sessions held through the HUP storm")
         fresh = Sessions(port)
         try:
             fresh.open_all(40)
             all_ok(fresh.echo())
-            assert set(owners(fresh, port, worker_pids(proc.pid)).values()) <= set(newest)
+            assert set(owners(fresh, port, worker_pids(proc.pid)).values()) <= set(serving)
         finally:
             fresh.drop()
+        # Generations between the first and the newest held nothing: gone.
+        wait_for(lambda: worker_pids(proc.pid) == sorted(holding + serving), 30,
+                 what="only the first generation's busy workers and the newest")
         all_ok(sessions.echo(), "sessions held through the HUP storm")
         assert proc.proc.poll() is None
-        assert len(seen) > 4
     finally:
         sessions.drop()
 
