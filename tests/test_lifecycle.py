@@ -22,9 +22,8 @@ import time
 
 import pytest
 
-from tests.helpers import (ROOT, RawWebSocket, children_of, free_port, handshake_request,
-                           mask_frame, pid_alive, port_open, rss_kib, wait_for,
-                           websockify_argv)
+from tests.helpers import (ROOT, RawWebSocket, children_of, handshake_request,
+                           mask_frame, pid_alive, port_open, rss_kib, wait_for)
 
 CHURN_SECONDS = float(os.environ.get("LIFECYCLE_CHURN_SECONDS", "60"))
 
@@ -212,23 +211,27 @@ class Sessions:
         return outcomes
 
     @staticmethod
-    def _parse(conn, outcomes) -> bool:
-        """Consume whole server frames from conn.buf; True once the echo is decided."""
+    def _frames(conn):
+        """Take the whole server frames off conn.buf: (opcode, payload) each."""
         while len(conn.buf) >= 2:
             b0, b1 = conn.buf[0], conn.buf[1]
             length, pos = b1 & 0x7F, 2
             if length == 126:
                 if len(conn.buf) < 4:
-                    return False
+                    return
                 length, pos = struct.unpack("!H", conn.buf[2:4])[0], 4
             elif length == 127:
                 if len(conn.buf) < 10:
-                    return False
+                    return
                 length, pos = struct.unpack("!Q", conn.buf[2:10])[0], 10
             if len(conn.buf) < pos + length:
-                return False
+                return
             payload, conn.buf = conn.buf[pos:pos + length], conn.buf[pos + length:]
-            opcode = b0 & 0x0F
+            yield b0 & 0x0F, payload
+
+    def _parse(self, conn, outcomes) -> bool:
+        """Consume whole server frames; True once the echo is decided."""
+        for opcode, payload in self._frames(conn):
             if opcode == 0x8:
                 outcomes[conn.index] = CLOSE
                 return True
@@ -238,6 +241,48 @@ class Sessions:
                     outcomes[conn.index] = OK if conn.got == conn.want else MISMATCH
                     return True
         return False
+
+    def await_close(self, timeout=30.0) -> dict:
+        """Wait for the server's close on every live session, answer it, see the end:
+        {index: close code (None without one), or eof/reset/timeout}."""
+        sel = selectors.DefaultSelector()
+        codes = {}
+        for conn in self.conns:
+            if conn is not None:
+                sel.register(conn.sock, selectors.EVENT_READ, conn)
+        deadline = time.monotonic() + timeout
+        try:
+            while sel.get_map():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    for key in list(sel.get_map().values()):
+                        codes.setdefault(key.data.index, TIMEOUT)
+                    break
+                for key, _ in sel.select(min(left, 1.0)):
+                    conn = key.data
+                    try:
+                        data = conn.sock.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    except ConnectionResetError:
+                        data = None
+                    if not data:
+                        codes.setdefault(conn.index, EOF if data == b"" else RESET)
+                        sel.unregister(conn.sock)
+                        continue
+                    conn.buf += data
+                    for opcode, payload in self._frames(conn):
+                        if opcode == 0x8 and conn.index not in codes:
+                            codes[conn.index] = (struct.unpack("!H", payload[:2])[0]
+                                                 if len(payload) >= 2 else None)
+                            try:
+                                conn.sock.send(mask_frame(0x8, payload[:2]))
+                            except OSError:
+                                pass
+        finally:
+            sel.close()
+        self.drop()
+        return codes
 
     def close_all(self, timeout=30.0) -> None:
         """Close handshake on every live session, then wait for the server's end."""
@@ -462,6 +507,8 @@ def test_kill_9_of_one_worker_loses_only_its_sessions(websockify):
             replacement = wait_workers(proc, 1, exclude=workers, timeout=5)[0]
             assert owner_of(fresh.sock, port, [survivor, replacement]) == replacement
             assert elapsed < 1.0, "the replacement served %.2fs after the kill" % elapsed
+            fresh.send_binary(b"from the replacement")
+            assert fresh.recv_data(20) == b"from the replacement"
         finally:
             fresh.close()
         outcomes = sessions.echo()
@@ -689,6 +736,9 @@ def test_sighup_during_sigterm_drain_is_ignored(websockify):
         outcomes = sessions.echo()
         if time.monotonic() - term_at < 5:
             all_ok(outcomes, "sessions during the drain")
+        # After --graceful-timeout, every session is closed with 1001.
+        codes = sessions.await_close(30)
+        assert counts(codes) == {1001: 20}, counts(codes)
         assert proc.wait(30) == 0, proc.log()
         assert watcher.stop() == set(workers), "workers forked after SIGTERM"
         assert not any(pid_alive(pid) for pid in workers)
@@ -711,6 +761,8 @@ def test_sigterm_during_reload_stops_cleanly(websockify, when):
             wait_for(lambda: len(set(children_of(proc.pid)) - set(old)) >= 2, 10,
                      what="the new generation forked")
         proc.signal(signal.SIGTERM)
+        codes = sessions.await_close(30)
+        assert counts(codes) == {1001: 20}, counts(codes)
         assert proc.wait(30) == 0, proc.log()
         seen = watcher.stop()
         assert set(old) <= seen
