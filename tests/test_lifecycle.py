@@ -523,8 +523,10 @@ def test_kill_9_of_one_worker_loses_only_its_sessions(websockify):
 
 
 def test_two_workers_killed_at_once_are_both_replaced(websockify):
-    proc, port = websockify("--echo", "--workers", "2", "127.0.0.1:{port}")
+    proc, port = websockify("-v", "--echo", "--workers", "2", "127.0.0.1:{port}")
     old = wait_workers(proc, 2)
+    # Killed before it is ready, a first-generation worker is a boot failure.
+    wait_serving(proc, old)
     sessions = Sessions(port)
     try:
         sessions.open_all(20)

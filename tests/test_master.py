@@ -107,6 +107,13 @@ def server_side_inode(listen_port: int, client_port: int):
     return None
 
 
+def holds_listener(pid: int, listen_port: int) -> bool:
+    """Whether ``pid`` still has the listening socket (a draining worker closes its copy)."""
+    # The listener is the one entry with that local port and remote port 0 (LISTEN).
+    listener = server_side_inode(listen_port, 0)
+    return listener is not None and listener in socket_inodes(pid)
+
+
 def owner(ws: RawWebSocket, listen_port: int, pids) -> int:
     """Which of ``pids`` holds the server side of this session."""
     client_port = ws.sock.getsockname()[1]
@@ -392,6 +399,10 @@ def test_sighup_replaces_workers_and_old_sessions_continue(websockify, echo_targ
         new = wait_for(lambda: (lambda n: n if len(n) == 2 else None)(
             [pid for pid in worker_pids(proc.pid) if pid not in old]), 5, what="new workers")
         wait_for(lambda: not pid_alive(idle), 5, what="idle old worker %d to exit" % idle)
+        # The old generation drains once the new one is ready: the busy worker
+        # stops accepting (it closes its listener) but keeps its session.
+        wait_for(lambda: not holds_listener(busy, port), 5,
+                 what="old worker %d to stop accepting" % busy)
         assert pid_alive(busy)
         assert echoes(old_ws, b"old worker still relays")
         new_ws = open_session(port)
