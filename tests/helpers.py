@@ -1,8 +1,10 @@
 """Test helpers: real server processes on loopback and a byte-level WebSocket client."""
 
 import base64
+import importlib
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -10,8 +12,58 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
+
+
+# -- what the tests need from the machine --------------------------------------
+
+def in_ci() -> bool:
+    """CI runs .ci/run with CI=true; that script installs what the tests need."""
+    return os.environ.get("CI") == "true"
+
+
+def skip_or_fail(reason: str) -> None:
+    """A missing requirement skips the test locally, with ``reason``; in CI it
+    fails it, so that a broken install cannot pass as a green run."""
+    if in_ci():
+        pytest.fail("%s; CI=true, where it must be installed (.ci/run, the test extra)"
+                    % reason, pytrace=False)
+    pytest.skip(reason)
+
+
+# Debian installs daemons (nginx) in sbin, which a non-root PATH often lacks.
+_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def find_program(*names):
+    """The path of the first of ``names`` found on PATH or in the sbin folders."""
+    search = os.pathsep.join([os.environ.get("PATH", os.defpath)] + list(_SBIN))
+    for name in names:
+        found = shutil.which(name, path=search)
+        if found:
+            return found
+    return None
+
+
+def require_program(name: str, package: str, *alternatives: str) -> str:
+    """The path of program ``name`` (or of one of ``alternatives``); skips
+    locally, fails in CI, when none is installed."""
+    found = find_program(name, *alternatives)
+    if found is None:
+        skip_or_fail("%s is not installed (Debian package %s)" % (name, package))
+    return found
+
+
+def require_module(name: str, install: str):
+    """Python module ``name`` imported; skips locally, fails in CI, when missing
+    (the test extra installs it)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        skip_or_fail("%s is not installed (%s)" % (name, install))
 
 
 def free_port(family=socket.AF_INET, host="127.0.0.1") -> int:

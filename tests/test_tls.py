@@ -16,10 +16,8 @@ import time
 import pytest
 
 from tests.helpers import (PYTHON, RawWebSocket, free_port, handshake_request, mask_frame,
-                           port_open,
-                           read_http_response, wait_for, websockify_argv)
-
-OPENSSL = shutil.which("openssl")
+                           port_open, read_http_response, require_program, wait_for,
+                           websockify_argv)
 
 
 def client_context(pki, cert=None, maximum=None, cafile=None) -> ssl.SSLContext:
@@ -110,14 +108,13 @@ def test_many_concurrent_tls_sessions_keep_their_bytes_apart(websockify, echo_ta
 
 
 def test_openssl_s_client_gets_101(websockify, echo_target, pki):
-    if OPENSSL is None:
-        pytest.skip("openssl is not installed")
+    openssl = require_program("openssl", "openssl")
     proc, port = websockify("--cert", pki.server.pem, "--workers", "1",
                             "{port}", "127.0.0.1:%d" % echo_target)
     # The close frame ends the session, so s_client sees the connection close.
     request = handshake_request("/", "127.0.0.1") + mask_frame(0x8, b"\x03\xe8")
     done = subprocess.run(
-        [OPENSSL, "s_client", "-connect", "127.0.0.1:%d" % port, "-CAfile", pki.ca.cert,
+        [openssl, "s_client", "-connect", "127.0.0.1:%d" % port, "-CAfile", pki.ca.cert,
          "-verify_return_error", "-quiet", "-ign_eof"],
         input=request, capture_output=True, timeout=20)
     assert b"HTTP/1.1 101 Switching Protocols" in done.stdout, done.stderr[-500:]
@@ -281,11 +278,10 @@ def test_client_certificate_accepted(websockify, echo_target, pki):
 
 
 def test_client_certificate_with_openssl_s_client(websockify, echo_target, pki):
-    if OPENSSL is None:
-        pytest.skip("openssl is not installed")
+    openssl = require_program("openssl", "openssl")
     proc, port = verifying_server(websockify, echo_target, pki)
     done = subprocess.run(
-        [OPENSSL, "s_client", "-connect", "127.0.0.1:%d" % port, "-CAfile", pki.ca.cert,
+        [openssl, "s_client", "-connect", "127.0.0.1:%d" % port, "-CAfile", pki.ca.cert,
          "-cert", pki.alice.cert, "-key", pki.alice.key, "-quiet", "-ign_eof"],
         input=handshake_request() + mask_frame(0x8, b"\x03\xe8"), capture_output=True,
         timeout=20)

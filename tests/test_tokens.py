@@ -22,7 +22,7 @@ import urllib.parse
 import pytest
 
 from tests.helpers import (PYTHON, ROOT, RawWebSocket, children_of, echo_through, free_port,
-                           ipv6_available, wait_for)
+                           ipv6_available, require_module, wait_for)
 from websockify.plugins import tokens as tp
 from websockify.demo.echo import echo_connection
 
@@ -650,11 +650,8 @@ def test_slow_token_api_gets_503_within_the_deadline(websockify, echo4):
 
 try:
     from jwcrypto import jwk, jwt
-except ImportError:  # the jwt extra is not installed
+except ImportError:  # the jwt extra is not installed: the keys fixture says so
     jwk = jwt = None
-
-needs_jwcrypto = pytest.mark.skipif(jwk is None, reason="jwcrypto is not installed "
-                                    "(pip install 'websockify[jwt]')")
 
 
 def make_jwt(key, claims, alg):
@@ -669,6 +666,7 @@ def b64(data):
 
 @pytest.fixture
 def keys(tmp_path):
+    require_module("jwcrypto", "pip install 'websockify[jwt]'")
     secret = b"a shared secret of some length!!"
     rsa = jwk.JWK.generate(kty="RSA", size=2048)
     ec = jwk.JWK.generate(kty="EC", crv="P-256")
@@ -681,7 +679,6 @@ def keys(tmp_path):
     return paths, {"hs": oct_key, "rs": rsa, "es": ec}
 
 
-@needs_jwcrypto
 def test_jwt_token_api(keys):
     paths, k = keys
     now = time.time()
@@ -715,7 +712,6 @@ def test_jwt_token_api(keys):
         tp.JWTTokenApi(pub_path).lookup(confused)
 
 
-@needs_jwcrypto
 def test_jwe_token(keys):
     paths, k = keys
     inner = make_jwt(k["hs"], {"host": "10.0.0.7", "port": 5902}, "HS256")
@@ -735,7 +731,6 @@ def test_jwe_token(keys):
         tp.JWTTokenApi(paths["rs"]).lookup(bare.serialize())
 
 
-@needs_jwcrypto
 def test_jwt_end_to_end(websockify, echo4, keys):
     paths, k = keys
     proc, port = start_tokens(websockify, "--token-plugin", "JWTTokenApi", "--token-source",
