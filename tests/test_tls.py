@@ -500,12 +500,39 @@ def test_ssl_target_no_verify_connects_and_warns(websockify, tls_target):
 
 
 def test_ssl_target_to_a_plain_target_is_502(websockify, echo_target, pki):
+    """A plain target answers the TLS hello with bytes that are not TLS (the
+    echo target sends the hello back): 502 at once.  The connect timeout is far
+    longer than that answer takes, so it cannot turn into a 504."""
     proc, port = websockify("--ssl-target", "--ssl-target-cafile", pki.ca.cert,
-                            "--connect-timeout", "2", "--workers", "1",
+                            "--connect-timeout", "30", "--workers", "1",
                             "{port}", "127.0.0.1:%d" % echo_target)
     ws = RawWebSocket(port)
-    assert ws.status in (502, 504)
-    proc.wait_log(r"refused .* (502|504) TLS")
+    why = "TLS to target 127.0.0.1:%d failed: unexpected message" % echo_target
+    assert (ws.status, ws.buffer) == (502, why.encode() + b"\n")
+    proc.wait_log(r"(?m)refused 'GET / HTTP/1\.1': 502 %s$" % re.escape(why))
+    assert count(r"refused", proc.log()) == 1
+
+
+def test_ssl_target_that_never_answers_the_hello_is_504(websockify, pki):
+    """A target that accepts (the kernel does, from the backlog) but never
+    answers the TLS hello: 504 once the connect timeout has passed."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    target_port = silent.getsockname()[1]
+    try:
+        proc, port = websockify("--ssl-target", "--ssl-target-cafile", pki.ca.cert,
+                                "--connect-timeout", "1", "--workers", "1",
+                                "{port}", "127.0.0.1:%d" % target_port)
+        started = time.monotonic()
+        ws = RawWebSocket(port)
+        why = ("TLS handshake with target 127.0.0.1:%d not completed within 1 s"
+               % target_port)
+        assert (ws.status, ws.buffer) == (504, why.encode() + b"\n")
+        assert time.monotonic() - started >= 1.0
+        proc.wait_log(r"(?m)refused 'GET / HTTP/1\.1': 504 %s$" % re.escape(why))
+    finally:
+        silent.close()
 
 
 @pytest.mark.parametrize("args", [["--ssl-target-no-verify"], ["--ssl-target-cafile", "x"]])
