@@ -7,6 +7,8 @@ plugin objects directly, where a server adds nothing.
 """
 
 import base64
+import hashlib
+import hmac
 import http.server
 import json
 import os
@@ -846,4 +848,43 @@ def test_websockify_sign_and_server(websockify, echo4, signed, tmp_path):
     status, body = answer(port, "/?token=" + expired)
     assert status == 403 and b"expired" in body
     assert sign("--config", signed, "--lifetime", "soon", "127.0.0.1:1").returncode == 2
+    assert_clean(proc)
+
+
+def documented_token(secret: bytes, host: str, port: int, expires: int) -> str:
+    """A SignedTarget token made as the README describes it, without the project's
+    code: v1.PAYLOAD.MAC, PAYLOAD the unpadded base64url of {"h", "p", "e"} JSON,
+    MAC the unpadded base64url of HMAC-SHA256(secret, "v1." + PAYLOAD)."""
+    def unpadded(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    payload = unpadded(json.dumps({"h": host, "p": port, "e": expires}).encode("utf-8"))
+    signed_part = "v1." + payload
+    mac = hmac.new(secret, signed_part.encode("ascii"), hashlib.sha256).digest()
+    return signed_part + "." + unpadded(mac)
+
+
+def one_byte_changed(token: str, index: int) -> str:
+    """``token`` with the base64url character at ``index`` replaced by another."""
+    other = "B" if token[index] == "A" else "A"
+    return token[:index] + other + token[index + 1:]
+
+
+def test_token_signed_as_documented_is_accepted(websockify, echo4, signed, tmp_path):
+    proc, port = start_tokens(websockify, "--token-plugin", "SignedTarget", "--token-source",
+                              signed, "{port}")
+    # The secret is the key file's text (surrounding whitespace stripped), as is.
+    secret = (tmp_path / "sign.key").read_bytes().strip()
+    token = documented_token(secret, "127.0.0.1", echo4.port, int(time.time()) + 300)
+    echo_through(port, "/?token=" + token)
+    head, payload, mac = token.split(".")
+    # One character changed in the payload, then in the MAC (inside each,
+    # where every bit of the character is data).
+    for index in (len(head) + 1 + len(payload) // 2, len(token) - len(mac) // 2):
+        altered = one_byte_changed(token, index)
+        assert altered != token and len(altered) == len(token)
+        assert answer(port, "/?token=" + altered) == (
+            403, b"signed target token altered or malformed\n")
+    expired = documented_token(secret, "127.0.0.1", echo4.port, int(time.time()) - 5)
+    assert answer(port, "/?token=" + expired) == (403, b"signed target token expired\n")
+    assert len(refusal_lines(proc, 403)) == 3, proc.log()
     assert_clean(proc)
