@@ -204,17 +204,31 @@ class ServerUnderTest:
         self.workers = sorted(wait_for(
             lambda: len(children_of(proc.pid)) == workers and children_of(proc.pid),
             what="%d worker process(es)" % workers))
+        self._mark = 0
+
+    def mark(self):
+        """A test starts on a server other tests used before: ``lines_about``
+        and ``wait_line`` see only what is logged from now on (a client's
+        local port can come round again)."""
+        self._mark = len(self.proc.log())
 
     def log(self):
+        """The whole log: checks for crashes and errors see every test's part."""
         return self.proc.log()
+
+    def recent_log(self):
+        """The log since the last ``mark``."""
+        return self.proc.log()[self._mark:]
 
     def lines_about(self, cport):
         """The log lines about the client whose local port is ``cport``."""
         regex = re.compile(r"\b127\.0\.0\.1:%d\b" % cport)
-        return [line for line in self.log().splitlines() if regex.search(line)]
+        return [line for line in self.recent_log().splitlines() if regex.search(line)]
 
     def wait_line(self, pattern, timeout=10.0):
-        return self.proc.wait_log(pattern, timeout)
+        regex = re.compile(pattern)
+        return wait_for(lambda: regex.search(self.recent_log()), timeout,
+                        what="log line %r in:\n%s" % (pattern, self.recent_log()))
 
 
 # -- a byte-level WebSocket client -------------------------------------------
