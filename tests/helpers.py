@@ -194,6 +194,30 @@ def echo_through(port, path="/", extra=(), payload=b"hello through the token"):
         ws.close()
 
 
+class SharedProcess:
+    """A process a module's tests share, as one test sees it: ``log()`` is what
+    it logged since ``mark()``, which the test's fixture calls at its start."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.pid = proc.pid
+        self._mark = 0
+
+    def mark(self):
+        self._mark = len(self.proc.log())
+
+    def log(self) -> str:
+        return self.proc.log()[self._mark:]
+
+    def whole_log(self) -> str:
+        return self.proc.log()
+
+    def wait_log(self, pattern, timeout=10.0):
+        regex = re.compile(pattern)
+        return wait_for(lambda: regex.search(self.log()), timeout,
+                        what="log line %r in:\n%s" % (pattern, self.log()))
+
+
 class ServerUnderTest:
     """A running websockify, its worker processes and its log, as tests read them."""
 
