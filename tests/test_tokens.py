@@ -351,7 +351,7 @@ def test_token_file_changes_while_running(websockify, echo4, tmp_path):
     for _ in range(3):
         assert answer(port, "/?token=unknown")[0] == 404   # a miss checks the file
         echo_through(port, "/?token=b")       # last good table
-    time.sleep(1.1)
+    time.sleep(1.1)                           # past the plugin's 1 s check interval
     echo_through(port, "/?token=b")           # the periodic check: no second error
     proc.wait_log(r"ERROR .*tokens\.cfg:2: syntax error.*keeping the last good table")
     assert len([l for l in proc.log().splitlines() if " ERROR " in l]) == 1
@@ -373,14 +373,18 @@ def test_hup_reloads_token_source_without_dropping_sessions(websockify, echo4, t
     ws.send_binary(b"still open")
     assert ws.recv_data(10) == b"still open"          # the old session survived
     ws.close()
-    # a broken file on HUP keeps the previous configuration
+    # The old worker leaves with its session: one worker, the reloaded one.
+    reloaded = wait_for(lambda: (lambda kids: kids if len(kids) == 1 else None)(
+        children_of(proc.pid)), what="the old worker to leave")
+    assert set(reloaded).isdisjoint(before)
+    # a broken file on HUP keeps the previous configuration, in new workers too
     write(cfg, "nonsense\n")
     proc.signal(signal.SIGHUP)
     proc.wait_log(r"ERROR .*tokens\.cfg:1: syntax error.*keep the previous token configuration")
-    time.sleep(0.5)
-    wait_for(lambda: answer(port, "/?token=new")[0] == 101, what="previous config kept")
+    wait_for(lambda: (lambda kids: len(kids) == 1 and kids[0] not in reloaded)(
+        children_of(proc.pid)), what="the worker replaced after the second HUP")
+    assert answer(port, "/?token=new")[0] == 101
     assert proc.proc.poll() is None
-    assert set(children_of(proc.pid)).isdisjoint(before)
 
 
 # -- plugins written for websockify 0.13 ----------------------------------------------------
