@@ -195,22 +195,25 @@ def echo_through(port, path="/", extra=(), payload=b"hello through the token"):
 
 
 class SharedProcess:
-    """A process a module's tests share, as one test sees it: ``log()`` is what
-    it logged since ``mark()``, which the test's fixture calls at its start."""
+    """A Process a module's tests share, as one test sees it: ``log()`` is what
+    it logged since ``mark()``, which the test's fixture calls at its start;
+    everything else (pid, proc, signal) is the Process's."""
 
-    def __init__(self, proc):
-        self.proc = proc
-        self.pid = proc.pid
+    def __init__(self, process):
+        self._process = process
         self._mark = 0
 
+    def __getattr__(self, name):
+        return getattr(self._process, name)
+
     def mark(self):
-        self._mark = len(self.proc.log())
+        self._mark = len(self._process.log())
 
     def log(self) -> str:
-        return self.proc.log()[self._mark:]
+        return self._process.log()[self._mark:]
 
     def whole_log(self) -> str:
-        return self.proc.log()
+        return self._process.log()
 
     def wait_log(self, pattern, timeout=10.0):
         regex = re.compile(pattern)
