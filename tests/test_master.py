@@ -267,7 +267,7 @@ def test_killed_worker_is_replaced_and_other_sessions_survive(websockify, echo_t
         about_victim = [line for line in log_lines(proc.log())
                         if "pid %d" % victim in line]
         assert len(about_victim) == 1, proc.log()
-        assert "signal 9" in about_victim[0] or "killed" in about_victim[0]
+        assert "killed by signal 9" in about_victim[0], about_victim
         assert proc.proc.poll() is None
     finally:
         for ws in sessions:
