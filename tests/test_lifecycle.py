@@ -677,12 +677,14 @@ def test_reload_whose_workers_fail_to_boot_keeps_the_old_generation(websockify, 
     fake.mkdir()
     (fake / "setproctitle.py").write_text(FAKE_SETPROCTITLE)
     flag = tmp_path / "break-boot"
-    proc, port = websockify("--echo", "--workers", "2", "--graceful-timeout", "30",
+    proc, port = websockify("-v", "--echo", "--workers", "2", "--graceful-timeout", "30",
                             "127.0.0.1:{port}",
                             env={"PYTHONPATH": str(fake) + os.pathsep + ROOT,
                                  "BREAK_BOOT": str(flag)})
     old = wait_for(lambda: (lambda k: sorted(k) if len(k) == 2 else None)(children_of(proc.pid)),
                    what="two workers")
+    # Both old workers must be ready before boots start failing.
+    wait_serving(proc, old)
     sessions = Sessions(port)
     try:
         sessions.open_all(100)
@@ -690,7 +692,9 @@ def test_reload_whose_workers_fail_to_boot_keeps_the_old_generation(websockify, 
         flag.write_text("")
         proc.signal(signal.SIGHUP)
         proc.wait_log(r"boot broken on purpose", timeout=15)
-        time.sleep(2.0)               # the master has seen the failed boots
+        proc.wait_log(r"reload failed: worker \d \(pid \d+\) of the new generation exited "
+                      r"with status 3 before it was ready; the previous workers keep serving",
+                      timeout=15)
         assert proc.proc.poll() is None, proc.log()
         assert all(pid_alive(pid) for pid in old)
         all_ok(sessions.echo(), "sessions of the old generation")
