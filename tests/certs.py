@@ -7,19 +7,11 @@ a client one, an expired one, or one with an encrypted key).
 """
 
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from typing import Optional
 
-import pytest
-
-OPENSSL = shutil.which("openssl")
-
-
-def need_openssl() -> None:
-    if OPENSSL is None:
-        pytest.skip("openssl is not installed (Debian package openssl)")
+from tests.helpers import require_program
 
 
 @dataclass
@@ -66,12 +58,12 @@ extendedKeyUsage = clientAuth
 
 class CertMaker:
     def __init__(self, directory: str):
-        need_openssl()
+        self.openssl = require_program("openssl", "openssl")
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
 
     def _run(self, *args: str, stdin: Optional[bytes] = None) -> None:
-        done = subprocess.run([OPENSSL] + list(args), input=stdin, capture_output=True,
+        done = subprocess.run([self.openssl] + list(args), input=stdin, capture_output=True,
                               timeout=60)
         if done.returncode != 0:
             raise RuntimeError("openssl %s failed: %s" % (args[0], done.stderr.decode()[-800:]))

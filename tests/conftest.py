@@ -4,24 +4,43 @@ from tests.helpers import (PYTHON, Process, free_port, port_open, wait_for,
                            websockify_argv)
 
 
+class ProcessGroup:
+    """Starts real processes logged into ``directory``; ``stop_all`` stops
+    every one by its pid, the last started first."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.started = []
+
+    def __call__(self, argv, name="proc", **kwargs):
+        log_path = str(self.directory / ("%s-%d.log" % (name, len(self.started))))
+        proc = Process(argv, log_path, **kwargs)
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self):
+        for proc in reversed(self.started):
+            proc.stop()
+
+
 @pytest.fixture
 def processes(tmp_path):
     """Start real processes; every one is stopped by its pid at teardown."""
-    started = []
-
-    def start(argv, name="proc", **kwargs):
-        proc = Process(argv, str(tmp_path / ("%s-%d.log" % (name, len(started)))), **kwargs)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in reversed(started):
-        proc.stop()
+    group = ProcessGroup(tmp_path)
+    yield group
+    group.stop_all()
 
 
-@pytest.fixture
-def echo_target(processes):
-    """A bundled TCP echo server on 127.0.0.1; yields its port."""
+@pytest.fixture(scope="module")
+def module_processes(tmp_path_factory):
+    """As ``processes``, for servers a whole module shares: stopped by their
+    pids at the module's teardown."""
+    group = ProcessGroup(tmp_path_factory.mktemp("module"))
+    yield group
+    group.stop_all()
+
+
+def start_echo_target(processes) -> int:
     port = free_port()
     processes([PYTHON, "-m", "websockify.demo.echo", "127.0.0.1:%d" % port], name="echo")
     wait_for(lambda: port_open(port), what="echo target on port %d" % port)
@@ -29,8 +48,19 @@ def echo_target(processes):
 
 
 @pytest.fixture
-def websockify(processes):
-    """websockify(*args, port=None) -> (Process, port): started and listening."""
+def echo_target(processes):
+    """A bundled TCP echo server on 127.0.0.1; yields its port."""
+    return start_echo_target(processes)
+
+
+@pytest.fixture(scope="module")
+def module_echo_target(module_processes):
+    """The echo target of a module's shared servers."""
+    return start_echo_target(module_processes)
+
+
+def websockify_starter(processes):
+    """start(*args, port=None) -> (Process, port): started and listening."""
 
     def start(*args, port=None, wait=True, **kwargs):
         port = port or free_port()
@@ -44,6 +74,18 @@ def websockify(processes):
         return proc, port
 
     return start
+
+
+@pytest.fixture
+def websockify(processes):
+    """websockify(*args, port=None) -> (Process, port): started and listening."""
+    return websockify_starter(processes)
+
+
+@pytest.fixture(scope="module")
+def module_websockify(module_processes):
+    """As ``websockify``, for a server the module's tests share."""
+    return websockify_starter(module_processes)
 
 
 @pytest.fixture(scope="session")

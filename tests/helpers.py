@@ -1,8 +1,10 @@
 """Test helpers: real server processes on loopback and a byte-level WebSocket client."""
 
 import base64
+import importlib
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -10,8 +12,58 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
+
+
+# -- what the tests need from the machine --------------------------------------
+
+def in_ci() -> bool:
+    """CI runs .ci/run with CI=true; that script installs what the tests need."""
+    return os.environ.get("CI") == "true"
+
+
+def skip_or_fail(reason: str) -> None:
+    """A missing requirement skips the test locally, with ``reason``; in CI it
+    fails it, so that a broken install cannot pass as a green run."""
+    if in_ci():
+        pytest.fail("%s; CI=true, where it must be installed (.ci/run, the test extra)"
+                    % reason, pytrace=False)
+    pytest.skip(reason)
+
+
+# Debian installs daemons (nginx) in sbin, which a non-root PATH often lacks.
+_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def find_program(*names):
+    """The path of the first of ``names`` found on PATH or in the sbin folders."""
+    search = os.pathsep.join([os.environ.get("PATH", os.defpath)] + list(_SBIN))
+    for name in names:
+        found = shutil.which(name, path=search)
+        if found:
+            return found
+    return None
+
+
+def require_program(name: str, package: str, *alternatives: str) -> str:
+    """The path of program ``name`` (or of one of ``alternatives``); skips
+    locally, fails in CI, when none is installed."""
+    found = find_program(name, *alternatives)
+    if found is None:
+        skip_or_fail("%s is not installed (Debian package %s)" % (name, package))
+    return found
+
+
+def require_module(name: str, install: str):
+    """Python module ``name`` imported; skips locally, fails in CI, when missing
+    (the test extra installs it)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        skip_or_fail("%s is not installed (%s)" % (name, install))
 
 
 def free_port(family=socket.AF_INET, host="127.0.0.1") -> int:
@@ -142,6 +194,33 @@ def echo_through(port, path="/", extra=(), payload=b"hello through the token"):
         ws.close()
 
 
+class SharedProcess:
+    """A Process a module's tests share, as one test sees it: ``log()`` is what
+    it logged since ``mark()``, which the test's fixture calls at its start;
+    everything else (pid, proc, signal) is the Process's."""
+
+    def __init__(self, process):
+        self._process = process
+        self._mark = 0
+
+    def __getattr__(self, name):
+        return getattr(self._process, name)
+
+    def mark(self):
+        self._mark = len(self._process.log())
+
+    def log(self) -> str:
+        return self._process.log()[self._mark:]
+
+    def whole_log(self) -> str:
+        return self._process.log()
+
+    def wait_log(self, pattern, timeout=10.0):
+        regex = re.compile(pattern)
+        return wait_for(lambda: regex.search(self.log()), timeout,
+                        what="log line %r in:\n%s" % (pattern, self.log()))
+
+
 class ServerUnderTest:
     """A running websockify, its worker processes and its log, as tests read them."""
 
@@ -152,17 +231,31 @@ class ServerUnderTest:
         self.workers = sorted(wait_for(
             lambda: len(children_of(proc.pid)) == workers and children_of(proc.pid),
             what="%d worker process(es)" % workers))
+        self._mark = 0
+
+    def mark(self):
+        """A test starts on a server other tests used before: ``lines_about``
+        and ``wait_line`` see only what is logged from now on (a client's
+        local port can come round again)."""
+        self._mark = len(self.proc.log())
 
     def log(self):
+        """The whole log: checks for crashes and errors see every test's part."""
         return self.proc.log()
+
+    def recent_log(self):
+        """The log since the last ``mark``."""
+        return self.proc.log()[self._mark:]
 
     def lines_about(self, cport):
         """The log lines about the client whose local port is ``cport``."""
         regex = re.compile(r"\b127\.0\.0\.1:%d\b" % cport)
-        return [line for line in self.log().splitlines() if regex.search(line)]
+        return [line for line in self.recent_log().splitlines() if regex.search(line)]
 
     def wait_line(self, pattern, timeout=10.0):
-        return self.proc.wait_log(pattern, timeout)
+        regex = re.compile(pattern)
+        return wait_for(lambda: regex.search(self.recent_log()), timeout,
+                        what="log line %r in:\n%s" % (pattern, self.recent_log()))
 
 
 # -- a byte-level WebSocket client -------------------------------------------

@@ -1,9 +1,11 @@
 """--auth-plugin end to end: the bundled plugins, plugins written for websockify
 0.13, plugins that fail, --web-auth, client certificates and the command line.
 
-Every test starts ``python -m websockify`` with one worker on loopback and
-talks to it with raw sockets (plain or TLS through Python's ssl module); the
-targets are the bundled echo server or ``--echo``.
+The tests talk to ``python -m websockify`` with one worker on loopback, with
+raw sockets (plain or TLS through Python's ssl module); the targets are the
+bundled echo server or ``--echo``.  A server the tests only talk to is shared
+by the module (each test reads its log from its own start on); a test that
+needs options of its own starts its own.
 """
 
 import base64
@@ -17,7 +19,7 @@ import time
 
 import pytest
 
-from tests.helpers import (ROOT, RawWebSocket, children_of, free_port,
+from tests.helpers import (ROOT, RawWebSocket, SharedProcess, children_of, free_port,
                            handshake_request, read_http_response, wait_for,
                            websockify_argv)
 
@@ -35,16 +37,15 @@ def refusals(proc) -> list:
 
 
 def new_lines(proc, before: int, pattern: str = r"refused ") -> list:
-    """The log lines after the first ``before`` ones, once one matches ``pattern``."""
+    """The log lines after the first ``before`` ones, once one matches ``pattern``.
+
+    The requests were read to the server's close (``upgrade``, ``http_get``),
+    and the server logs all it logs about a request before it answers and
+    closes, so no line about it can come later."""
     regex = re.compile(pattern)
-    deadline = time.time() + TIMEOUT
-    while time.time() < deadline:
-        lines = proc.log().splitlines()[before:]
-        if any(regex.search(line) for line in lines):
-            time.sleep(0.2)           # anything else logged for the same request
-            return proc.log().splitlines()[before:]
-        time.sleep(0.05)
-    raise AssertionError("no log line %r in:\n%s" % (pattern, proc.log()))
+    return wait_for(lambda: (lambda lines: lines if any(regex.search(line) for line in lines)
+                             else None)(proc.log().splitlines()[before:]),
+                    TIMEOUT, what="log line %r in:\n%s" % (pattern, proc.log()))
 
 
 def worker_pids(proc) -> list:
@@ -56,11 +57,27 @@ def log_size(proc) -> int:
     return len(proc.log().splitlines())
 
 
+def closed_by_server(sock) -> bool:
+    """Read to the end: True once the server has closed the connection."""
+    sock.settimeout(TIMEOUT)
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, ssl.SSLEOFError):
+        pass
+    except socket.timeout:
+        return False
+    return True
+
+
 def upgrade(port, extra=(), context=None, path="/") -> tuple:
-    """(status, headers, body) of an upgrade request; the connection is closed."""
+    """(status, headers, body) of an upgrade request; the connection is closed.
+    A refused one is read until the server closes it (it must)."""
     ws = TLSWebSocket(port, context, extra=extra, path=path) if context \
         else RawWebSocket(port, extra=extra, path=path)
     try:
+        if ws.status != 101:
+            assert closed_by_server(ws.sock), "a refused connection was left open"
         return ws.status, ws.headers, ws.buffer
     finally:
         ws.close()
@@ -101,10 +118,13 @@ def client_context(pki, identity=None) -> ssl.SSLContext:
 
 
 def http_get(port, path, extra=()) -> tuple:
+    """(status, headers, body) of a plain GET, read until the server closes."""
     lines = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1", "Connection: close"] + list(extra)
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        return read_http_response(sock)
+        answer = read_http_response(sock)
+        assert closed_by_server(sock), "Connection: close was not honoured"
+        return answer
 
 
 def run_cli(*args, env=None) -> subprocess.CompletedProcess:
@@ -115,11 +135,24 @@ def run_cli(*args, env=None) -> subprocess.CompletedProcess:
                           timeout=30, cwd=ROOT, env=full_env)
 
 
+def shared(server):
+    """A module's shared (SharedProcess, port), its log read from now on."""
+    view, port = server
+    view.mark()
+    return view, port
+
+
+@pytest.fixture(scope="module")
+def shared_basic_server(module_websockify, module_echo_target):
+    proc, port = module_websockify("--workers", "1", "--auth-plugin", "BasicHTTPAuth",
+                                   "--auth-source", CREDENTIALS, "127.0.0.1:{port}",
+                                   "127.0.0.1:%d" % module_echo_target)
+    return SharedProcess(proc), port
+
+
 @pytest.fixture
-def basic_server(websockify, echo_target):
-    return websockify("--workers", "1", "--auth-plugin", "BasicHTTPAuth",
-                      "--auth-source", CREDENTIALS, "127.0.0.1:{port}",
-                      "127.0.0.1:%d" % echo_target)
+def basic_server(shared_basic_server):
+    return shared(shared_basic_server)
 
 
 # -- BasicHTTPAuth --------------------------------------------------------------------
@@ -163,10 +196,12 @@ def test_basic_auth_refusals_leave_the_worker_alone(basic_server):
     proc, port = basic_server
     workers = worker_pids(proc)
     assert len(workers) == 1
-    for extra in ([], [basic("user:wrong")], ["Authorization: Basic %%%"],
-                  ["Authorization: Negotiate abc"]):
+    # No or wrong credentials: 401 and a challenge; malformed ones: 403.
+    for extra, expected in (([], 401), ([basic("user:wrong")], 401),
+                            (["Authorization: Basic %%%"], 403),
+                            (["Authorization: Negotiate abc"], 403)):
         status, _, _ = upgrade(port, extra)
-        assert status in (401, 403)
+        assert status == expected, (extra, status)
     assert children_of(proc.pid) == workers
     ws = RawWebSocket(port, extra=[basic(CREDENTIALS)])
     try:
@@ -218,11 +253,17 @@ def test_basic_auth_applies_to_legacy_hixie_handshakes(basic_server):
 
 # -- ExpectOrigin -------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def shared_origin_server(module_websockify, module_echo_target):
+    proc, port = module_websockify("--workers", "1", "--auth-plugin", "ExpectOrigin",
+                                   "--auth-source", "https://a.example https://b.example:8443",
+                                   "127.0.0.1:{port}", "127.0.0.1:%d" % module_echo_target)
+    return SharedProcess(proc), port
+
+
 @pytest.fixture
-def origin_server(websockify, echo_target):
-    return websockify("--workers", "1", "--auth-plugin", "ExpectOrigin",
-                      "--auth-source", "https://a.example https://b.example:8443",
-                      "127.0.0.1:{port}", "127.0.0.1:%d" % echo_target)
+def origin_server(shared_origin_server):
+    return shared(shared_origin_server)
 
 
 @pytest.mark.parametrize("origin", ["https://a.example", "https://b.example:8443"])
@@ -248,12 +289,19 @@ def test_expect_origin_other_origin_gets_403(origin_server, extra):
 
 # -- ClientCertCNAuth -----------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def shared_cert_server(module_websockify, module_echo_target, pki):
+    proc, port = module_websockify("--workers", "1", "--cert", pki.server.pem,
+                                   "--verify-client", "--cafile", pki.ca.cert,
+                                   "--auth-plugin", "ClientCertCNAuth",
+                                   "--auth-source", "alice carol", "127.0.0.1:{port}",
+                                   "127.0.0.1:%d" % module_echo_target)
+    return SharedProcess(proc), port
+
+
 @pytest.fixture
-def cert_server(websockify, echo_target, pki):
-    return websockify("--workers", "1", "--cert", pki.server.pem, "--verify-client",
-                      "--cafile", pki.ca.cert, "--auth-plugin", "ClientCertCNAuth",
-                      "--auth-source", "alice carol", "127.0.0.1:{port}",
-                      "127.0.0.1:%d" % echo_target)
+def cert_server(shared_cert_server):
+    return shared(shared_cert_server)
 
 
 def test_client_cert_listed_common_name_is_let_in(cert_server, pki):
@@ -356,10 +404,9 @@ class RefusesSource(BasePlugin):
 '''
 
 
-@pytest.fixture
-def plugin_dir(tmp_path):
-    directory = tmp_path / "plugins"
-    directory.mkdir()
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("plugins")
     (directory / "oldauth.py").write_text(textwrap.dedent(OLD_STYLE_PLUGIN))
     return directory
 
@@ -368,35 +415,46 @@ def plugin_env(plugin_dir) -> dict:
     return {"PYTHONPATH": str(plugin_dir) + os.pathsep + ROOT}
 
 
+@pytest.fixture(scope="module")
+def shared_teapot_server(module_websockify, module_echo_target, plugin_dir):
+    seen = plugin_dir / "seen.txt"
+    proc, port = module_websockify("--workers", "1", "--auth-plugin", "oldauth.TeapotAuth",
+                                   "--auth-source", str(seen), "127.0.0.1:{port}",
+                                   "127.0.0.1:%d" % module_echo_target,
+                                   env=plugin_env(plugin_dir))
+    return SharedProcess(proc), port, seen
+
+
 @pytest.fixture
-def teapot_server(websockify, echo_target, plugin_dir, tmp_path):
-    """(process, port, file the plugin writes each target to) for oldauth.TeapotAuth."""
-    seen = tmp_path / "seen.txt"
-    proc, port = websockify("--workers", "1", "--auth-plugin", "oldauth.TeapotAuth",
-                            "--auth-source", str(seen), "127.0.0.1:{port}",
-                            "127.0.0.1:%d" % echo_target, env=plugin_env(plugin_dir))
-    return proc, port, seen
+def teapot_server(shared_teapot_server):
+    """(process, port, file the plugin writes each target to) for oldauth.TeapotAuth;
+    the file emptied for this test (the plugin appends to it)."""
+    view, port, seen = shared_teapot_server
+    view.mark()
+    seen.write_text("")
+    return view, port, seen
 
 
-def test_old_style_plugin_refuses_with_its_status_and_headers(teapot_server, echo_target):
+def test_old_style_plugin_refuses_with_its_status_and_headers(teapot_server,
+                                                             module_echo_target):
     proc, port, seen = teapot_server
     headers = assert_refused_once(proc, port, [], 418)
     assert headers["x-teapot"] == "short and stout"
-    assert headers["x-target"] == "127.0.0.1:%d" % echo_target
+    assert headers["x-target"] == "127.0.0.1:%d" % module_echo_target
     status, _, body = upgrade(port, ["X-Magic-Word: please?"])
     assert status == 418
     assert b"I only brew for the polite" in body
-    assert seen.read_text().splitlines() == ["127.0.0.1 %d" % echo_target] * 2
+    assert seen.read_text().splitlines() == ["127.0.0.1 %d" % module_echo_target] * 2
 
 
-def test_old_style_plugin_lets_in_and_sees_the_target(teapot_server, echo_target):
+def test_old_style_plugin_lets_in_and_sees_the_target(teapot_server, module_echo_target):
     proc, port, seen = teapot_server
     ws = RawWebSocket(port, extra=["X-Magic-Word: please"])
     try:
         assert_echoes(ws, b"polite bytes")
     finally:
         ws.close()
-    assert seen.read_text() == "127.0.0.1 %d\n" % echo_target
+    assert seen.read_text() == "127.0.0.1 %d\n" % module_echo_target
     assert refusals(proc) == []
 
 

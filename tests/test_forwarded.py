@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from tests.helpers import RawWebSocket, read_http_response, wait_for
+from tests.helpers import RawWebSocket, SharedProcess, read_http_response, wait_for
 from tests.test_cli import assert_usage_error, run_cli
 from websockify.protocol.forwarded import (TrustedProxies, forwarded_client, parse_address,
                                   parse_trusted_proxies, peer_label)
@@ -36,10 +36,19 @@ def closed_line(proc, path):
     return match.group(1)
 
 
+@pytest.fixture(scope="module")
+def shared_trusting_server(module_websockify, module_echo_target):
+    proc, port = module_websockify("--workers", "1", "--trusted-proxy",
+                                   "10.0.0.0/8,127.0.0.0/8", "127.0.0.1:{port}",
+                                   "127.0.0.1:%d" % module_echo_target)
+    return SharedProcess(proc), port
+
+
 @pytest.fixture
-def trusting_server(websockify, echo_target):
-    proc, port = websockify("--workers", "1", "--trusted-proxy", "10.0.0.0/8,127.0.0.0/8",
-                            "127.0.0.1:{port}", "127.0.0.1:%d" % echo_target)
+def trusting_server(shared_trusting_server):
+    """The module's shared server, its log read from this test's start on."""
+    proc, port = shared_trusting_server
+    proc.mark()
     return proc, port
 
 

@@ -1,10 +1,11 @@
 """The handshake and the first frames against the real server process.
 
-Every test starts ``python -m websockify`` (usually with one worker, so that
-"the same worker keeps serving" can be read from the log's pid column), talks
-to it over loopback with raw sockets and checks three things: the answer on
-the wire, exactly one log line about the connection, and a normal echo
-session afterwards on the same worker.
+The tests share one ``python -m websockify`` (one worker, so that "the same
+worker keeps serving" can be read from the log's pid column); those that need
+options of their own start their own.  Each talks to it over loopback with
+raw sockets and checks three things: the answer on the wire, exactly one log
+line about the connection, and a normal echo session afterwards on the same
+worker.
 """
 
 import base64
@@ -104,11 +105,20 @@ class Bridge(ServerUnderTest):
         return lines[0]
 
 
+@pytest.fixture(scope="module")
+def shared_bridge(module_websockify, module_echo_target):
+    """One worker proxying to the echo target, for every test of the module
+    that only talks to it (stopped by its pid when the module is done)."""
+    proc, port = module_websockify("--workers", "1", "127.0.0.1:{port}",
+                                   "127.0.0.1:%d" % module_echo_target)
+    return Bridge(proc, port, module_echo_target)
+
+
 @pytest.fixture
-def bridge(websockify, echo_target):
-    """One worker proxying to the echo target."""
-    proc, port = websockify("--workers", "1", "127.0.0.1:{port}", "127.0.0.1:%d" % echo_target)
-    return Bridge(proc, port, echo_target)
+def bridge(shared_bridge):
+    """The shared server, its log read from this test's start on."""
+    shared_bridge.mark()
+    return shared_bridge
 
 
 def send_and_read(port, data, timeout=TIMEOUT):

@@ -55,6 +55,16 @@ def greeting_target():
             pass
 
 
+def settle(proc, port):
+    """A plain GET after the sessions: the worker logs its 405 after what it
+    logs about the sessions that ended before, so once the 405 line is there
+    no late line about them can still come."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /settle HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 405 ")
+    proc.wait_log(r"\"GET /settle HTTP/1\.1\" 405 ")
+
+
 def session_lines(text):
     return [line for line in text.splitlines() if ": closed (" in line]
 
@@ -83,13 +93,13 @@ def test_one_line_per_session(websockify, greeting_target):
         assert ws.recv_data(len(GREETING)) == GREETING
         for size in FROM_CLIENT:
             ws.send_binary(b"c" * size)
-        time.sleep(0.6)
+        time.sleep(0.6)                   # the session's duration is logged
         ws.send(0x8, b"\x03\xe8")
         assert ws.expect_close() == (1000, "")
     finally:
         ws.close()
     proc.wait_log(r": closed \(")
-    time.sleep(0.3)
+    settle(proc, port)
     lines = session_lines(proc.log())
     assert len(lines) == 1, proc.log()
     line = lines[0]
@@ -112,7 +122,7 @@ def test_session_line_per_session_counts(websockify, echo_target):
     echo_session(port, b"a" * 10, path="/first")
     echo_session(port, b"b" * 2000, path="/second")
     wait_for(lambda: len(session_lines(proc.log())) >= 2, what="two session lines")
-    time.sleep(0.3)
+    settle(proc, port)
     lines = session_lines(proc.log())
     assert len(lines) == 2, proc.log()
     first = [line for line in lines if "/first" in line]
@@ -154,8 +164,8 @@ def run_traffic_session(websockify, tmp_path, echo_target, *extra):
     proc, port, log_file = start_with_log_file(
         websockify, tmp_path, *extra, "127.0.0.1:{port}", "127.0.0.1:%d" % echo_target)
     echo_session(port, b"x" * 100)
+    # The relay prints as data moves, all of it before the session's line.
     wait_for(lambda: ": closed (" in log_file.read_text(), what="session line in the log file")
-    time.sleep(0.2)
     # With --log-file, the process's own output is stdout (the traffic) only.
     return proc.log()
 

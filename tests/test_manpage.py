@@ -3,12 +3,11 @@ users look for, and installed by setup.py and `make install`."""
 
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
 
-from tests.helpers import PYTHON, ROOT
+from tests.helpers import PYTHON, ROOT, require_program
 from tests.test_docs import MAN_PAGE, man_text
 from websockify import errors
 from websockify.arbiter import master
@@ -52,9 +51,7 @@ def plain(text: str) -> str:
 
 
 def test_mandoc_lint_reports_nothing():
-    mandoc = shutil.which("mandoc")
-    if mandoc is None:
-        pytest.skip("mandoc not installed (Debian package mandoc)")
+    mandoc = require_program("mandoc", "mandoc")
     result = subprocess.run([mandoc, "-Tlint", "-W", "warning", MAN_PAGE],
                             capture_output=True, text=True, timeout=60)
     output = (result.stdout + result.stderr).strip()
@@ -63,9 +60,7 @@ def test_mandoc_lint_reports_nothing():
 
 
 def test_renders_with_man():
-    man = shutil.which("man")
-    if man is None:
-        pytest.skip("man not installed (Debian package man-db)")
+    man = require_program("man", "man-db")
     result = subprocess.run([man, "-l", MAN_PAGE], capture_output=True, text=True,
                             timeout=60, env=dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING=""))
     assert result.returncode == 0, result.stderr
@@ -159,10 +154,9 @@ def test_setup_installs_the_man_page(tmp_path):
 
 
 def test_make_install_installs_the_man_page(tmp_path):
-    if shutil.which("make") is None:
-        pytest.skip("make not installed (Debian package make)")
+    make = require_program("make", "make")
     # PYTHON=true: the pip step becomes a no-op; the man page step is real.
-    result = subprocess.run(["make", "-s", "install", "PYTHON=true", "DESTDIR=%s" % tmp_path,
+    result = subprocess.run([make, "-s", "install", "PYTHON=true", "DESTDIR=%s" % tmp_path,
                              "PREFIX=/usr"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr

@@ -9,7 +9,6 @@ import base64
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +18,8 @@ import time
 
 import pytest
 
-from tests.helpers import PYTHON, ROOT, RawWebSocket, wait_for, websockify_argv
+from tests.helpers import (PYTHON, ROOT, RawWebSocket, require_program, wait_for,
+                           websockify_argv)
 from tests.test_legacy import open_hixie76
 from websockify.errors import EXIT_CONFIG
 from websockify.record import FOOTER, HEADER, Recorder
@@ -337,9 +337,9 @@ def test_numbers_are_unique_across_processes_and_runs(tmp_path):
         assert parse_recording(complete_recording(path)) == []
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="node not installed")
 def test_javascript_reads_the_same_bytes(tmp_path):
     """What noVNC's player evaluates: node loads the file and reports char codes."""
+    node = require_program("node", "nodejs", "nodejs")
     prefix = str(tmp_path / "rec")
     rec = Recorder(prefix).open("js")
     rec.to_client(ALL_BYTES)
@@ -350,7 +350,7 @@ def test_javascript_reads_the_same_bytes(tmp_path):
     script = ("const src = require('fs').readFileSync(process.argv[1], 'latin1');"
               "const frames = new Function(src + '; return VNC_frame_data;')();"
               "console.log(JSON.stringify(frames.map(f => Array.from(f, c => c.charCodeAt(0)))));")
-    out = subprocess.run(["node", "-e", script, path], capture_output=True, timeout=30,
+    out = subprocess.run([node, "-e", script, path], capture_output=True, timeout=30,
                          check=True).stdout
     frames = [bytes(codes).decode("latin-1") for codes in json.loads(out)]
     assert frames[-1] == "EOF"

@@ -89,6 +89,21 @@ def worker_pids(proc):
     return wait_for(lambda: children_of(proc.pid), what="worker processes")
 
 
+def stalled_at(counter, still_for=1.0, timeout=30.0) -> int:
+    """The value of ``counter()`` once it has not changed for ``still_for``
+    seconds in a row (the flow has stopped); fails if it keeps moving."""
+    deadline = time.monotonic() + timeout
+    value, since = counter(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now_value = counter()
+        if now_value != value:
+            value, since = now_value, time.monotonic()
+        elif time.monotonic() - since >= still_for:
+            return value
+    raise AssertionError("still moving after %g s: %d" % (timeout, value))
+
+
 def test_slow_client_stops_target_reads_and_memory_stays_bounded(websockify):
     """A client that stops reading makes the bridge stop reading the target."""
     total = 96 * 1024 * 1024
@@ -100,13 +115,12 @@ def test_slow_client_stops_target_reads_and_memory_stays_bounded(websockify):
         ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         assert ws.status == 101
         rss_before = rss_kib(worker)
-        time.sleep(1.5)                        # the client reads nothing
-        stalled = target.sent
-        time.sleep(1.0)
-        # The target is blocked: only socket buffers' worth has left it.
-        assert target.sent == stalled
+        # The client reads nothing: the target must come to a stop, with
+        # only socket buffers' worth sent.
+        stalled = stalled_at(lambda: target.sent)
         assert stalled < 32 * 1024 * 1024, stalled
         assert rss_kib(worker) - rss_before < 16 * 1024
+        assert target.sent == stalled
         # Now read everything and check every byte arrived in order.
         got = 0
         while got < total:

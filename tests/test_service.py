@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, require_program
 
 UNITS_DIR = os.path.join(ROOT, "scripts", "systemd")
 UNITS = ["websockify.service", "websockify.socket", "websockify@.service"]
@@ -32,9 +32,7 @@ def units_copy(tmp_path):
 @pytest.mark.parametrize("name", ["websockify.service", "websockify.socket",
                                   "websockify@.service", "websockify@demo.service"])
 def test_systemd_analyze_verify(units_copy, name):
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze not installed (Debian package systemd)")
+    analyze = require_program("systemd-analyze", "systemd")
     if name == "websockify@demo.service":
         # An instance of the template, as systemctl would load it.
         os.symlink("websockify@.service", units_copy / name)

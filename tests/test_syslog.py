@@ -77,6 +77,14 @@ def unix_syslog_path(tmp_path):
     os.rmdir(directory)
 
 
+def signal_pending(pid: int, signum: int) -> bool:
+    """Whether ``signum`` waits to be delivered to process ``pid`` (/proc status)."""
+    with open("/proc/%d/status" % pid) as handle:
+        masks = [int(line.split()[1], 16) for line in handle
+                 if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask & (1 << (signum - 1)) for mask in masks)
+
+
 def parse_5424(line):
     match = RFC5424.fullmatch(line)
     assert match, line
@@ -260,11 +268,17 @@ def test_sigusr1_reconnects_to_a_syslog_server_that_came_back(websockify, echo_t
     # Workers ignore SIGUSR1 until they have booted: wait for both.
     proc.wait_log(r"worker 1 \(pid \d+\) serving")
     proc.wait_log(r"worker 2 \(pid \d+\) serving")
+    workers = children_of(proc.pid)
+    assert len(workers) == 2
     server = SyslogServer(socket.AF_UNIX, unix_syslog_path)
     try:
         proc.signal(signal.SIGUSR1)
-        proc.wait_log("reopening log files")
-        time.sleep(0.5)                              # the workers got the signal too
+        # The master reconnects, logs this line (now at the server) and then
+        # passes the signal on; once the kernel has delivered it to both
+        # workers, their next record connects again.
+        server.wait_for(r"got SIGUSR1: reopening log files")
+        wait_for(lambda: not any(signal_pending(pid, signal.SIGUSR1) for pid in workers),
+                 what="SIGUSR1 delivered to the workers")
         echo_session(port, path="/after-usr1")
         server.wait_for(r"/after-usr1 .*closed \(1000\)")
     finally:
@@ -290,7 +304,7 @@ def test_handler_retries_after_its_interval(unix_syslog_path):
         server = SyslogServer(socket.AF_UNIX, unix_syslog_path)
         logger.warning("too soon")
         assert server.collect() == []
-        time.sleep(0.4)
+        time.sleep(0.4)              # past the retry interval: the thing under test
         logger.warning("again")
         assert [l.split(" - - ", 1)[1] for l in server.collect()] == ["again"]
         assert len([l for l in local if WARNING_LINE.search(l)]) == 1

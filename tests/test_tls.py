@@ -15,11 +15,9 @@ import time
 
 import pytest
 
-from tests.helpers import (PYTHON, RawWebSocket, free_port, handshake_request, mask_frame,
-                           port_open,
-                           read_http_response, wait_for, websockify_argv)
-
-OPENSSL = shutil.which("openssl")
+from tests.helpers import (PYTHON, RawWebSocket, SharedProcess, free_port, handshake_request,
+                           mask_frame, port_open, read_http_response, require_program,
+                           wait_for, websockify_argv)
 
 
 def client_context(pki, cert=None, maximum=None, cafile=None) -> ssl.SSLContext:
@@ -50,14 +48,45 @@ def worker_pids(proc) -> set:
     return set(re.findall(r"worker \d+ \(pid (\d+)\) serving", proc.log()))
 
 
+# -- servers the tests only talk to, shared by the module --------------------------
+
+@pytest.fixture(scope="module")
+def shared_tls_server(module_websockify, module_echo_target, pki):
+    proc, port = module_websockify("-v", "--cert", pki.server.pem, "--workers", "1",
+                                   "{port}", "127.0.0.1:%d" % module_echo_target)
+    return SharedProcess(proc), port
+
+
+@pytest.fixture
+def tls_server(shared_tls_server):
+    """--cert, one worker, to the echo target: (process, port), the log read
+    from this test's start on."""
+    proc, port = shared_tls_server
+    proc.mark()
+    return proc, port
+
+
+@pytest.fixture(scope="module")
+def shared_verifying_server(module_websockify, module_echo_target, pki):
+    proc, port = verifying_server(module_websockify, module_echo_target, pki)
+    return SharedProcess(proc), port
+
+
+@pytest.fixture
+def verifying(shared_verifying_server):
+    """--verify-client with the test CA: (process, port), the log from now on."""
+    proc, port = shared_verifying_server
+    proc.mark()
+    return proc, port
+
+
 # -- ws:// and wss:// on one port -----------------------------------------------
 
-def test_wss_and_ws_share_the_port(websockify, echo_target, pki):
-    proc, port = websockify("-v", "--cert", pki.server.pem, "--workers", "1",
-                            "{port}", "127.0.0.1:%d" % echo_target)
+def test_wss_and_ws_share_the_port(tls_server, pki):
+    proc, port = tls_server
     secure = RawWebSocket(port, ssl_context=client_context(pki))
     assert secure.status == 101
-    assert secure.sock.version() in ("TLSv1.2", "TLSv1.3")
+    assert secure.sock.version() == "TLSv1.3"        # both sides' default maximum
     plain = RawWebSocket(port)
     assert plain.status == 101
     assert echo_roundtrip(secure, b"over tls") == b"over tls"
@@ -66,10 +95,9 @@ def test_wss_and_ws_share_the_port(websockify, echo_target, pki):
     plain.close()
 
 
-def test_large_transfer_both_ways_over_tls(websockify, echo_target, pki):
+def test_large_transfer_both_ways_over_tls(tls_server, pki):
     """Megabytes each way through the TLS stream keep every byte in order."""
-    proc, port = websockify("--cert", pki.server.pem, "--workers", "1",
-                            "{port}", "127.0.0.1:%d" % echo_target)
+    proc, port = tls_server
     ws = RawWebSocket(port, ssl_context=client_context(pki), timeout=30)
     assert ws.status == 101
     payload = os.urandom(1 << 20)
@@ -79,12 +107,11 @@ def test_large_transfer_both_ways_over_tls(websockify, echo_target, pki):
     ws.close()
 
 
-def test_many_concurrent_tls_sessions_keep_their_bytes_apart(websockify, echo_target, pki):
+def test_many_concurrent_tls_sessions_keep_their_bytes_apart(tls_server, pki):
     """Sessions on one worker, each with its own TLS stream and random sizes."""
     import random
     import threading
-    proc, port = websockify("--cert", pki.server.pem, "--workers", "1",
-                            "{port}", "127.0.0.1:%d" % echo_target)
+    proc, port = tls_server
     context = client_context(pki)
     failures = []
 
@@ -109,15 +136,13 @@ def test_many_concurrent_tls_sessions_keep_their_bytes_apart(websockify, echo_ta
     assert not any(thread.is_alive() for thread in threads)
 
 
-def test_openssl_s_client_gets_101(websockify, echo_target, pki):
-    if OPENSSL is None:
-        pytest.skip("openssl is not installed")
-    proc, port = websockify("--cert", pki.server.pem, "--workers", "1",
-                            "{port}", "127.0.0.1:%d" % echo_target)
+def test_openssl_s_client_gets_101(tls_server, pki):
+    openssl = require_program("openssl", "openssl")
+    proc, port = tls_server
     # The close frame ends the session, so s_client sees the connection close.
     request = handshake_request("/", "127.0.0.1") + mask_frame(0x8, b"\x03\xe8")
     done = subprocess.run(
-        [OPENSSL, "s_client", "-connect", "127.0.0.1:%d" % port, "-CAfile", pki.ca.cert,
+        [openssl, "s_client", "-connect", "127.0.0.1:%d" % port, "-CAfile", pki.ca.cert,
          "-verify_return_error", "-quiet", "-ign_eof"],
         input=request, capture_output=True, timeout=20)
     assert b"HTTP/1.1 101 Switching Protocols" in done.stdout, done.stderr[-500:]
@@ -273,19 +298,18 @@ def verifying_server(websockify, echo_target, pki, *extra):
                       "--workers", "1", *extra, "{port}", "127.0.0.1:%d" % echo_target)
 
 
-def test_client_certificate_accepted(websockify, echo_target, pki):
-    proc, port = verifying_server(websockify, echo_target, pki)
+def test_client_certificate_accepted(verifying, pki):
+    proc, port = verifying
     ws = RawWebSocket(port, ssl_context=client_context(pki, pki.alice))
     assert ws.status == 101
     assert echo_roundtrip(ws, b"alice here") == b"alice here"
 
 
-def test_client_certificate_with_openssl_s_client(websockify, echo_target, pki):
-    if OPENSSL is None:
-        pytest.skip("openssl is not installed")
-    proc, port = verifying_server(websockify, echo_target, pki)
+def test_client_certificate_with_openssl_s_client(verifying, pki):
+    openssl = require_program("openssl", "openssl")
+    proc, port = verifying
     done = subprocess.run(
-        [OPENSSL, "s_client", "-connect", "127.0.0.1:%d" % port, "-CAfile", pki.ca.cert,
+        [openssl, "s_client", "-connect", "127.0.0.1:%d" % port, "-CAfile", pki.ca.cert,
          "-cert", pki.alice.cert, "-key", pki.alice.key, "-quiet", "-ign_eof"],
         input=handshake_request() + mask_frame(0x8, b"\x03\xe8"), capture_output=True,
         timeout=20)
@@ -302,20 +326,20 @@ def _refused_client(proc, port, context, why):
     proc.wait_log(r"TLS handshake failed: .*%s" % why)
 
 
-def test_client_certificate_from_another_ca_is_refused(websockify, echo_target, pki):
-    proc, port = verifying_server(websockify, echo_target, pki)
+def test_client_certificate_from_another_ca_is_refused(verifying, pki):
+    proc, port = verifying
     _refused_client(proc, port, client_context(pki, pki.stranger), "certificate verify failed")
     assert count(r"TLS handshake failed", proc.log()) == 1
 
 
-def test_expired_client_certificate_is_refused(websockify, echo_target, pki):
-    proc, port = verifying_server(websockify, echo_target, pki)
+def test_expired_client_certificate_is_refused(verifying, pki):
+    proc, port = verifying
     _refused_client(proc, port, client_context(pki, pki.expired), "expired")
     assert count(r"TLS handshake failed", proc.log()) == 1
 
 
-def test_missing_client_certificate_is_refused(websockify, echo_target, pki):
-    proc, port = verifying_server(websockify, echo_target, pki)
+def test_missing_client_certificate_is_refused(verifying, pki):
+    proc, port = verifying
     _refused_client(proc, port, client_context(pki), "certificate")
     ws = RawWebSocket(port, ssl_context=client_context(pki, pki.bob))
     assert ws.status == 101
@@ -446,10 +470,9 @@ def test_target_that_speaks_first_is_heard_at_once(websockify, processes, pki):
         ws.close()
 
 
-def test_frame_in_the_same_tls_record_as_a_long_request_head(websockify, echo_target, pki):
+def test_frame_in_the_same_tls_record_as_a_long_request_head(tls_server, pki):
     """Plaintext the handshake reader left in the TLS object reaches the relay."""
-    proc, port = websockify("--cert", pki.server.pem, "--workers", "1",
-                            "{port}", "127.0.0.1:%d" % echo_target)
+    proc, port = tls_server
     sock = tls_socket(port, client_context(pki))
     payload = os.urandom(5000)
     padding = "X-Padding: %s" % ("p" * 3000)
@@ -504,12 +527,39 @@ def test_ssl_target_no_verify_connects_and_warns(websockify, tls_target):
 
 
 def test_ssl_target_to_a_plain_target_is_502(websockify, echo_target, pki):
+    """A plain target answers the TLS hello with bytes that are not TLS (the
+    echo target sends the hello back): 502 at once.  The connect timeout is far
+    longer than that answer takes, so it cannot turn into a 504."""
     proc, port = websockify("--ssl-target", "--ssl-target-cafile", pki.ca.cert,
-                            "--connect-timeout", "2", "--workers", "1",
+                            "--connect-timeout", "30", "--workers", "1",
                             "{port}", "127.0.0.1:%d" % echo_target)
     ws = RawWebSocket(port)
-    assert ws.status in (502, 504)
-    proc.wait_log(r"refused .* (502|504) TLS")
+    why = "TLS to target 127.0.0.1:%d failed: unexpected message" % echo_target
+    assert (ws.status, ws.buffer) == (502, why.encode() + b"\n")
+    proc.wait_log(r"(?m)refused 'GET / HTTP/1\.1': 502 %s$" % re.escape(why))
+    assert count(r"refused", proc.log()) == 1
+
+
+def test_ssl_target_that_never_answers_the_hello_is_504(websockify, pki):
+    """A target that accepts (the kernel does, from the backlog) but never
+    answers the TLS hello: 504 once the connect timeout has passed."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    target_port = silent.getsockname()[1]
+    try:
+        proc, port = websockify("--ssl-target", "--ssl-target-cafile", pki.ca.cert,
+                                "--connect-timeout", "1", "--workers", "1",
+                                "{port}", "127.0.0.1:%d" % target_port)
+        started = time.monotonic()
+        ws = RawWebSocket(port)
+        why = ("TLS handshake with target 127.0.0.1:%d not completed within 1 s"
+               % target_port)
+        assert (ws.status, ws.buffer) == (504, why.encode() + b"\n")
+        assert time.monotonic() - started >= 1.0
+        proc.wait_log(r"(?m)refused 'GET / HTTP/1\.1': 504 %s$" % re.escape(why))
+    finally:
+        silent.close()
 
 
 @pytest.mark.parametrize("args", [["--ssl-target-no-verify"], ["--ssl-target-cafile", "x"]])

@@ -7,6 +7,8 @@ plugin objects directly, where a server adds nothing.
 """
 
 import base64
+import hashlib
+import hmac
 import http.server
 import json
 import os
@@ -22,7 +24,7 @@ import urllib.parse
 import pytest
 
 from tests.helpers import (PYTHON, ROOT, RawWebSocket, children_of, echo_through, free_port,
-                           ipv6_available, wait_for)
+                           ipv6_available, require_module, wait_for)
 from websockify.plugins import tokens as tp
 from websockify.demo.echo import echo_connection
 
@@ -349,7 +351,7 @@ def test_token_file_changes_while_running(websockify, echo4, tmp_path):
     for _ in range(3):
         assert answer(port, "/?token=unknown")[0] == 404   # a miss checks the file
         echo_through(port, "/?token=b")       # last good table
-    time.sleep(1.1)
+    time.sleep(1.1)                           # past the plugin's 1 s check interval
     echo_through(port, "/?token=b")           # the periodic check: no second error
     proc.wait_log(r"ERROR .*tokens\.cfg:2: syntax error.*keeping the last good table")
     assert len([l for l in proc.log().splitlines() if " ERROR " in l]) == 1
@@ -371,14 +373,18 @@ def test_hup_reloads_token_source_without_dropping_sessions(websockify, echo4, t
     ws.send_binary(b"still open")
     assert ws.recv_data(10) == b"still open"          # the old session survived
     ws.close()
-    # a broken file on HUP keeps the previous configuration
+    # The old worker leaves with its session: one worker, the reloaded one.
+    reloaded = wait_for(lambda: (lambda kids: kids if len(kids) == 1 else None)(
+        children_of(proc.pid)), what="the old worker to leave")
+    assert set(reloaded).isdisjoint(before)
+    # a broken file on HUP keeps the previous configuration, in new workers too
     write(cfg, "nonsense\n")
     proc.signal(signal.SIGHUP)
     proc.wait_log(r"ERROR .*tokens\.cfg:1: syntax error.*keep the previous token configuration")
-    time.sleep(0.5)
-    wait_for(lambda: answer(port, "/?token=new")[0] == 101, what="previous config kept")
+    wait_for(lambda: (lambda kids: len(kids) == 1 and kids[0] not in reloaded)(
+        children_of(proc.pid)), what="the worker replaced after the second HUP")
+    assert answer(port, "/?token=new")[0] == 101
     assert proc.proc.poll() is None
-    assert set(children_of(proc.pid)).isdisjoint(before)
 
 
 # -- plugins written for websockify 0.13 ----------------------------------------------------
@@ -659,11 +665,8 @@ def test_slow_token_api_gets_503_within_the_deadline(websockify, echo4):
 
 try:
     from jwcrypto import jwk, jwt
-except ImportError:  # the jwt extra is not installed
+except ImportError:  # the jwt extra is not installed: the keys fixture says so
     jwk = jwt = None
-
-needs_jwcrypto = pytest.mark.skipif(jwk is None, reason="jwcrypto is not installed "
-                                    "(pip install 'websockify[jwt]')")
 
 
 def make_jwt(key, claims, alg):
@@ -678,6 +681,7 @@ def b64(data):
 
 @pytest.fixture
 def keys(tmp_path):
+    require_module("jwcrypto", "pip install 'websockify[jwt]'")
     secret = b"a shared secret of some length!!"
     rsa = jwk.JWK.generate(kty="RSA", size=2048)
     ec = jwk.JWK.generate(kty="EC", crv="P-256")
@@ -690,7 +694,6 @@ def keys(tmp_path):
     return paths, {"hs": oct_key, "rs": rsa, "es": ec}
 
 
-@needs_jwcrypto
 def test_jwt_token_api(keys):
     paths, k = keys
     now = time.time()
@@ -724,7 +727,6 @@ def test_jwt_token_api(keys):
         tp.JWTTokenApi(pub_path).lookup(confused)
 
 
-@needs_jwcrypto
 def test_jwe_token(keys):
     paths, k = keys
     inner = make_jwt(k["hs"], {"host": "10.0.0.7", "port": 5902}, "HS256")
@@ -744,7 +746,6 @@ def test_jwe_token(keys):
         tp.JWTTokenApi(paths["rs"]).lookup(bare.serialize())
 
 
-@needs_jwcrypto
 def test_jwt_end_to_end(websockify, echo4, keys):
     paths, k = keys
     proc, port = start_tokens(websockify, "--token-plugin", "JWTTokenApi", "--token-source",
@@ -860,4 +861,43 @@ def test_websockify_sign_and_server(websockify, echo4, signed, tmp_path):
     status, body = answer(port, "/?token=" + expired)
     assert status == 403 and b"expired" in body
     assert sign("--config", signed, "--lifetime", "soon", "127.0.0.1:1").returncode == 2
+    assert_clean(proc)
+
+
+def documented_token(secret: bytes, host: str, port: int, expires: int) -> str:
+    """A SignedTarget token made as the README describes it, without the project's
+    code: v1.PAYLOAD.MAC, PAYLOAD the unpadded base64url of {"h", "p", "e"} JSON,
+    MAC the unpadded base64url of HMAC-SHA256(secret, "v1." + PAYLOAD)."""
+    def unpadded(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    payload = unpadded(json.dumps({"h": host, "p": port, "e": expires}).encode("utf-8"))
+    signed_part = "v1." + payload
+    mac = hmac.new(secret, signed_part.encode("ascii"), hashlib.sha256).digest()
+    return signed_part + "." + unpadded(mac)
+
+
+def one_byte_changed(token: str, index: int) -> str:
+    """``token`` with the base64url character at ``index`` replaced by another."""
+    other = "B" if token[index] == "A" else "A"
+    return token[:index] + other + token[index + 1:]
+
+
+def test_token_signed_as_documented_is_accepted(websockify, echo4, signed, tmp_path):
+    proc, port = start_tokens(websockify, "--token-plugin", "SignedTarget", "--token-source",
+                              signed, "{port}")
+    # The secret is the key file's text (surrounding whitespace stripped), as is.
+    secret = (tmp_path / "sign.key").read_bytes().strip()
+    token = documented_token(secret, "127.0.0.1", echo4.port, int(time.time()) + 300)
+    echo_through(port, "/?token=" + token)
+    head, payload, mac = token.split(".")
+    # One character changed in the payload, then in the MAC (inside each,
+    # where every bit of the character is data).
+    for index in (len(head) + 1 + len(payload) // 2, len(token) - len(mac) // 2):
+        altered = one_byte_changed(token, index)
+        assert altered != token and len(altered) == len(token)
+        assert answer(port, "/?token=" + altered) == (
+            403, b"signed target token altered or malformed\n")
+    expired = documented_token(secret, "127.0.0.1", echo4.port, int(time.time()) - 5)
+    assert answer(port, "/?token=" + expired) == (403, b"signed target token expired\n")
+    assert len(refusal_lines(proc, 403)) == 3, proc.log()
     assert_clean(proc)

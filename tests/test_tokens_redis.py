@@ -1,35 +1,39 @@
 """TokenRedis against a real redis-server, and the seed blog's deployment done
 with two websockify instances sharing that Redis behind a real nginx.
 
-Skipped, with the reason, where redis-server, nginx or redis-py is missing
-(``.ci/run`` installs the servers, the test extra installs redis-py).
+Skipped, with the reason, where redis-server, nginx or redis-py is missing;
+in CI (CI=true) that fails instead: ``.ci/run`` installs the servers and the
+test extra installs redis-py.
 """
 
 import json
 import os
-import shutil
 import socket
 import urllib.request
 
 import pytest
 
-from tests.helpers import (free_port, handshake_request, port_open,
-                           read_http_response, wait_for)
+from tests.helpers import (free_port, handshake_request, port_open, read_http_response,
+                           require_module, require_program, wait_for)
 from tests.helpers import echo_through
 from tests.test_tokens import EchoServer, answer, assert_clean, refusal_lines
 
-redis = pytest.importorskip("redis", reason="redis-py is not installed (pip install "
-                            "'websockify[redis]')")
 
-REDIS_SERVER = shutil.which("redis-server")
-NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(p)), None)
+@pytest.fixture(scope="module")
+def redis():
+    return require_module("redis", "pip install 'websockify[redis]'")
 
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None,
-                                 reason="redis-server is not installed (apt-get install "
-                                        "redis-server)")
-needs_nginx = pytest.mark.skipif(NGINX is None,
-                                 reason="nginx is not installed (apt-get install nginx)")
+
+@pytest.fixture(scope="module")
+def redis_program():
+    return require_program("redis-server", "redis-server")
+
+
+@pytest.fixture(scope="module")
+def nginx_program():
+    # Debian installs it as /usr/sbin/nginx, often not on a non-root PATH:
+    # require_program looks in the sbin folders too.
+    return require_program("nginx", "nginx")
 
 
 @pytest.fixture
@@ -39,21 +43,24 @@ def echo4():
     server.close()
 
 
+def start_redis(processes, program, port, directory, name="redis"):
+    return processes([program, "--port", str(port), "--bind", "127.0.0.1",
+                      "--save", "", "--appendonly", "no", "--dir", str(directory),
+                      "--daemonize", "no"], name=name)
+
+
 @pytest.fixture
-def redis_server(processes, tmp_path):
+def redis_server(processes, tmp_path, redis_program):
     """A redis-server on a loopback port; yields (Process, port)."""
     port = free_port()
-    proc = processes([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1",
-                      "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
-                      "--daemonize", "no"], name="redis")
+    proc = start_redis(processes, redis_program, port, tmp_path)
     wait_for(lambda: port_open(port) or proc.proc.poll() is not None,
              what="redis-server on port %d" % port)
     assert proc.proc.poll() is None, proc.log()
     return proc, port
 
 
-@needs_redis
-def test_token_redis_values(websockify, echo4, redis_server):
+def test_token_redis_values(websockify, echo4, redis_server, redis):
     _, rport = redis_server
     store = redis.Redis(port=rport)
     store.set("plain", "127.0.0.1:%d" % echo4.port)
@@ -81,8 +88,8 @@ def test_token_redis_values(websockify, echo4, redis_server):
     assert answer(port2, "/?token=plain")[0] == 404
 
 
-@needs_redis
-def test_redis_down_is_503_and_recovers(websockify, echo4, redis_server, processes, tmp_path):
+def test_redis_down_is_503_and_recovers(websockify, echo4, redis_server, processes, tmp_path,
+                                        redis, redis_program):
     rproc, rport = redis_server
     redis.Redis(port=rport).set("t", "127.0.0.1:%d" % echo4.port)
     proc, port = websockify("--workers", "1", "--token-plugin", "TokenRedis",
@@ -94,8 +101,7 @@ def test_redis_down_is_503_and_recovers(websockify, echo4, redis_server, process
         assert status == 503 and b"redis" in body
     wait_for(lambda: len(refusal_lines(proc, 503)) == 3, what="one line per 503")
     # Redis comes back: the pool reconnects
-    processes([REDIS_SERVER, "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", str(tmp_path)], name="redis2")
+    start_redis(processes, redis_program, rport, tmp_path, name="redis2")
     wait_for(lambda: port_open(rport), what="redis again")
     redis.Redis(port=rport).set("t", "127.0.0.1:%d" % echo4.port)
     echo_through(port, "/?token=t")
@@ -140,10 +146,8 @@ http {{
 """
 
 
-@needs_redis
-@needs_nginx
 def test_two_instances_share_redis_behind_nginx(websockify, echo4, redis_server, processes,
-                                                tmp_path):
+                                                tmp_path, redis, nginx_program):
     _, rport = redis_server
     web = tmp_path / "novnc"
     web.mkdir()
@@ -156,7 +160,7 @@ def test_two_instances_share_redis_behind_nginx(websockify, echo4, redis_server,
     conf.write_text(NGINX_CONF.format(
         tmp=tmp_path, port=nport, ws1=instances[0][1], ws2=instances[1][1],
         user="user root;" if os.geteuid() == 0 else ""))
-    nginx = processes([NGINX, "-p", str(tmp_path), "-c", str(conf)], name="nginx")
+    nginx = processes([nginx_program, "-p", str(tmp_path), "-c", str(conf)], name="nginx")
     wait_for(lambda: port_open(nport) or nginx.proc.poll() is not None, what="nginx")
     assert nginx.proc.poll() is None, nginx.log()
 

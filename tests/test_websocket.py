@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import mask_frame
+from tests.helpers import mask_frame, require_module
 from websockify.protocol import frames as ws
 from websockify.errors import (InvalidPayload, MessageTooBig, ProtocolError,
                                WebSocketError)
@@ -126,8 +126,7 @@ class TestUnmask:
     @pytest.fixture(params=["pure", "numpy"])
     def unmask(self, request):
         if request.param == "numpy":
-            pytest.importorskip("numpy", reason="numpy is not installed: numpy unmask untested",
-                                exc_type=ImportError)
+            require_module("numpy", "the test extra installs it: numpy unmask untested")
             assert ws._numpy is not None, "numpy importable but websocket.py did not load it"
             return ws.unmask_numpy
         return ws.unmask_pure
@@ -734,8 +733,7 @@ class TestUnmaskInPlace:
     @pytest.fixture(params=["pure", "numpy"])
     def unmask_into(self, request):
         if request.param == "numpy":
-            pytest.importorskip("numpy", reason="numpy is not installed: numpy unmask untested",
-                                exc_type=ImportError)
+            require_module("numpy", "the test extra installs it: numpy unmask untested")
             return ws.unmask_into_numpy
         return ws.unmask_into_pure
 

@@ -21,7 +21,7 @@ import pytest
 from websockify import cli, errors
 from websockify.arbiter.wrap import REBIND_LIB_ENV, WrapError, find_rebind_lib
 from tests.helpers import (PYTHON, ROOT, RawWebSocket, free_port, pid_alive, port_open,
-                           wait_for, websockify_argv)
+                           require_program, skip_or_fail, wait_for, websockify_argv)
 from tests.helpers import echo_through, ipv6_available
 
 # A TCP echo server that binds the port it is given on every address, as a
@@ -78,8 +78,8 @@ def rebind_lib():
         return find_rebind_lib()
     except WrapError:
         pass
-    if not (shutil.which("cc") or shutil.which("gcc")):
-        pytest.skip("no C compiler installed: the rebind library cannot be built")
+    # (the rebind library cannot be built without one)
+    require_program("cc", "gcc", "gcc")
     subprocess.run([PYTHON, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT,
                    check=True, capture_output=True)
     return find_rebind_lib()
@@ -491,8 +491,7 @@ def built_libs(directory):
 
 
 def test_in_place_build_makes_a_preloadable_library(tmp_path):
-    if not (shutil.which("cc") or shutil.which("gcc")):
-        pytest.skip("no C compiler installed")
+    require_program("cc", "gcc", "gcc")
     project = copy_project(str(tmp_path / "project"))
     subprocess.run([PYTHON, "setup.py", "-q", "build_ext", "--inplace"], cwd=project,
                    check=True, capture_output=True, timeout=120)
@@ -537,14 +536,13 @@ def _pip_install(args, cwd):
     if result.returncode and not isolation and re.search(
             r"No matching distribution|Could not find a version|NewConnectionError|"
             r"Network is unreachable|Temporary failure in name resolution", result.stderr):
-        pytest.skip("pip could not fetch the build requirements (no package index)")
+        skip_or_fail("pip could not fetch the build requirements (no package index)")
     assert result.returncode == 0, result.stderr
     return result
 
 
 def test_pip_install_ships_the_library_and_wrapping_works(processes, echo_server, tmp_path):
-    if not (shutil.which("cc") or shutil.which("gcc")):
-        pytest.skip("no C compiler installed")
+    require_program("cc", "gcc", "gcc")
     project = copy_project(str(tmp_path / "project"))
     target = str(tmp_path / "site")
     _pip_install(["--target", target, project], cwd=str(tmp_path))
