@@ -938,8 +938,15 @@ def test_auth_plugin_calling_sys_exit_costs_one_session(websockify, echo_target,
 
 # -- churn ------------------------------------------------------------------------
 
-def _descriptors(master_pid, workers) -> dict:
-    return {pid: fd_count(pid) for pid in [master_pid] + workers}
+def _descriptors(proc, workers) -> dict:
+    counts = {}
+    for pid in [proc.pid] + workers:
+        try:
+            counts[pid] = fd_count(pid)
+        except FileNotFoundError:
+            raise AssertionError("process %d is gone during the churn:\n%s"
+                                 % (pid, proc.log())) from None
+    return counts
 
 
 def test_churn_beside_held_sessions_leaks_no_descriptors_or_memory(websockify):
@@ -967,17 +974,17 @@ def test_churn_beside_held_sessions_leaks_no_descriptors_or_memory(websockify):
         churn(3)                   # warm-up: first-use allocations are not a leak
         wait_for(lambda: sum(held_sessions(pid, port) for pid in workers) == 100, 10,
                  what="only the 100 held sessions left")
-        fds_before = _descriptors(proc.pid, workers)
+        fds_before = _descriptors(proc, workers)
         rss_before = {pid: rss_kib(pid) for pid in workers}
 
         done = churn(CHURN_SECONDS)
 
         try:
-            wait_for(lambda: _descriptors(proc.pid, workers) == fds_before, 15,
+            wait_for(lambda: _descriptors(proc, workers) == fds_before, 15,
                      what="descriptors back to where they were")
         except AssertionError:
             pass
-        fds_after = _descriptors(proc.pid, workers)
+        fds_after = _descriptors(proc, workers)
         assert fds_after == fds_before, "descriptors (pid: count) after %d sessions in %gs" % (
             done, CHURN_SECONDS)
         growth = {pid: rss_kib(pid) - rss_before[pid] for pid in workers}
