@@ -527,6 +527,9 @@ def test_sigusr1_while_workers_boot_does_not_stop_the_server(websockify, echo_ta
         proc.wait_log(r"\(pid %d\) serving" % pid)
     assert proc.proc.poll() is None, "the server stopped:\n" + proc.log()
     assert "failed to start" not in proc.log(), proc.log()
+    # Once the new generation is ready, the old one stops accepting.
+    wait_for(lambda: not any(holds_listener(pid, port) for pid in old), 5,
+             what="the old workers to stop accepting")
     ws = open_session(port)
     assert owner(ws, port, worker_pids(proc.pid)) in new
     close_session(ws)
