@@ -20,7 +20,7 @@ import pytest
 
 from tests.helpers import (PYTHON, ROOT, RawWebSocket, require_program, wait_for,
                            websockify_argv)
-from tests.test_legacy import open_hixie76
+from tests.e2e.test_legacy import open_hixie76
 from websockify.errors import EXIT_CONFIG
 from websockify.record import FOOTER, HEADER, Recorder
 

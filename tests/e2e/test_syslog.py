@@ -13,8 +13,8 @@ import time
 import pytest
 
 from tests.helpers import ROOT, children_of, pid_alive, port_open, wait_for, websockify_argv
-from tests.test_cli import assert_usage_error, run_cli
-from tests.test_logging import echo_session
+from tests.e2e.test_cli import assert_usage_error, run_cli
+from tests.e2e.test_logging import echo_session
 from websockify import log as wslog
 
 RFC5424 = re.compile(r"<(\d+)>1 (\S+) (\S+) (\S+) (\S+) (\S+) (\S+) (.*)", re.S)

@@ -9,7 +9,7 @@ import tempfile
 import pytest
 
 from tests.helpers import RawWebSocket, SharedProcess, read_http_response, wait_for
-from tests.test_cli import assert_usage_error, run_cli
+from tests.e2e.test_cli import assert_usage_error, run_cli
 from websockify.protocol.forwarded import (TrustedProxies, forwarded_client, parse_address,
                                   parse_trusted_proxies, peer_label)
 

@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import (free_port, handshake_request, port_open, read_http_response,
                            require_module, require_program, wait_for)
 from tests.helpers import echo_through
-from tests.test_tokens import EchoServer, answer, assert_clean, refusal_lines
+from tests.e2e.test_tokens import EchoServer, answer, assert_clean, refusal_lines
 
 
 @pytest.fixture(scope="module")

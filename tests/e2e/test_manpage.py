@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from tests.helpers import PYTHON, ROOT, require_program
-from tests.test_docs import MAN_PAGE, man_text
+from tests.unit.test_docs import MAN_PAGE, man_text
 from websockify import errors
 from websockify.arbiter import master
 from websockify.net import sockets, tls
