@@ -98,6 +98,43 @@ def children_of(pid: int) -> list:
         return []
 
 
+def socket_inodes(pid: int) -> set:
+    """Inodes of the sockets process ``pid`` holds (from /proc/<pid>/fd)."""
+    inodes = set()
+    try:
+        names = os.listdir("/proc/%d/fd" % pid)
+    except OSError:
+        return inodes
+    for name in names:
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, name))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+ESTABLISHED, LISTEN = "01", "0A"      # /proc/net/tcp's state codes
+
+
+def tcp_sockets(port: int) -> list:
+    """(inode, state, remote port) of the TCP sockets whose local port is ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                lines = handle.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found.append((int(fields[9]), fields[3],
+                              int(fields[2].rsplit(":", 1)[1], 16)))
+    return found
+
+
 def rss_kib(pid: int) -> int:
     """Resident memory of a process, in KiB."""
     with open("/proc/%d/status" % pid) as handle:

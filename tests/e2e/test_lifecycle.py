@@ -22,8 +22,9 @@ import time
 
 import pytest
 
-from tests.helpers import (ROOT, RawWebSocket, children_of, handshake_request,
-                           mask_frame, pid_alive, port_open, rss_kib, wait_for)
+from tests.helpers import (ESTABLISHED, LISTEN, ROOT, RawWebSocket, children_of,
+                           handshake_request, mask_frame, pid_alive, port_open, rss_kib,
+                           socket_inodes, tcp_sockets, wait_for)
 
 CHURN_SECONDS = float(os.environ.get("LIFECYCLE_CHURN_SECONDS", "60"))
 
@@ -363,44 +364,11 @@ def wait_serving(proc, pids, timeout=10.0) -> None:
         proc.wait_log(r"\b%d\b[^\n]*serving" % pid, timeout)
 
 
-def socket_inodes(pid: int) -> set:
-    inodes = set()
-    try:
-        names = os.listdir("/proc/%d/fd" % pid)
-    except OSError:
-        return inodes
-    for name in names:
-        try:
-            target = os.readlink("/proc/%d/fd/%s" % (pid, name))
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
-
-
 def fd_count(pid: int) -> int:
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
-def tcp_sockets(port: int) -> list:
-    """(inode, state, remote port) of the TCP sockets whose local port is ``port``."""
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as handle:
-                lines = handle.readlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port:
-                found.append((int(fields[9]), fields[3],
-                              int(fields[2].rsplit(":", 1)[1], 16)))
-    return found
 
-
-ESTABLISHED, LISTEN = "01", "0A"
 
 
 def held_sessions(pid: int, port: int) -> int:

@@ -17,9 +17,9 @@ import pytest
 
 from websockify import errors
 from websockify.demo.echo import echo_connection
-from tests.helpers import (ROOT, RawWebSocket, children_of, free_port,
+from tests.helpers import (LISTEN, ROOT, RawWebSocket, children_of, free_port,
                            handshake_request, pid_alive, port_open, read_http_response,
-                           wait_for, websockify_argv)
+                           socket_inodes, tcp_sockets, wait_for, websockify_argv)
 
 
 # -- helpers -------------------------------------------------------------------
@@ -88,38 +88,10 @@ def open_files(pid: int) -> set:
     return paths
 
 
-def socket_inodes(pid: int) -> set:
-    inodes = set()
-    try:
-        names = os.listdir("/proc/%d/fd" % pid)
-    except OSError:
-        return inodes
-    for name in names:
-        try:
-            target = os.readlink("/proc/%d/fd/%s" % (pid, name))
-        except OSError:
-            continue
-        match = re.match(r"socket:\[(\d+)\]", target)
-        if match:
-            inodes.add(int(match.group(1)))
-    return inodes
-
-
 def server_side_inode(listen_port: int, client_port: int):
     """Inode of the accepted socket for the client's connection (from /proc/net/tcp*)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as handle:
-                lines = handle.readlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-            if local_port == listen_port and remote_port == client_port:
-                return int(fields[9])
-    return None
+    return next((inode for inode, _, remote in tcp_sockets(listen_port)
+                 if remote == client_port), None)
 
 
 def holds_listener(pid: int, listen_port: int) -> bool:
@@ -130,17 +102,7 @@ def holds_listener(pid: int, listen_port: int) -> bool:
 
 def listener_inode(port: int):
     """Inode of the socket listening on loopback TCP ``port``, None when none is."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as handle:
-                lines = handle.readlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                return int(fields[9])
-    return None
+    return next((inode for inode, state, _ in tcp_sockets(port) if state == LISTEN), None)
 
 
 def seconds_since_start(pid: int) -> float:

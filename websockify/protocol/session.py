@@ -31,40 +31,38 @@ CloseFrame = Tuple[Optional[int], str]
 
 
 class SessionState:
-    """One session's close handshake, as a small state machine."""
+    """One session's close handshake, as a small state machine.
 
-    __slots__ = ("state", "client_readable", "awaits_close_reply", "close_code",
-                 "close_reason")
+    ``state`` names the state; ``is_open``, ``closing``, ``exchanged`` and
+    ``client_readable`` are kept as plain attributes, derived at each
+    transition, because the relay reads them for every chunk it moves.
+    """
+
+    __slots__ = ("state", "is_open", "closing", "exchanged", "client_readable",
+                 "awaits_close_reply", "close_code", "close_reason")
 
     def __init__(self, awaits_close_reply: bool = True):
-        self.state = OPEN
-        #: False once nothing more is read from the client (its close arrived,
-        #: or it broke the protocol).
-        self.client_readable = True
         #: Hixie clients never answer a close frame.
         self.awaits_close_reply = awaits_close_reply
         self.close_code: Optional[int] = None
         self.close_reason = ""
+        #: False once nothing more is read from the client (its close arrived,
+        #: or it broke the protocol).
+        self.client_readable = True
+        self._enter(OPEN)
 
-    # -- what the relay asks ---------------------------------------------
-
-    @property
-    def is_open(self) -> bool:
-        return self.state is OPEN
-
-    @property
-    def closing(self) -> bool:
-        """A close frame went one way or the other."""
-        return self.state is not OPEN
+    def _enter(self, state: str) -> None:
+        self.state = state
+        #: Data flows both ways and pings are answered.
+        self.is_open = state is OPEN
+        #: A close frame went one way or the other (ours is queued or sent).
+        self.closing = state is not OPEN
+        #: Both close frames are queued or sent: hang up once flushed.
+        self.exchanged = state is CLOSING_BY_PEER or state is CLOSED
 
     @property
     def close_sent(self) -> bool:
-        return self.state is not OPEN
-
-    @property
-    def exchanged(self) -> bool:
-        """Both close frames are queued or sent: hang up once flushed."""
-        return self.state is CLOSING_BY_PEER or self.state is CLOSED
+        return self.closing
 
     # -- what happened -----------------------------------------------------
 
@@ -74,10 +72,10 @@ class SessionState:
             return None
         self._record(code, reason)
         if self.awaits_close_reply:
-            self.state = CLOSING_BY_US
+            self._enter(CLOSING_BY_US)
         else:
-            self.state = CLOSED
             self.client_readable = False
+            self._enter(CLOSED)
         return code, reason
 
     def fail(self, code: int, reason: str) -> Optional[CloseFrame]:
@@ -87,8 +85,8 @@ class SessionState:
         wait for the peer's close frame.
         """
         frame = self.close(code, reason)
-        self.state = CLOSED
         self.client_readable = False
+        self._enter(CLOSED)
         return frame
 
     def peer_closed(self, code: Optional[int], reason: str) -> Optional[CloseFrame]:
@@ -96,17 +94,17 @@ class SessionState:
         self.client_readable = False
         if self.state is OPEN:
             self._record(1005 if code is None else code, reason)
-            self.state = CLOSING_BY_PEER
+            self._enter(CLOSING_BY_PEER)
             return code, ""
         if self.state is CLOSING_BY_US:
-            self.state = CLOSED
+            self._enter(CLOSED)
         return None
 
     def abort(self, reason: str) -> None:
         """The connection is gone without a close handshake (1006 in the log)."""
         self._record(1006, reason)
-        self.state = CLOSED
         self.client_readable = False
+        self._enter(CLOSED)
 
     def _record(self, code: Optional[int], reason: str) -> None:
         if self.close_code is None:
