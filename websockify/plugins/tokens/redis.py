@@ -15,27 +15,35 @@ log = logging.getLogger("websockify")
 
 
 def parse_source_args(src: str) -> List[str]:
-    """``a:b:c`` -> ['a', 'b', 'c']; a field in double quotes may hold colons."""
+    """``a:b:c`` -> ['a', 'b', 'c']; a field in double quotes may hold colons.
+
+    The answers are 0.13's for every input, odd ones included.  A quoted
+    field is a ``"``, at least one other character and the next ``"``, at
+    the start of a field and followed by a colon or the end of the text (a
+    final newline after it is dropped, as 0.13's ``$`` does).  Anything
+    else is plain text up to the next colon: ``'"'`` is ``['"']``,
+    ``'"a"b'`` is ``['"a"b']``.
+    """
     fields: List[str] = []
-    i, n = 0, len(src)
+    n = len(src)
+    start = 0
     while True:
-        if i < n and src[i] == '"':
-            end = src.find('"', i + 1)
-            if end < 0 or (end + 1 < n and src[end + 1] != ":"):
-                raise ValueError("unbalanced quotes in %r" % src)
-            fields.append(src[i + 1:end])
-            i = end + 1
-        else:
-            end = src.find(":", i)
-            end = n if end < 0 else end
-            fields.append(src[i:end])
-            i = end
-        if i >= n:
+        if src.startswith('"', start):
+            close = src.find('"', start + 1)
+            if close > start + 1:
+                if close + 1 == n or src[close + 1:] == "\n":
+                    fields.append(src[start + 1:close])
+                    return fields
+                if src.startswith(":", close + 1):
+                    fields.append(src[start + 1:close])
+                    start = close + 2
+                    continue
+        colon = src.find(":", start)
+        if colon < 0:
+            fields.append(src[start:])
             return fields
-        i += 1  # the colon
-        if i == n:
-            fields.append("")
-            return fields
+        fields.append(src[start:colon])
+        start = colon + 1
 
 
 class TokenRedis(BasePlugin):
