@@ -7,7 +7,9 @@ without a server.  The expected values are 0.13's answers, found by
 reading and running its code.
 """
 
+import base64
 import string
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -84,3 +86,117 @@ def test_parse_source_args_splits_plain_fields_at_colons(parts):
 def test_parse_source_args_quoted_fields_keep_their_colons(parts):
     src = ":".join('"%s"' % part if ":" in part else part for part in parts)
     assert tp.parse_source_args(src) == parts
+
+
+# -- JWTTokenApi ----------------------------------------------------------------------------
+
+jwk = pytest.importorskip("jwcrypto.jwk", reason="jwcrypto is not installed")
+jwt = pytest.importorskip("jwcrypto.jwt", reason="jwcrypto is not installed")
+
+SECRET = b"0123456789abcdef0123456789abcdef!"      # HS256 wants 32 bytes or more
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def signed(key, claims, alg="HS256", header=None):
+    token = jwt.JWT(header=dict(header or {}, alg=alg), claims=claims)
+    token.make_signed_token(key)
+    return token.serialize()
+
+
+@pytest.fixture
+def shared_key(tmp_path):
+    """A key file as 0.13 reads it (the secret's base64url text) and the JWK it means."""
+    text = b64url(SECRET)
+    path = tmp_path / "hs.key"
+    path.write_text(text)
+    # how a 0.13 deployment signs: the file's text is the k of an oct JWK
+    return str(path), jwk.JWK(kty="oct", k=text)
+
+
+def test_jwt_shared_secret_is_the_base64url_k_of_013(shared_key, tmp_path):
+    path, key = shared_key
+    plugin = tp.JWTTokenApi(path)
+    plugin.check()
+    assert plugin.lookup(signed(key, {"host": "remote_host", "port": "remote_port"})) == \
+        ("remote_host", "remote_port")
+    # the HMAC key is the decoded secret, not the text in the file
+    by_text = jwk.JWK(kty="oct", k=b64url(open(path, "rb").read()))
+    assert plugin.lookup(signed(by_text, {"host": "h", "port": 1})) is None
+    # padding, and a final newline (which jwcrypto itself refuses), change nothing
+    for variant in (base64.urlsafe_b64encode(SECRET).decode() + "\n", b64url(SECRET) + "\r\n"):
+        other = tmp_path / "variant.key"
+        other.write_text(variant)
+        assert tp.JWTTokenApi(str(other)).lookup(signed(key, {"host": "h", "port": 2})) == ("h", 2)
+
+
+def test_jwt_time_claims_and_other_keys_give_none(shared_key, monkeypatch):
+    path, key = shared_key
+    plugin = tp.JWTTokenApi(path)
+    token = signed(key, {"host": "remote_host", "port": "remote_port", "nbf": 100, "exp": 200})
+    # 0.13's own cases: time.time() patched to before, between and after
+    for now, expected in ((50, None), (100, ("remote_host", "remote_port")),
+                          (150, ("remote_host", "remote_port")),
+                          (200, ("remote_host", "remote_port")), (250, None)):
+        monkeypatch.setattr(time, "time", lambda now=now: now)
+        assert plugin.lookup(token) == expected, now
+    monkeypatch.undo()
+    other = jwk.JWK.generate(kty="oct", size=256)
+    for bad in (signed(other, {"host": "h", "port": 1}), "not.a.jwt", "", "x" * 100,
+                signed(key, {"host": "h"})):
+        assert plugin.lookup(bad) is None
+        with pytest.raises(tp.TokenRefused):
+            plugin.resolve(bad)
+
+
+def test_jwt_pem_keys_as_before(tmp_path):
+    private = jwk.JWK.generate(kty="RSA", size=2048)
+    public_pem = tmp_path / "public.pem"
+    public_pem.write_bytes(private.export_to_pem())
+    private_pem = tmp_path / "private.pem"
+    private_pem.write_bytes(private.export_to_pem(private_key=True, password=None))
+    token = signed(private, {"host": "remote_host", "port": "remote_port"}, "RS256")
+    for path in (public_pem, private_pem):
+        assert tp.JWTTokenApi(str(path)).lookup(token) == ("remote_host", "remote_port")
+    # a PEM public key's text is never taken for a shared secret
+    confused = signed(jwk.JWK(kty="oct", k=b64url(public_pem.read_bytes())),
+                      {"host": "h", "port": 1})
+    assert tp.JWTTokenApi(str(public_pem)).lookup(confused) is None
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read key file"),
+    (b"", "key file is empty"),
+    # 13 characters: no base64 text has that length (jwcrypto's test, and 0.13's)
+    (b"not base64url\n", "neither a PEM key nor the base64url text"),
+    (b"\xff\xfe raw bytes", "neither a PEM key nor the base64url text"),
+    (b"-----BEGIN PUBLIC KEY-----\nbroken\n-----END PUBLIC KEY-----\n", "cannot parse the PEM"),
+])
+def test_jwt_bad_key_file_builds_and_answers_none(tmp_path, content, message):
+    path = tmp_path / "bad.key"
+    if content is not None:
+        path.write_bytes(content)
+    plugin = tp.JWTTokenApi(str(path))          # 0.13 builds it; lookup() says None
+    key = jwk.JWK(kty="oct", k=b64url(SECRET))
+    assert plugin.lookup(signed(key, {"host": "h", "port": 1})) is None
+    with pytest.raises(tp.SourceError) as info:
+        plugin.check()                          # the start stops (exit 5)
+    assert message in str(info.value)
+
+
+def test_jwt_key_file_read_again_when_it_changes(shared_key, tmp_path):
+    path, key = shared_key
+    plugin = tp.JWTTokenApi(path)
+    plugin.check()
+    new_secret = b"another secret, also 32 bytes long"
+    new_key = jwk.JWK(kty="oct", k=b64url(new_secret))
+    with open(path, "w") as handle:
+        handle.write(b64url(new_secret))
+    assert plugin.lookup(signed(new_key, {"host": "h", "port": 3})) == ("h", 3)
+    assert plugin.lookup(signed(key, {"host": "h", "port": 3})) is None
+    # a key file that breaks keeps the last good key
+    with open(path, "w") as handle:
+        handle.write("not base64url")
+    assert plugin.lookup(signed(new_key, {"host": "h", "port": 4})) == ("h", 4)

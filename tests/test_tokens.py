@@ -700,7 +700,8 @@ def keys(tmp_path):
     secret = b"a shared secret of some length!!"
     rsa = jwk.JWK.generate(kty="RSA", size=2048)
     ec = jwk.JWK.generate(kty="EC", crv="P-256")
-    paths = {"hs": write(tmp_path / "hs.key", secret, "wb"),
+    # websockify 0.13's shared-secret file: the secret's base64url text
+    paths = {"hs": write(tmp_path / "hs.key", b64(secret) + "\n"),
              "rs": write(tmp_path / "rs.pem", rsa.export_to_pem(private_key=True, password=None),
                          "wb"),
              "es": write(tmp_path / "es.pem", ec.export_to_pem(private_key=True, password=None),

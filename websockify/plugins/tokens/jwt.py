@@ -35,7 +35,7 @@ def _jose_header(token: str) -> dict:
 
 
 def _load_key(data: bytes, path: str):
-    """The JWK in a key file's bytes: a PEM key, else a shared secret (its bytes)."""
+    """The JWK in a key file's bytes: a PEM key, else the base64url text of a secret."""
     try:
         from jwcrypto import jwk
     except ImportError:
@@ -49,18 +49,27 @@ def _load_key(data: bytes, path: str):
         pass
     if b"-----BEGIN" in data:
         raise SourceError("cannot parse the PEM key", path)
-    return jwk.JWK(kty="oct", k=base64.urlsafe_b64encode(data).rstrip(b"=").decode())
+    try:
+        # 0.13 imports the text as the k of an oct JWK: the HMAC key is the
+        # decoded value.  Whitespace around it (a final newline) is dropped:
+        # jwcrypto refuses it, and where it does not the key is the same.
+        return jwk.JWK(kty="oct", k=data.decode("utf-8").strip())
+    except Exception:  # jwcrypto's InvalidJWKValue, UnicodeDecodeError
+        raise SourceError("neither a PEM key nor the base64url text of a shared secret",
+                          path) from None
 
 
 class JWTTokenApi(ResolvingPlugin):
     """Signed (JWS) or encrypted (JWE, holding a signed JWT) tokens with ``host``, ``port``.
 
-    The source is a key file: a PEM key (RSA or EC, private or public), or
-    else its raw bytes as a shared secret.  The file is read again when it
-    changes (0.13 read it at every lookup); if it breaks, the last good key
-    stays.  ``nbf`` and ``exp`` are checked; ``alg: none`` is refused.
-    ``lookup()`` gives the ``host`` and ``port`` claims as they are, or
-    None.  Needs jwcrypto (``pip install websockify[jwt]``).
+    The source is a key file, in websockify 0.13's format: a PEM key (RSA
+    or EC, private or public), or else the base64url text of a shared
+    secret (the ``k`` of a JWK ``oct`` key: the HMAC key is its decoded
+    bytes).  The file is read again when it changes (0.13 read it at every
+    lookup); if it breaks, the last good key stays.  ``nbf`` and ``exp`` are
+    checked; ``alg: none`` is refused.  ``lookup()`` gives the ``host`` and
+    ``port`` claims as they are, or None.  Needs jwcrypto (``pip install
+    websockify[jwt]``).
     """
 
     def __init__(self, src):
