@@ -8,12 +8,14 @@ reading and running its code.
 """
 
 import base64
+import inspect
 import string
 import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tests.helpers import parameters
 from websockify.plugins import tokens as tp
 
 
@@ -90,8 +92,13 @@ def test_parse_source_args_quoted_fields_keep_their_colons(parts):
 
 # -- JWTTokenApi ----------------------------------------------------------------------------
 
-jwk = pytest.importorskip("jwcrypto.jwk", reason="jwcrypto is not installed")
-jwt = pytest.importorskip("jwcrypto.jwt", reason="jwcrypto is not installed")
+try:
+    from jwcrypto import jwk, jwt
+except ImportError:  # the jwt extra is not installed
+    jwk = jwt = None
+
+needs_jwcrypto = pytest.mark.skipif(jwk is None, reason="jwcrypto is not installed "
+                                    "(pip install 'websockify[jwt]')")
 
 SECRET = b"0123456789abcdef0123456789abcdef!"      # HS256 wants 32 bytes or more
 
@@ -116,6 +123,7 @@ def shared_key(tmp_path):
     return str(path), jwk.JWK(kty="oct", k=text)
 
 
+@needs_jwcrypto
 def test_jwt_shared_secret_is_the_base64url_k_of_013(shared_key, tmp_path):
     path, key = shared_key
     plugin = tp.JWTTokenApi(path)
@@ -132,6 +140,7 @@ def test_jwt_shared_secret_is_the_base64url_k_of_013(shared_key, tmp_path):
         assert tp.JWTTokenApi(str(other)).lookup(signed(key, {"host": "h", "port": 2})) == ("h", 2)
 
 
+@needs_jwcrypto
 def test_jwt_time_claims_and_other_keys_give_none(shared_key, monkeypatch):
     path, key = shared_key
     plugin = tp.JWTTokenApi(path)
@@ -151,6 +160,7 @@ def test_jwt_time_claims_and_other_keys_give_none(shared_key, monkeypatch):
             plugin.resolve(bad)
 
 
+@needs_jwcrypto
 def test_jwt_pem_keys_as_before(tmp_path):
     private = jwk.JWK.generate(kty="RSA", size=2048)
     public_pem = tmp_path / "public.pem"
@@ -166,6 +176,7 @@ def test_jwt_pem_keys_as_before(tmp_path):
     assert tp.JWTTokenApi(str(public_pem)).lookup(confused) is None
 
 
+@needs_jwcrypto
 @pytest.mark.parametrize("content, message", [
     (None, "cannot read key file"),
     (b"", "key file is empty"),
@@ -186,6 +197,7 @@ def test_jwt_bad_key_file_builds_and_answers_none(tmp_path, content, message):
     assert message in str(info.value)
 
 
+@needs_jwcrypto
 def test_jwt_key_file_read_again_when_it_changes(shared_key, tmp_path):
     path, key = shared_key
     plugin = tp.JWTTokenApi(path)
@@ -200,3 +212,39 @@ def test_jwt_key_file_read_again_when_it_changes(shared_key, tmp_path):
     with open(path, "w") as handle:
         handle.write("not base64url")
     assert plugin.lookup(signed(new_key, {"host": "h", "port": 4})) == ("h", 4)
+
+
+# -- the names and signatures 0.13's users reach ---------------------------------------------
+
+EMPTY = inspect.Parameter.empty
+
+#: websockify 0.13's constructor signatures, read from its token_plugins.py.
+TOKEN_SIGNATURES_013 = {
+    "BasePlugin": [("src", EMPTY)],
+    "ReadOnlyTokenFile": [("*args", EMPTY), ("**kwargs", EMPTY)],
+    "TokenFile": [("*args", EMPTY), ("**kwargs", EMPTY)],
+    "TokenFileName": [("src", EMPTY)],
+    "BaseTokenAPI": [("src", EMPTY)],
+    "JSONTokenApi": [("src", EMPTY)],
+    "JWTTokenApi": [("src", EMPTY)],
+    "TokenRedis": [("src", EMPTY)],
+    "UnixDomainSocketDirectory": [("*args", EMPTY), ("**kwargs", EMPTY)],
+}
+
+
+@pytest.mark.parametrize("name, expected", sorted(TOKEN_SIGNATURES_013.items()))
+def test_token_plugins_have_013s_signatures(name, expected):
+    import websockify.token_plugins as module
+    cls = getattr(module, name)
+    assert parameters(cls) == expected
+    assert parameters(cls.lookup) == [("self", EMPTY), ("token", EMPTY)]
+    assert issubclass(cls, module.BasePlugin)
+    if issubclass(cls, module.BaseTokenAPI):
+        assert parameters(cls.process_result)[1:] == [("resp", EMPTY)]
+    assert parameters(module.parse_source_args) == [("src", EMPTY)]
+
+
+def test_base_plugin_as_013():
+    import websockify.token_plugins as module
+    plugin = module.BasePlugin("the source")
+    assert plugin.source == "the source" and plugin.lookup("t") is None
