@@ -9,6 +9,7 @@ reading and running its code.
 
 import base64
 import inspect
+import json
 import string
 import time
 
@@ -248,3 +249,211 @@ def test_base_plugin_as_013():
     import websockify.token_plugins as module
     plugin = module.BasePlugin("the source")
     assert plugin.source == "the source" and plugin.lookup("t") is None
+
+
+# -- file plugins --------------------------------------------------------------------------
+
+def write(path, text):
+    with open(str(path), "w") as handle:
+        handle.write(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("line", ["testhost: remote_host:remote_port",
+                                  "testhost:\tremote_host:remote_port",
+                                  "  testhost:   remote_host:remote_port  "])
+def test_token_file_lookup_gives_the_target_as_written(tmp_path, line):
+    # 0.13's own cases: what the file holds, port text included, not checked
+    for cls in (tp.ReadOnlyTokenFile, tp.TokenFile):
+        plugin = cls(write(tmp_path / "tokens", line + "\n"))
+        assert plugin.lookup("testhost") == ["remote_host", "remote_port"]
+        assert plugin.lookup("other") is None
+    empty = tp.ReadOnlyTokenFile(write(tmp_path / "empty", ""))
+    assert empty.lookup("testhost") is None
+
+
+def test_token_file_reads_changed_files_at_the_next_lookup(tmp_path):
+    path = write(tmp_path / "tokens", "a: h1:1\nb: h2:2\n")
+    plugin = tp.TokenFile(path)
+    assert plugin.lookup("a") == ["h1", "1"]
+    write(path, "a: h9:9\nb: h2:2\n")            # same size, at once: 0.13 re-read every time
+    assert plugin.lookup("a") == ["h9", "9"]
+    write(path, "b: h2:2\n")
+    assert plugin.lookup("a") is None
+    # a directory: a new file is seen at once
+    d = tmp_path / "dir"
+    d.mkdir()
+    write(d / "one", "a: h1:1\n")
+    plugin = tp.TokenFile(str(d))
+    assert plugin.lookup("a") == ["h1", "1"] and plugin.lookup("c") is None
+    write(d / "two", "c: h3:3\n")
+    assert plugin.lookup("c") == ["h3", "3"]
+
+
+def test_token_file_answers_do_not_change_the_table(tmp_path):
+    class Lower(tp.TokenFile):
+        """A 0.13-style subclass: super().lookup() and its own twist."""
+        def lookup(self, token):
+            result = super().lookup(token.lower())
+            if result is not None:
+                result[1] = str(int(result[1]) + 1)
+            return result
+
+    plugin = Lower(write(tmp_path / "tokens", "abc: h:5900\n"))
+    assert plugin.lookup("ABC") == ["h", "5901"]
+    assert plugin.lookup("ABC") == ["h", "5901"]
+    assert not tp.answers_by_resolve(plugin)          # the server asks its lookup()
+
+
+def test_token_file_bad_lines_are_skipped_by_lookup_and_stop_the_start(tmp_path):
+    path = write(tmp_path / "tokens", "good: h:1\nnot a line\nport: h:notaport\n")
+    plugin = tp.TokenFile(path)
+    assert plugin.lookup("good") == ["h", "1"]
+    assert plugin.lookup("port") == ["h", "notaport"]       # as 0.13 reads it
+    with pytest.raises(tp.SourceError) as info:
+        plugin.check()
+    assert "tokens:2: syntax error" in str(info.value)
+
+
+def test_token_file_on_a_missing_source_builds_and_answers_none(tmp_path):
+    path = str(tmp_path / "later")
+    for cls in (tp.ReadOnlyTokenFile, tp.TokenFile):
+        plugin = cls(path)
+        assert plugin.lookup("a") is None
+        with pytest.raises(tp.SourceError, match="does not exist"):
+            plugin.check()
+    plugin = tp.TokenFile(path)
+    assert plugin.lookup("a") is None
+    write(path, "a: h:1\n")
+    assert plugin.lookup("a") == ["h", "1"]
+    with pytest.raises(tp.SourceError, match="needs --token-source"):
+        tp.TokenFile(None).check()
+
+
+def test_token_file_name(tmp_path):
+    write(tmp_path / "remote", "remote_host:remote_port\n")
+    write(tmp_path / "sock", "unix_socket:/run/x.sock")
+    plugin = tp.TokenFileName(str(tmp_path))
+    assert plugin.lookup("remote") == ["remote_host", "remote_port"]
+    assert plugin.lookup("sock") == ["unix_socket", "/run/x.sock"]
+    assert plugin.lookup("nobody") is None
+    # 0.13 refuses a source that is not a directory when it is built
+    with pytest.raises(tp.SourceError, match="needs a directory"):
+        tp.TokenFileName(str(tmp_path / "remote"))
+
+
+def test_unix_domain_socket_directory(tmp_path):
+    import socket
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "desk"))
+    write(tmp_path / "file", "x")
+    try:
+        plugin = tp.UnixDomainSocketDirectory(str(tmp_path))
+        assert plugin.lookup("desk") == ["unix_socket", str(tmp_path / "desk")]
+        assert plugin.lookup("file") is None and plugin.lookup("none") is None
+        assert plugin._dir_path == str(tmp_path)
+    finally:
+        server.close()
+    missing = tp.UnixDomainSocketDirectory(str(tmp_path / "missing"))   # builds, as 0.13
+    assert missing.lookup("desk") is None
+    with pytest.raises(tp.SourceError, match="needs a directory"):
+        missing.check()
+
+
+# -- HTTP APIs -----------------------------------------------------------------------------
+
+@pytest.fixture
+def api():
+    from tests.test_tokens import TokenAPI
+    server = TokenAPI({"plain": "remote_host:remote_port",
+                       "json": json.dumps({"host": "remote_host", "port": "remote_port"}),
+                       "a/b c": "h:1",
+                       "broken": "{not json"})
+    yield server
+    server.close()
+
+
+def test_base_token_api_gives_013s_answer(api):
+    plugin = tp.BaseTokenAPI("http://127.0.0.1:%d/t/%%s" % api.port)
+    plugin.check()
+    assert plugin.lookup("plain") == ["remote_host", b"remote_port"]   # 0.13: port as bytes
+    assert plugin.lookup("a/b c") == ["h", b"1"]
+    assert "/t/a%2Fb%20c" in api.paths
+    assert plugin.lookup("unknown") is None                     # 404
+    assert plugin.lookup("crash") is None                       # 500: not ok, as 0.13
+    with pytest.raises(tp.BackendUnavailable):
+        plugin.resolve("crash")
+    assert tp.target_from_result(["127.0.0.1", b"5900"]) == ("127.0.0.1", 5900)
+
+
+def test_json_token_api_gives_the_json_values(api):
+    plugin = tp.JSONTokenApi("http://127.0.0.1:%d/t/%%s" % api.port)
+    assert plugin.lookup("json") == ("remote_host", "remote_port")
+    assert plugin.lookup("broken") is None
+    with pytest.raises(tp.BadTarget):
+        plugin.resolve("broken")
+
+    class Mine(tp.JSONTokenApi):
+        def process_result(self, resp):
+            host, port = super().process_result(resp)
+            return host.upper(), port
+
+    assert Mine(plugin.source).lookup("json") == ("REMOTE_HOST", "remote_port")
+
+
+def test_token_api_down_lets_the_error_through(api):
+    port = api.port
+    api.close()
+    plugin = tp.BaseTokenAPI("http://127.0.0.1:%d/%%s" % port)
+    with pytest.raises(OSError):                  # 0.13: requests' ConnectionError
+        plugin.lookup("plain")
+    with pytest.raises(tp.BackendUnavailable):
+        plugin.resolve("plain")
+
+
+@pytest.mark.parametrize("source", [None, "", "http://127.0.0.1/no-placeholder",
+                                    "ftp://127.0.0.1/%s"])
+def test_token_api_bad_source_builds_and_answers_none(source):
+    plugin = tp.JSONTokenApi(source)
+    assert plugin.lookup("t") is None
+    with pytest.raises(tp.SourceError):
+        plugin.check()
+
+
+# -- TokenRedis's source ---------------------------------------------------------------------
+
+# 0.13's own test: source -> (_server, _port, _db, _password, _namespace)
+REDIS_SOURCES_013 = [
+    ("127.0.0.1", ("127.0.0.1", 6379, 0, None, "")),
+    ("127.0.0.1:1234", ("127.0.0.1", 1234, 0, None, "")),
+    ("127.0.0.1:1234:2", ("127.0.0.1", 1234, 2, None, "")),
+    ("127.0.0.1:1234:2:verysecret", ("127.0.0.1", 1234, 2, "verysecret", "")),
+    ("127.0.0.1:1234:2:verysecret:namespace", ("127.0.0.1", 1234, 2, "verysecret", "namespace:")),
+    ("127.0.0.1:::verysecret", ("127.0.0.1", 6379, 0, "verysecret", "")),
+    ("127.0.0.1::::", ("127.0.0.1", 6379, 0, None, "")),
+    ("127.0.0.1:::", ("127.0.0.1", 6379, 0, None, "")),
+    ("127.0.0.1::", ("127.0.0.1", 6379, 0, None, "")),
+    ("127.0.0.1:", ("127.0.0.1", 6379, 0, None, "")),
+    ("127.0.0.1::::namespace", ("127.0.0.1", 6379, 0, None, "namespace:")),
+    ('127.0.0.1::::"ns1:ns2"', ("127.0.0.1", 6379, 0, None, "ns1:ns2:")),
+    ("127.0.0.1::2", ("127.0.0.1", 6379, 2, None, "")),
+    ("127.0.0.1:1234::verysecret", ("127.0.0.1", 1234, 0, "verysecret", "")),
+    ("127.0.0.1::2:verysecret", ("127.0.0.1", 6379, 2, "verysecret", "")),
+    ("127.0.0.1::2:", ("127.0.0.1", 6379, 2, None, "")),
+]
+
+
+@pytest.mark.parametrize("source, expected", REDIS_SOURCES_013)
+def test_token_redis_source_fields_as_013(source, expected):
+    plugin = tp.TokenRedis(source)
+    assert (plugin._server, plugin._port, plugin._db, plugin._password,
+            plugin._namespace) == expected
+
+
+@pytest.mark.parametrize("source", ["127.0.0.1:notaport", "h:1:notadb", "a:1:2:3:4:5", "", None])
+def test_token_redis_bad_source_builds_and_answers_none(source):
+    # 0.13 exits the process here; ours builds, check() stops the start
+    plugin = tp.TokenRedis(source)
+    assert plugin.lookup("t") is None
+    with pytest.raises(tp.SourceError):
+        plugin.check()

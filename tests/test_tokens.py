@@ -431,6 +431,21 @@ class BadResultPlugin(BasePlugin):
         return "nonsense"
 
 
+class MalformedPlugin(BasePlugin):
+    """lookup() answers that are no target: the server must refuse each (502)."""
+    RESULTS = {"notaport": ("127.0.0.1", "notaport"), "range": ("127.0.0.1", 70000),
+               "zero": ("127.0.0.1", 0), "negative": ("127.0.0.1", -1),
+               "service": ("127.0.0.1", "ssh"), "float": ("127.0.0.1", 5900.0),
+               "bool": ("127.0.0.1", True), "nonsense": "nonsense", "int": 42,
+               "nonehost": (None, 5900), "inthost": (127, 5900), "emptyhost": ("", 5900),
+               "three": ("a", "b", "c"), "one": ["h"], "remote": ["remote_host", "remote_port"],
+               "dict": {"nohost": 1}, "unixnopath": ("unix_socket", ""),
+               "unixint": ("unix_socket", 5)}
+
+    def lookup(self, token):
+        return self.RESULTS.get(token)
+
+
 class MyTokenFile(TokenFile):
     def lookup(self, token):
         return super().lookup(token.lower())
@@ -483,6 +498,23 @@ def test_raising_plugin_is_500_one_line_worker_lives(websockify, echo4, wild):
     proc2, port2 = start_tokens(websockify, "--token-plugin", "wildplugins.BadResultPlugin",
                                 "{port}", env=wild)
     assert answer(port2, "/?token=x")[0] == 502
+
+
+def test_malformed_lookup_results_are_502_with_one_line_each(websockify, wild):
+    namespace = {}
+    exec(WILD_PLUGINS, namespace)          # the plugin's table, read here as the server reads it
+    tokens = sorted(namespace["MalformedPlugin"].RESULTS)
+    proc, port = start_tokens(websockify, "--token-plugin", "wildplugins.MalformedPlugin",
+                              "{port}", env=wild)
+    pids = children_of(proc.pid)
+    for token in tokens:
+        status, body = answer(port, "/?token=" + token)
+        assert status == 502 and b"unusable target" in body, (token, status, body)
+    wait_for(lambda: len(refusal_lines(proc, 502)) == len(tokens), what="one line per token")
+    assert len(refusal_lines(proc, 502)) == len(tokens)
+    assert answer(port, "/?token=unknown")[0] == 404
+    assert children_of(proc.pid) == pids
+    assert_clean(proc)
 
 
 def test_plugin_that_exits_in_init_fails_at_start(wild):
@@ -552,12 +584,15 @@ def test_token_file_name_end_to_end(websockify, echo4, tmp_path):
     d = tmp_path / "tokens"
     d.mkdir()
     write(d / "alice", "127.0.0.1:%d\n" % echo4.port)
+    write(d / "remote", "remote_host:remote_port\n")
     write(tmp_path / "outside", "127.0.0.1:%d\n" % echo4.port)
     proc, port = start_tokens(websockify, "--token-plugin", "TokenFileName", "--token-source",
                               str(d), "{port}")
     echo_through(port, "/?token=alice")
     assert answer(port, "/?token=..%2Foutside")[0] == 403
     assert answer(port, "/?token=bob")[0] == 404
+    status, body = answer(port, "/?token=remote")
+    assert status == 502 and b"bad port 'remote_port'" in body
     assert_clean(proc)
 
 
@@ -632,6 +667,7 @@ class TokenAPI:
 def test_json_token_api(websockify, echo4):
     api = TokenAPI({"desk 1/x": json.dumps({"host": "127.0.0.1", "port": echo4.port}),
                     "strport": json.dumps({"host": "127.0.0.1", "port": str(echo4.port)}),
+                    "remote": json.dumps({"host": "remote_host", "port": "remote_port"}),
                     "broken": "{not json"})
     try:
         proc, port = start_tokens(websockify, "--token-plugin", "JSONTokenApi", "--token-source",
@@ -641,6 +677,7 @@ def test_json_token_api(websockify, echo4):
         echo_through(port, "/?token=strport")
         assert answer(port, "/?token=unknown")[0] == 404
         assert answer(port, "/?token=broken")[0] == 502
+        assert answer(port, "/?token=remote")[0] == 502
         assert answer(port, "/?token=crash")[0] == 503
         assert_clean(proc)
     finally:
@@ -778,6 +815,16 @@ def test_jwt_end_to_end(websockify, echo4, keys):
                                  "exp": time.time() - 10}, "ES256")
     status, body = answer(port, "/?token=" + expired)
     assert status == 403 and b"expired" in body
+    early = make_jwt(k["es"], {"host": "127.0.0.1", "port": echo4.port,
+                               "nbf": time.time() + 600}, "ES256")
+    status, body = answer(port, "/?token=" + early)
+    assert status == 403 and b"not valid yet" in body
+    other = make_jwt(jwk.JWK.generate(kty="EC", crv="P-256"),
+                     {"host": "127.0.0.1", "port": echo4.port}, "ES256")
+    assert answer(port, "/?token=" + other)[0] == 403
+    # a signed target the server cannot use
+    remote = make_jwt(k["es"], {"host": "remote_host", "port": "remote_port"}, "ES256")
+    assert answer(port, "/?token=" + remote)[0] == 502
     assert_clean(proc)
 
 
