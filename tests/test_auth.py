@@ -613,29 +613,21 @@ def test_basic_http_auth_called_directly():
     assert info.value.code == 401
 
 
-def test_origin_and_client_cert_plugins_called_directly():
-    origin = auth_plugins.ExpectOrigin("https://a.example https://b.example")
-    assert origin.source == ["https://a.example", "https://b.example"]
-    origin.authenticate({"Origin": "https://b.example"}, "h", 1)
-    for headers in ({}, {"Origin": "https://c.example"}):
-        with pytest.raises(auth_plugins.InvalidOriginError) as info:
-            origin.authenticate(headers, "h", 1)
-        error = info.value
-        assert (error.code, error.msg, error.headers) == (403, "Invalid Origin", {})
-        assert error.expected_origin == origin.source
-        assert error.actual_origin == headers.get("Origin")
-        assert isinstance(error, auth_plugins.AuthenticationError)
-    assert auth_plugins.ExpectOrigin().source == []
-    certs = auth_plugins.ClientCertCNAuth("alice bob")
-    assert certs.source == ["alice", "bob"]
-    certs.authenticate({"SSL_CLIENT_S_DN_CN": "bob"}, "h", 1)
-    for headers in ({}, {"SSL_CLIENT_S_DN_CN": "eve"}):
-        with pytest.raises(auth_plugins.AuthenticationError) as info:
-            certs.authenticate(headers, "h", 1)
-        assert info.value.code == 403
-    assert auth_plugins.ClientCertCNAuth().source == []
-    assert auth_plugins.BasePlugin("x").source == "x"
-    assert auth_plugins.BasePlugin().authenticate({}, "h", 1) is None
+@pytest.mark.parametrize("cls, header, error", [
+    (auth_plugins.ExpectOrigin, "Origin", auth_plugins.InvalidOriginError),
+    (auth_plugins.ClientCertCNAuth, "SSL_CLIENT_S_DN_CN", auth_plugins.AuthenticationError),
+])
+def test_allow_list_plugins_called_directly(cls, header, error):
+    plugin = cls("https://a.example bob")
+    assert plugin.source == ["https://a.example", "bob"] and cls().source == []
+    plugin.authenticate({header: "bob"}, "h", 1)
+    for headers in ({}, {header: "eve"}):
+        with pytest.raises(error) as info:
+            plugin.authenticate(headers, "h", 1)
+        assert info.value.code == 403 and info.value.headers == {}
+        if error is auth_plugins.InvalidOriginError:
+            assert (info.value.msg, info.value.expected_origin, info.value.actual_origin) == (
+                "Invalid Origin", plugin.source, headers.get(header))
 
 
 def test_authentication_error_as_013_builds_it():
@@ -648,3 +640,5 @@ def test_authentication_error_as_013_builds_it():
     # the default headers are a fresh dict each time, not one shared by every error
     auth_plugins.AuthenticationError().headers["X"] = "y"
     assert auth_plugins.AuthenticationError().headers == {}
+    assert auth_plugins.BasePlugin("x").source == "x"
+    assert auth_plugins.BasePlugin().authenticate({}, "h", 1) is None

@@ -330,18 +330,6 @@ def test_token_file_on_a_missing_source_builds_and_answers_none(tmp_path):
         tp.TokenFile(None).check()
 
 
-def test_token_file_name(tmp_path):
-    write(tmp_path / "remote", "remote_host:remote_port\n")
-    write(tmp_path / "sock", "unix_socket:/run/x.sock")
-    plugin = tp.TokenFileName(str(tmp_path))
-    assert plugin.lookup("remote") == ["remote_host", "remote_port"]
-    assert plugin.lookup("sock") == ["unix_socket", "/run/x.sock"]
-    assert plugin.lookup("nobody") is None
-    # 0.13 refuses a source that is not a directory when it is built
-    with pytest.raises(tp.SourceError, match="needs a directory"):
-        tp.TokenFileName(str(tmp_path / "remote"))
-
-
 def test_unix_domain_socket_directory(tmp_path):
     import socket
     server = socket.socket(socket.AF_UNIX)

@@ -578,6 +578,13 @@ def test_token_file_name(tmp_path):
     assert plugin.lookup("garbage") == ["not a target"]
     with pytest.raises(ValueError):
         tp.target_from_result(plugin.lookup("garbage"))
+    write(d / "remote", "remote_host:remote_port\n")
+    write(d / "sock", "unix_socket:/run/x.sock")
+    assert plugin.lookup("remote") == ["remote_host", "remote_port"]
+    assert plugin.lookup("sock") == ["unix_socket", "/run/x.sock"]
+    # 0.13 refuses a source that is not a directory when it is built
+    with pytest.raises(tp.SourceError, match="needs a directory"):
+        tp.TokenFileName(str(d / "alice"))
 
 
 def test_token_file_name_end_to_end(websockify, echo4, tmp_path):
