@@ -86,7 +86,7 @@ class BasePlugin:
     def __init__(self, src):
         self.source = src
 
-    def lookup(self, token):
+    def lookup(self, token: str):
         return None
 
 

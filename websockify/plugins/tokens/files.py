@@ -58,7 +58,7 @@ class ReadOnlyTokenFile(ResolvingPlugin):
         if self._problems:
             raise self._problems[0]
 
-    def resolve(self, token):
+    def resolve(self, token: str):
         if self._targets is None:
             self._read_table()
         target = self._targets.get(token)
@@ -171,7 +171,7 @@ class TokenFile(ReadOnlyTokenFile):
     _checked = float("-inf")
     _failed: Optional[str] = None
 
-    def resolve(self, token):
+    def resolve(self, token: str):
         if self._targets is None:
             self._read_table()
         else:
@@ -222,7 +222,7 @@ class TokenFileName(ResolvingPlugin):
         if not os.path.isdir(self.path):
             raise SourceError("TokenFileName needs a directory", self.path)
 
-    def resolve(self, token):
+    def resolve(self, token: str):
         path = os.path.join(self.path, _plain_name(token))
         try:
             with open(path, "rb") as handle:
@@ -251,7 +251,7 @@ class UnixDomainSocketDirectory(ResolvingPlugin):
         if not os.path.isdir(path):
             raise SourceError("UnixDomainSocketDirectory needs a directory", path)
 
-    def resolve(self, token):
+    def resolve(self, token: str):
         name = _plain_name(token)
         if self._dir_path is None or not os.path.isdir(self._dir_path):
             return None

@@ -67,7 +67,7 @@ class BaseTokenAPI(ResolvingPlugin):
         host, port = parts
         return [host, port.encode("ascii", "ignore")]
 
-    def resolve(self, token):
+    def resolve(self, token: str):
         problem = self._source_problem()
         if problem:
             raise BackendUnavailable(problem)

@@ -118,7 +118,7 @@ class JWTTokenApi(ResolvingPlugin):
         except Exception as exc:
             raise TokenRefused("JWT rejected: %s" % (str(exc) or type(exc).__name__)) from None
 
-    def resolve(self, token):
+    def resolve(self, token: str):
         if self._current_key() is None:
             raise BackendUnavailable("JWT key unusable: %s" % self._key_error)
         header = _jose_header(token)

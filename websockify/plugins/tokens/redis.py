@@ -109,7 +109,7 @@ class TokenRedis(ResolvingPlugin):
             self._pool_pid = os.getpid()
         return redis.Redis(connection_pool=self._pool)
 
-    def resolve(self, token):
+    def resolve(self, token: str):
         if self._problem is not None:
             raise BackendUnavailable(str(self._problem))
         try:

@@ -137,7 +137,7 @@ class SignedTarget(ResolvingPlugin):
         return any(address in network and first <= port <= last
                    for network, first, last in self.allow)
 
-    def resolve(self, token):
+    def resolve(self, token: str):
         if self._problem is not None:
             raise BackendUnavailable(str(self._problem))
         parts = token.split(".")
