@@ -2,6 +2,7 @@
 
 import base64
 import importlib
+import inspect
 import os
 import re
 import shutil
@@ -438,3 +439,15 @@ class RawWebSocket:
             self.sock.close()
         except OSError:
             pass
+
+
+def parameters(func) -> list:
+    """[(name, default)] of a callable's parameters, ``*args``/``**kwargs`` spelled so.
+
+    A class gives its constructor's (without self), a function all of its own.
+    """
+    out = []
+    for param in inspect.signature(func).parameters.values():
+        prefix = {param.VAR_POSITIONAL: "*", param.VAR_KEYWORD: "**"}.get(param.kind, "")
+        out.append((prefix + param.name, param.default))
+    return out

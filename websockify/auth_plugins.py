@@ -14,7 +14,8 @@ are dropped before plugins see them).
 
 import base64
 import binascii
-from typing import Dict, List, Optional
+import types
+from typing import List, Mapping, Optional
 
 
 class BasePlugin:
@@ -30,8 +31,9 @@ class BasePlugin:
 class AuthenticationError(Exception):
     """Refuse the connection with ``response_code`` (403 by default)."""
 
+    # 0.13's default is {}: an empty mapping that cannot be changed is the same to callers.
     def __init__(self, log_msg: Optional[str] = None, response_code: int = 403,
-                 response_headers: Optional[Dict[str, str]] = None,
+                 response_headers: Mapping[str, str] = types.MappingProxyType({}),
                  response_msg: Optional[str] = None):
         self.code = response_code
         self.headers = dict(response_headers or {})

@@ -81,6 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.config:
             plugin = SignedTarget(args.config)
+            plugin.check()
             if not plugin.allowed(host, port):
                 sys.stderr.write("websockify-sign: %s is outside the allow-list of %s; "
                                  "the server would refuse it\n" % (args.target, args.config))

@@ -9,6 +9,7 @@ needs options of its own starts its own.
 """
 
 import base64
+import inspect
 import os
 import re
 import ssl
@@ -615,3 +616,87 @@ def test_auth_options_without_a_plugin_are_usage_errors(args, message):
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- the plugins called directly, as 0.13's own tests and embedders call them ---------------
+
+from tests.helpers import parameters  # noqa: E402
+from websockify import auth_plugins  # noqa: E402
+
+EMPTY = inspect.Parameter.empty
+
+#: websockify 0.13's signatures, read from its auth_plugins.py.
+AUTH_SIGNATURES_013 = {
+    "BasePlugin": [("src", None)],
+    "AuthenticationError": [("log_msg", None), ("response_code", 403),
+                            ("response_headers", {}), ("response_msg", None)],
+    "InvalidOriginError": [("expected", EMPTY), ("actual", EMPTY)],
+    "BasicHTTPAuth": [("src", None)],
+    "ExpectOrigin": [("src", None)],
+    "ClientCertCNAuth": [("src", None)],
+}
+
+
+@pytest.mark.parametrize("name, expected", sorted(AUTH_SIGNATURES_013.items()))
+def test_auth_plugins_have_013s_constructors(name, expected):
+    cls = getattr(auth_plugins, name)
+    assert parameters(cls) == expected
+    if name not in ("AuthenticationError", "InvalidOriginError"):
+        assert parameters(cls.authenticate)[1:4] == [
+            ("headers", EMPTY), ("target_host", EMPTY), ("target_port", EMPTY)]
+
+
+def test_basic_http_auth_called_directly():
+    plugin = auth_plugins.BasicHTTPAuth("Aladdin:open sesame")
+    assert plugin.src == "Aladdin:open sesame"
+    # 0.13's own cases: a plain dict of headers
+    plugin.authenticate({"Authorization": "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="},
+                        "localhost", "1234")
+    for headers, code in (({}, 401), ({"Authorization": "Basic QWxhZGRpbjpzZXNhbWUgc3RyZWV0"}, 401),
+                          ({"Authorization": "Basic " + "x" * 28}, 403),
+                          ({"Authorization": "Digest abc"}, 403)):
+        with pytest.raises(auth_plugins.AuthenticationError) as info:
+            plugin.authenticate(headers, "localhost", "1234")
+        assert info.value.code == code, headers
+        if code == 401:
+            assert info.value.headers == {"WWW-Authenticate": 'Basic realm="Websockify"'}
+    assert plugin.validate_creds("Aladdin", "open sesame") is True
+    assert plugin.validate_creds("Aladdin", "sesame") is False
+    assert auth_plugins.BasicHTTPAuth().validate_creds("a", "b") is False
+    with pytest.raises(auth_plugins.AuthenticationError) as info:
+        plugin.auth_error()
+    assert info.value.code == 403
+    with pytest.raises(auth_plugins.AuthenticationError) as info:
+        plugin.demand_auth()
+    assert info.value.code == 401
+
+
+@pytest.mark.parametrize("cls, header, error", [
+    (auth_plugins.ExpectOrigin, "Origin", auth_plugins.InvalidOriginError),
+    (auth_plugins.ClientCertCNAuth, "SSL_CLIENT_S_DN_CN", auth_plugins.AuthenticationError),
+])
+def test_allow_list_plugins_called_directly(cls, header, error):
+    plugin = cls("https://a.example bob")
+    assert plugin.source == ["https://a.example", "bob"] and cls().source == []
+    plugin.authenticate({header: "bob"}, "h", 1)
+    for headers in ({}, {header: "eve"}):
+        with pytest.raises(error) as info:
+            plugin.authenticate(headers, "h", 1)
+        assert info.value.code == 403 and info.value.headers == {}
+        if error is auth_plugins.InvalidOriginError:
+            assert (info.value.msg, info.value.expected_origin, info.value.actual_origin) == (
+                "Invalid Origin", plugin.source, headers.get(header))
+
+
+def test_authentication_error_as_013_builds_it():
+    error = auth_plugins.AuthenticationError(response_msg="some_error")
+    assert (error.code, error.msg, error.headers, str(error)) == (
+        403, "some_error", {}, "403 some_error")
+    error = auth_plugins.AuthenticationError("why", 401, {"WWW-Authenticate": "Basic"}, "hi")
+    assert (error.code, error.headers, error.msg, str(error)) == (
+        401, {"WWW-Authenticate": "Basic"}, "hi", "401 why")
+    # the default headers are a fresh dict each time, not one shared by every error
+    auth_plugins.AuthenticationError().headers["X"] = "y"
+    assert auth_plugins.AuthenticationError().headers == {}
+    assert auth_plugins.BasePlugin("x").source == "x"
+    assert auth_plugins.BasePlugin().authenticate({}, "h", 1) is None

@@ -244,13 +244,18 @@ def test_token_file_format(tmp_path, caplog):
                  "a: 127.0.0.1:5999\n")
     with caplog.at_level("WARNING", logger="websockify"):
         plugin = tp.TokenFile(path)
-    assert plugin.lookup("a") == ("127.0.0.1", 5999)
-    assert plugin.lookup("b") == ("10.0.0.1", 5901)
-    assert plugin.lookup("v6") == ("::1", 5902)
-    assert plugin.lookup("v6b") == ("fd00::1", 5903)
-    assert plugin.lookup("sock") == ("unix_socket", "/run/vnc/1.sock")
-    assert plugin.lookup("indented") == ("host.example", 5904)
+        plugin.check()
+    # lookup() gives the target as written, split at the last colon (0.13)
+    assert plugin.lookup("a") == ["127.0.0.1", "5999"]
+    assert plugin.lookup("b") == ["10.0.0.1", "5901"]
+    assert plugin.lookup("v6") == ["::1", "5902"]
+    assert plugin.lookup("v6b") == ["[fd00::1]", "5903"]
+    assert plugin.lookup("sock") == ["unix_socket", "/run/vnc/1.sock"]
+    assert plugin.lookup("indented") == ["host.example", "5904"]
     assert plugin.lookup("missing") is None
+    # the server's target from each
+    assert tp.target_from_result(plugin.lookup("v6b")) == ("fd00::1", 5903)
+    assert tp.target_from_result(plugin.lookup("sock")) == ("unix_socket", "/run/vnc/1.sock")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "'a'" in warnings[0] and "last one wins" in warnings[0]
     assert "tokens.cfg:10" in warnings[0] and "tokens.cfg:4" in warnings[0]
@@ -264,55 +269,66 @@ def test_token_directory(tmp_path):
     os.mkdir(str(tmp_path / "sub"))
     write(tmp_path / "sub" / "c.cfg", "c: 127.0.0.1:5\n")
     plugin = tp.TokenFile(str(tmp_path))
-    assert plugin.lookup("a") == ("127.0.0.1", 1)
-    assert plugin.lookup("b") == ("127.0.0.1", 3)
-    assert plugin.lookup("shared") == ("127.0.0.1", 4)
+    plugin.check()
+    assert plugin.lookup("a") == ["127.0.0.1", "1"]
+    assert plugin.lookup("b") == ["127.0.0.1", "3"]
+    assert plugin.lookup("shared") == ["127.0.0.1", "4"]
     assert plugin.lookup("c") is None
-    # a new file in the directory is seen at once for an unknown token
+    # a new file in the directory is seen at once
     write(tmp_path / "d.cfg", "d: 127.0.0.1:6\n")
-    assert plugin.lookup("d") == ("127.0.0.1", 6)
+    assert plugin.lookup("d") == ["127.0.0.1", "6"]
 
 
-def test_token_file_reread_on_change_not_per_lookup(tmp_path, monkeypatch):
+def test_token_file_reread_on_change_not_parsed_per_lookup(tmp_path, monkeypatch):
     path = write(tmp_path / "tokens.cfg", "a: 127.0.0.1:1\n")
     plugin = tp.TokenFile(path)
+    plugin.check()
     parses = []
     original = plugin._parse
     monkeypatch.setattr(plugin, "_parse", lambda files: parses.append(1) or original(files))
     for _ in range(50):
-        assert plugin.lookup("a") == ("127.0.0.1", 1)
+        assert plugin.lookup("a") == ["127.0.0.1", "1"]
         assert plugin.lookup("nope") is None
     assert parses == []
-    write(path, "a: 127.0.0.1:2\n")
-    assert plugin.lookup("nope") is None          # a miss checks at once
-    assert plugin.lookup("a") == ("127.0.0.1", 2)
+    write(path, "a: 127.0.0.1:2\n")              # same size, within the same second
+    assert plugin.lookup("a") == ["127.0.0.1", "2"]
+    assert plugin.lookup("nope") is None
     assert len(parses) == 1
 
 
 def test_token_file_broken_while_running_keeps_last_good_table(tmp_path, caplog):
     path = write(tmp_path / "tokens.cfg", "a: 127.0.0.1:1\n")
     plugin = tp.TokenFile(path)
+    plugin.check()
     write(path, "a: 127.0.0.1:1\nthis is broken\n")
     with caplog.at_level("INFO", logger="websockify"):
         for _ in range(20):
-            assert plugin.lookup("a") == ("127.0.0.1", 1)
+            assert plugin.lookup("a") == ["127.0.0.1", "1"]
             assert plugin.lookup("b") is None
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1, errors
     assert "tokens.cfg:2" in errors[0] and "keeping the last good table" in errors[0]
     os.unlink(path)
-    assert plugin.lookup("a") == ("127.0.0.1", 1)
+    assert plugin.lookup("a") == ["127.0.0.1", "1"]
     write(path, "b: 127.0.0.1:3\n")
-    assert plugin.lookup("b") == ("127.0.0.1", 3)
+    assert plugin.lookup("b") == ["127.0.0.1", "3"]
     assert plugin.lookup("a") is None
 
 
 def test_read_only_token_file_is_read_once(tmp_path):
+    # Read at the first lookup (as 0.13) or by check() at start, never again.
     path = write(tmp_path / "tokens.cfg", "a: 127.0.0.1:1\n")
     plugin = tp.ReadOnlyTokenFile(path)
     write(path, "b: 127.0.0.1:2\n")
-    assert plugin.lookup("a") == ("127.0.0.1", 1)
-    assert plugin.lookup("b") is None
+    assert plugin.lookup("b") == ["127.0.0.1", "2"]
+    write(path, "a: 127.0.0.1:1\n")
+    assert plugin.lookup("b") == ["127.0.0.1", "2"]
+    assert plugin.lookup("a") is None
+    checked = tp.ReadOnlyTokenFile(path)
+    checked.check()
+    write(path, "c: 127.0.0.1:3\n")
+    assert checked.lookup("a") == ["127.0.0.1", "1"]
+    assert checked.lookup("c") is None
 
 
 def test_token_file_targets_end_to_end(websockify, echo4, tmp_path):
@@ -421,6 +437,21 @@ class BadResultPlugin(BasePlugin):
         return "nonsense"
 
 
+class MalformedPlugin(BasePlugin):
+    """lookup() answers that are no target: the server must refuse each (502)."""
+    RESULTS = {"notaport": ("127.0.0.1", "notaport"), "range": ("127.0.0.1", 70000),
+               "zero": ("127.0.0.1", 0), "negative": ("127.0.0.1", -1),
+               "service": ("127.0.0.1", "ssh"), "float": ("127.0.0.1", 5900.0),
+               "bool": ("127.0.0.1", True), "nonsense": "nonsense", "int": 42,
+               "nonehost": (None, 5900), "inthost": (127, 5900), "emptyhost": ("", 5900),
+               "three": ("a", "b", "c"), "one": ["h"], "remote": ["remote_host", "remote_port"],
+               "dict": {"nohost": 1}, "unixnopath": ("unix_socket", ""),
+               "unixint": ("unix_socket", 5)}
+
+    def lookup(self, token):
+        return self.RESULTS.get(token)
+
+
 class MyTokenFile(TokenFile):
     def lookup(self, token):
         return super().lookup(token.lower())
@@ -475,6 +506,23 @@ def test_raising_plugin_is_500_one_line_worker_lives(websockify, echo4, wild):
     assert answer(port2, "/?token=x")[0] == 502
 
 
+def test_malformed_lookup_results_are_502_with_one_line_each(websockify, wild):
+    namespace = {}
+    exec(WILD_PLUGINS, namespace)          # the plugin's table, read here as the server reads it
+    tokens = sorted(namespace["MalformedPlugin"].RESULTS)
+    proc, port = start_tokens(websockify, "--token-plugin", "wildplugins.MalformedPlugin",
+                              "{port}", env=wild)
+    pids = children_of(proc.pid)
+    for token in tokens:
+        status, body = answer(port, "/?token=" + token)
+        assert status == 502 and b"unusable target" in body, (token, status, body)
+    wait_for(lambda: len(refusal_lines(proc, 502)) == len(tokens), what="one line per token")
+    assert len(refusal_lines(proc, 502)) == len(tokens)
+    assert answer(port, "/?token=unknown")[0] == 404
+    assert children_of(proc.pid) == pids
+    assert_clean(proc)
+
+
 def test_plugin_that_exits_in_init_fails_at_start(wild):
     result = subprocess.run([PYTHON, "-m", "websockify", "--token-plugin",
                              "wildplugins.ExitingPlugin", str(free_port())],
@@ -525,26 +573,39 @@ def test_token_file_name(tmp_path):
     write(d / "garbage", "not a target")
     write(tmp_path / "secret", "10.0.0.1:22\n")
     plugin = tp.TokenFileName(str(d))
-    assert plugin.lookup("alice") == ("127.0.0.1", 5900)
-    assert plugin.lookup("v6") == ("::1", 5901)
+    assert plugin.lookup("alice") == ["127.0.0.1", "5900"]
+    assert plugin.lookup("v6") == ["[::1]", "5901"]
     assert plugin.lookup("nobody") is None
     for bad in ("../secret", "..", "a/../../secret", "/etc/passwd", ".hidden", "a\\b"):
+        assert plugin.lookup(bad) is None
         with pytest.raises(tp.TokenRefused):
-            plugin.lookup(bad)
-    with pytest.raises(tp.BadTarget):
-        plugin.lookup("garbage")
+            plugin.resolve(bad)
+    # what the file holds, which the server refuses (502)
+    assert plugin.lookup("garbage") == ["not a target"]
+    with pytest.raises(ValueError):
+        tp.target_from_result(plugin.lookup("garbage"))
+    write(d / "remote", "remote_host:remote_port\n")
+    write(d / "sock", "unix_socket:/run/x.sock")
+    assert plugin.lookup("remote") == ["remote_host", "remote_port"]
+    assert plugin.lookup("sock") == ["unix_socket", "/run/x.sock"]
+    # 0.13 refuses a source that is not a directory when it is built
+    with pytest.raises(tp.SourceError, match="needs a directory"):
+        tp.TokenFileName(str(d / "alice"))
 
 
 def test_token_file_name_end_to_end(websockify, echo4, tmp_path):
     d = tmp_path / "tokens"
     d.mkdir()
     write(d / "alice", "127.0.0.1:%d\n" % echo4.port)
+    write(d / "remote", "remote_host:remote_port\n")
     write(tmp_path / "outside", "127.0.0.1:%d\n" % echo4.port)
     proc, port = start_tokens(websockify, "--token-plugin", "TokenFileName", "--token-source",
                               str(d), "{port}")
     echo_through(port, "/?token=alice")
     assert answer(port, "/?token=..%2Foutside")[0] == 403
     assert answer(port, "/?token=bob")[0] == 404
+    status, body = answer(port, "/?token=remote")
+    assert status == 502 and b"bad port 'remote_port'" in body
     assert_clean(proc)
 
 
@@ -557,14 +618,14 @@ def test_unix_domain_socket_directory(websockify, tmp_path):
     os.symlink(str(tmp_path / "outside"), str(d / "link"))
     try:
         plugin = tp.UnixDomainSocketDirectory(str(d))
-        assert plugin.lookup("desk1") == ("unix_socket", os.path.realpath(str(d / "desk1")))
+        assert plugin.lookup("desk1") == ["unix_socket", os.path.abspath(str(d / "desk1"))]
         assert plugin.lookup("plainfile") is None
         assert plugin.lookup("nothing") is None
-        for bad in ("../outside", "..", "x/../../outside"):
+        # "link": a symlink that leaves the directory
+        for bad in ("../outside", "..", "x/../../outside", "link"):
+            assert plugin.lookup(bad) is None
             with pytest.raises(tp.TokenRefused):
-                plugin.lookup(bad)
-        with pytest.raises(tp.TokenRefused):
-            plugin.lookup("link")             # a symlink that leaves the directory
+                plugin.resolve(bad)
         proc, port = start_tokens(websockify, "--token-plugin", "UnixDomainSocketDirectory",
                                   "--token-source", str(d), "{port}")
         echo_through(port, "/?token=desk1")
@@ -619,6 +680,7 @@ class TokenAPI:
 def test_json_token_api(websockify, echo4):
     api = TokenAPI({"desk 1/x": json.dumps({"host": "127.0.0.1", "port": echo4.port}),
                     "strport": json.dumps({"host": "127.0.0.1", "port": str(echo4.port)}),
+                    "remote": json.dumps({"host": "remote_host", "port": "remote_port"}),
                     "broken": "{not json"})
     try:
         proc, port = start_tokens(websockify, "--token-plugin", "JSONTokenApi", "--token-source",
@@ -628,6 +690,7 @@ def test_json_token_api(websockify, echo4):
         echo_through(port, "/?token=strport")
         assert answer(port, "/?token=unknown")[0] == 404
         assert answer(port, "/?token=broken")[0] == 502
+        assert answer(port, "/?token=remote")[0] == 502
         assert answer(port, "/?token=crash")[0] == 503
         assert_clean(proc)
     finally:
@@ -685,7 +748,8 @@ def keys(tmp_path):
     secret = b"a shared secret of some length!!"
     rsa = jwk.JWK.generate(kty="RSA", size=2048)
     ec = jwk.JWK.generate(kty="EC", crv="P-256")
-    paths = {"hs": write(tmp_path / "hs.key", secret, "wb"),
+    # websockify 0.13's shared-secret file: the secret's base64url text
+    paths = {"hs": write(tmp_path / "hs.key", b64(secret) + "\n"),
              "rs": write(tmp_path / "rs.pem", rsa.export_to_pem(private_key=True, password=None),
                          "wb"),
              "es": write(tmp_path / "es.pem", ec.export_to_pem(private_key=True, password=None),
@@ -702,7 +766,7 @@ def test_jwt_token_api(keys):
         plugin = tp.JWTTokenApi(paths[name])
         assert plugin.lookup(make_jwt(k[name], good, alg)) == ("127.0.0.1", 5900)
         assert plugin.lookup(make_jwt(k[name], dict(good, port="5901", nbf=now - 5,
-                                                   exp=now + 60), alg)) == ("127.0.0.1", 5901)
+                                                   exp=now + 60), alg)) == ("127.0.0.1", "5901")
     plugin = tp.JWTTokenApi(paths["hs"])
     cases = {
         "expired": make_jwt(k["hs"], dict(good, exp=now - 1), "HS256"),
@@ -714,8 +778,9 @@ def test_jwt_token_api(keys):
         "garbage": "not.a.jwt",
     }
     for what, token in cases.items():
+        assert plugin.lookup(token) is None, what
         with pytest.raises(tp.TokenRefused):
-            plugin.lookup(token)
+            plugin.resolve(token)
             pytest.fail(what)
     # an RS256 token checked with the public key only
     pub_path = paths["rs"] + ".pub"
@@ -723,8 +788,9 @@ def test_jwt_token_api(keys):
     assert tp.JWTTokenApi(pub_path).lookup(make_jwt(k["rs"], good, "RS256")) == ("127.0.0.1", 5900)
     # HS256 signed with the RSA public key bytes (algorithm confusion) is refused
     confused = make_jwt(jwk.JWK(kty="oct", k=b64(k["rs"].export_to_pem())), good, "HS256")
+    assert tp.JWTTokenApi(pub_path).lookup(confused) is None
     with pytest.raises(tp.TokenRefused):
-        tp.JWTTokenApi(pub_path).lookup(confused)
+        tp.JWTTokenApi(pub_path).resolve(confused)
 
 
 def test_jwe_token(keys):
@@ -742,8 +808,9 @@ def test_jwe_token(keys):
     bare = jwt.JWT(header={"alg": "RSA-OAEP-256", "enc": "A256GCM"},
                    claims={"host": "10.0.0.9", "port": 1})
     bare.make_encrypted_token(k["rs"])
+    assert tp.JWTTokenApi(paths["rs"]).lookup(bare.serialize()) is None
     with pytest.raises(tp.TokenRefused):
-        tp.JWTTokenApi(paths["rs"]).lookup(bare.serialize())
+        tp.JWTTokenApi(paths["rs"]).resolve(bare.serialize())
 
 
 def test_jwt_end_to_end(websockify, echo4, keys):
@@ -756,6 +823,16 @@ def test_jwt_end_to_end(websockify, echo4, keys):
                                  "exp": time.time() - 10}, "ES256")
     status, body = answer(port, "/?token=" + expired)
     assert status == 403 and b"expired" in body
+    early = make_jwt(k["es"], {"host": "127.0.0.1", "port": echo4.port,
+                               "nbf": time.time() + 600}, "ES256")
+    status, body = answer(port, "/?token=" + early)
+    assert status == 403 and b"not valid yet" in body
+    other = make_jwt(jwk.JWK.generate(kty="EC", crv="P-256"),
+                     {"host": "127.0.0.1", "port": echo4.port}, "ES256")
+    assert answer(port, "/?token=" + other)[0] == 403
+    # a signed target the server cannot use
+    remote = make_jwt(k["es"], {"host": "remote_host", "port": "remote_port"}, "ES256")
+    assert answer(port, "/?token=" + remote)[0] == 502
     assert_clean(proc)
 
 
@@ -800,12 +877,13 @@ def test_signed_target_plugin(signed, tmp_path):
     refused["altered payload"] = "%s.%s.%s" % (head, b64(json.dumps(data).encode()), mac)
     refused["altered mac"] = "%s.%s.%s" % (head, payload, mac[:-2] + ("AA" if mac[-2:] != "AA" else "BB"))
     for what, token in refused.items():
+        assert plugin.lookup(token) is None, what
         with pytest.raises(tp.TokenRefused):
-            plugin.lookup(token)
+            plugin.resolve(token)
             pytest.fail(what)
     # a host name cannot be signed into an allowed target
     with pytest.raises(tp.TokenRefused):
-        plugin.lookup(tp.sign_target(secret, "localhost", 5901, 60))
+        plugin.resolve(tp.sign_target(secret, "localhost", 5901, 60))
 
 
 def test_signed_target_nothing_allowed_until_configured(tmp_path):
@@ -813,7 +891,7 @@ def test_signed_target_nothing_allowed_until_configured(tmp_path):
     conf = write(tmp_path / "c.conf", "secret k\n")
     plugin = tp.SignedTarget(conf)
     with pytest.raises(tp.TokenRefused):
-        plugin.lookup(tp.sign_target(plugin.secret, "127.0.0.1", 5901, 60))
+        plugin.resolve(tp.sign_target(plugin.secret, "127.0.0.1", 5901, 60))
 
 
 @pytest.mark.parametrize("content, where", [
@@ -828,9 +906,11 @@ def test_signed_target_bad_config(tmp_path, content, where):
     write(tmp_path / "k", "0123456789abcdef0123456789abcdef")
     write(tmp_path / "short", "abc")
     conf = write(tmp_path / "c.conf", content)
+    plugin = tp.SignedTarget(conf)              # builds: check() refuses the source
     with pytest.raises(tp.SourceError) as info:
-        tp.SignedTarget(conf)
+        plugin.check()
     assert where in str(info.value)
+    assert plugin.lookup(tp.sign_target(b"k" * 32, "127.0.0.1", 5901, 60)) is None
 
 
 def test_websockify_sign_and_server(websockify, echo4, signed, tmp_path):

@@ -17,6 +17,7 @@ from tests.helpers import (free_port, handshake_request, port_open, read_http_re
                            require_module, require_program, wait_for)
 from tests.helpers import echo_through
 from tests.e2e.test_tokens import EchoServer, answer, assert_clean, refusal_lines
+from websockify.plugins import tokens as tp
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,7 @@ def test_token_redis_values(websockify, echo4, redis_server, redis):
     store.set("garbage", "neither json nor a target")
     store.set("badjson", "{broken")
     store.set("ns:inns", "127.0.0.1:%d" % echo4.port)
+    store.set("remote", "remote_host:remote_port")
     proc, port = websockify("--workers", "1", "--token-plugin", "TokenRedis",
                             "--token-source", "127.0.0.1:%d" % rport, "{port}")
     for token in ("plain", "json", "json2"):
@@ -77,6 +79,9 @@ def test_token_redis_values(websockify, echo4, redis_server, redis):
     for token in ("garbage", "badjson"):
         status, body = answer(port, "/?token=" + token)
         assert status == 502 and b"neither JSON nor host:port" in body
+    # held as it is by lookup(); the server cannot use the port
+    status, body = answer(port, "/?token=remote")
+    assert status == 502 and b"bad port 'remote_port'" in body
     # a token written while the server runs works at once
     store.set("later", "127.0.0.1:%d" % echo4.port)
     echo_through(port, "/?token=later")
@@ -106,6 +111,50 @@ def test_redis_down_is_503_and_recovers(websockify, echo4, redis_server, process
     redis.Redis(port=rport).set("t", "127.0.0.1:%d" % echo4.port)
     echo_through(port, "/?token=t")
     assert_clean(proc)
+
+
+def test_token_redis_lookup_gives_013s_answers(redis, redis_server):
+    """The plugin called directly, as 0.13's own tests call it, against a real Redis."""
+    _, rport = redis_server
+    store = redis.Redis(port=rport)
+    values = {
+        "plain": ("remote_host:remote_port", ["remote_host", "remote_port"]),
+        "spaces": (" remote_host:remote_port ", ["remote_host", "remote_port"]),
+        "json": ('{"host": "remote_host:remote_port"}', ["remote_host", "remote_port"]),
+        "json_spaces": (' {"host": "remote_host:remote_port"} ', ["remote_host", "remote_port"]),
+        "v6": ("[::1]:5900", ["[::1]", "5900"]),
+        "unix": ("unix_socket:/run/x.sock", ["unix_socket", "/run/x.sock"]),
+        # ours beside 0.13's: host and port apart
+        "json_port": ('{"host": "127.0.0.1", "port": 5900}', ["127.0.0.1", 5900]),
+        # 0.13: None for these
+        "not_json": ('{"host": "remote_host:remote_port"   ', None),
+        "no_host": ('{"target": "h:1"}', None),
+        "no_port": ('{"host": "h"}', None),
+        "garbage": ("neither json nor a target", None),
+    }
+    for key, (value, _) in values.items():
+        store.set(key, value)
+        store.set("ns1:ns2:" + key, value)
+    plugin = tp.TokenRedis("127.0.0.1:%d" % rport)
+    plugin.check()
+    for key, (_, expected) in values.items():
+        assert plugin.lookup(key) == expected, key
+    assert plugin.lookup("missing") is None
+    for key in ("not_json", "no_host", "no_port", "garbage"):
+        with pytest.raises(tp.BadTarget):
+            plugin.resolve(key)
+    nested = tp.TokenRedis('127.0.0.1:%d:::"ns1:ns2"' % rport)
+    assert nested.lookup("plain") == ["remote_host", "remote_port"]
+
+
+def test_token_redis_down_lets_redis_error_through(redis, redis_server):
+    rproc, rport = redis_server
+    plugin = tp.TokenRedis("127.0.0.1:%d" % rport)
+    rproc.stop()
+    with pytest.raises(redis.exceptions.ConnectionError):      # as 0.13
+        plugin.lookup("t")
+    with pytest.raises(tp.BackendUnavailable):
+        plugin.resolve("t")
 
 
 NGINX_CONF = """

@@ -2,19 +2,23 @@
 
 The contract is websockify 0.13's: a plugin class is built once with the
 ``--token-source`` string (``cls(src)``) and its ``lookup(token)`` returns
-``(host, port)`` (a tuple or a list, the port an int or a string),
-``('unix_socket', path)``, or None for an unknown token, or raises.
+``(host, port)`` (a tuple or a list, the values as the store holds them),
+``('unix_socket', path)``, or None for an unknown token, or raises.  Our
+plugins also have ``resolve(token)``, whose refusals say why (see
+``base``), and ``check()``; the server asks ``resolve()`` unless a
+subclass overrides ``lookup()``.  The answer becomes a target (a port
+checked, 1-65535) in ``targets``, where a bad one is 502.
 
-The plugins are built in the master before any worker is forked, so a
-source that does not exist or cannot be parsed stops the server at start
-(``SourceError``: one line naming the file and line).  Workers inherit the
-built plugin; anything that must not be shared between processes (a Redis
-connection pool) is created lazily per process.
+The plugins are built and checked in the master before any worker is
+forked, so a source that does not exist or cannot be parsed stops the
+server at start (``SourceError``: one line naming the file and line).
+Workers inherit the built plugin; anything that must not be shared between
+processes (a Redis connection pool) is created lazily per process.
 
-Refusals are ``HTTPError``s (see ``base``); ``TokenResolver`` maps anything
-else a plugin raises to 500, and a lookup that times out to 503.  The
-plugins live in ``files``, ``http``, ``jwt``, ``redis`` and ``signed``;
-this package re-exports them.
+Refusals are ``HTTPError``s; ``TokenResolver`` maps anything else a plugin
+raises to 500, and a lookup that times out to 503.  The plugins live in
+``files``, ``http``, ``jwt``, ``redis`` and ``signed``; this package
+re-exports them.
 """
 
 import re
@@ -25,8 +29,8 @@ from typing import Dict, Optional, Tuple
 from websockify.addr import UNIX, parse_host, parse_port  # noqa: F401
 from websockify.errors import ConfigError, HTTPError
 from websockify.plugins.tokens.base import (  # noqa: F401
-    BackendUnavailable, BadTarget, BasePlugin, MissingToken, PluginFailed, SourceError,
-    TokenError, TokenNotFound, TokenRefused, need_source)
+    BackendUnavailable, BadTarget, BasePlugin, MissingToken, PluginFailed, ResolvingPlugin,
+    SourceError, TokenError, TokenNotFound, TokenRefused, answers_by_resolve, need_source)
 from websockify.plugins.tokens.files import (  # noqa: F401
     ReadOnlyTokenFile, TokenFile, TokenFileName, UnixDomainSocketDirectory)
 from websockify.plugins.tokens.http import APIResponse, BaseTokenAPI, JSONTokenApi  # noqa: F401
@@ -34,7 +38,8 @@ from websockify.plugins.tokens.jwt import JWTTokenApi  # noqa: F401
 from websockify.plugins.tokens.redis import TokenRedis, parse_source_args  # noqa: F401
 from websockify.plugins.tokens.signed import (  # noqa: F401
     SIGNED_PREFIX, SignedTarget, read_secret, sign_target)
-from websockify.plugins.tokens.targets import parse_target, target_from_result  # noqa: F401
+from websockify.plugins.tokens.targets import (  # noqa: F401
+    parse_target, split_target, target_from_result)
 
 #: The plugins a bare ``--token-plugin NAME`` names, in the man page's order.
 #: websockify.token_plugins exports them and the man page test checks them
@@ -96,8 +101,9 @@ class TokenResolver:
                                "no token (token query parameter or cookie)")
         if not token or len(token) > 4096:
             raise TokenNotFound("empty or oversized token")
+        ask = self.plugin.resolve if answers_by_resolve(self.plugin) else self.plugin.lookup
         try:
-            result = self.plugin.lookup(token)
+            result = ask(token)
         except HTTPError:
             raise
         except socket.timeout:
@@ -131,4 +137,12 @@ def load_resolver(config) -> Optional[TokenResolver]:
     plugin = instantiate(name, source, DEFAULT_MODULE, "token plugin")
     if not callable(getattr(plugin, "lookup", None)):
         raise ConfigError("token plugin %s has no lookup(token) method" % name)
+    if isinstance(plugin, ResolvingPlugin):
+        try:
+            plugin.check()
+        except ConfigError:
+            raise
+        except Exception as exc:  # a subclass's own check()
+            raise ConfigError("token plugin %s: check failed: %s: %s"
+                              % (name, type(exc).__name__, exc)) from None
     return TokenResolver(plugin, name, source, bool(config.host_token))

@@ -3,11 +3,16 @@
 import base64
 import binascii
 import json
+import logging
 import os
 import time
+from typing import Optional
 
-from websockify.addr import parse_host, parse_port
-from websockify.plugins.tokens.base import BasePlugin, SourceError, TokenRefused, need_source
+from websockify.plugins.tokens.base import (BackendUnavailable, ResolvingPlugin, SourceError,
+                                            TokenRefused, need_source)
+from websockify.plugins.tokens.watch import FileWatch, stamp_of
+
+log = logging.getLogger("websockify")
 
 
 _JWS_ALGS = ["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384",
@@ -21,41 +26,90 @@ _JWE_ALGS = ["RSA-OAEP", "RSA-OAEP-256", "A128KW", "A192KW", "A256KW", "dir",
 def _jose_header(token: str) -> dict:
     head = token.split(".", 1)[0]
     try:
-        return json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
     except (ValueError, binascii.Error):
-        raise TokenRefused("token is not a JWT") from None
+        header = None
+    if not isinstance(header, dict):
+        raise TokenRefused("token is not a JWT")
+    return header
 
 
-class JWTTokenApi(BasePlugin):
+def _load_key(data: bytes, path: str):
+    """The JWK in a key file's bytes: a PEM key, else the base64url text of a secret."""
+    try:
+        from jwcrypto import jwk
+    except ImportError:
+        raise SourceError("JWTTokenApi needs the jwcrypto package "
+                          "(pip install 'websockify[jwt]')") from None
+    if not data.strip():
+        raise SourceError("key file is empty", path)
+    try:
+        return jwk.JWK.from_pem(data)
+    except Exception:  # jwcrypto's and cryptography's errors: not PEM, try a secret (0.13)
+        pass
+    if b"-----BEGIN" in data:
+        raise SourceError("cannot parse the PEM key", path)
+    try:
+        # 0.13 imports the text as the k of an oct JWK: the HMAC key is the
+        # decoded value.  Whitespace around it (a final newline) is dropped:
+        # jwcrypto refuses it, and where it does not the key is the same.
+        return jwk.JWK(kty="oct", k=data.decode("utf-8").strip())
+    except Exception:  # jwcrypto's InvalidJWKValue, UnicodeDecodeError
+        raise SourceError("neither a PEM key nor the base64url text of a shared secret",
+                          path) from None
+
+
+class JWTTokenApi(ResolvingPlugin):
     """Signed (JWS) or encrypted (JWE, holding a signed JWT) tokens with ``host``, ``port``.
 
-    The source is a key file: a PEM key (RSA or EC, private or public), or
-    else its raw bytes as a shared secret, the format of websockify 0.13.
-    ``nbf`` and ``exp`` are checked; ``alg: none`` is refused.  Needs
-    jwcrypto (``pip install websockify[jwt]``).
+    The source is a key file, in websockify 0.13's format: a PEM key (RSA
+    or EC, private or public), or else the base64url text of a shared
+    secret (the ``k`` of a JWK ``oct`` key: the HMAC key is its decoded
+    bytes).  The file is read again when it changes (0.13 read it at every
+    lookup); if it breaks, the last good key stays.  ``nbf`` and ``exp`` are
+    checked; ``alg: none`` is refused.  ``lookup()`` gives the ``host`` and
+    ``port`` claims as they are, or None.  Needs jwcrypto (``pip install
+    websockify[jwt]``).
     """
 
     def __init__(self, src):
         super().__init__(src)
-        path = os.path.abspath(need_source(self, src))
+        self._key = None
+        self._key_error: Optional[SourceError] = None
+        self._failed: Optional[str] = None
+        self._watch = FileWatch()
+
+    def check(self) -> None:
+        if self._current_key() is None:
+            raise self._key_error
+
+    def _current_key(self):
+        """The key, read again if its file changed; None if no good key was ever read."""
         try:
-            from jwcrypto import jwk
-        except ImportError:
-            raise SourceError("JWTTokenApi needs the jwcrypto package "
-                              "(pip install 'websockify[jwt]')") from None
-        try:
-            with open(path, "rb") as handle:
-                data = handle.read()
-        except OSError as exc:
-            raise SourceError("cannot read key file: %s" % (exc.strerror or exc), path) from None
-        if not data:
-            raise SourceError("key file is empty", path)
-        try:
-            self._key = jwk.JWK.from_pem(data)
-        except Exception:
-            if data.lstrip().startswith(b"-----BEGIN"):
-                raise SourceError("cannot parse the PEM key", path) from None
-            self._key = jwk.JWK(kty="oct", k=base64.urlsafe_b64encode(data).rstrip(b"=").decode())
+            path = os.path.abspath(need_source(self, self.source))
+            try:
+                stamp = stamp_of([path])
+                if self._watch.unchanged(stamp):
+                    return self._key
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            except OSError as exc:
+                raise SourceError("cannot read key file: %s" % (exc.strerror or exc),
+                                  path) from None
+            if self._watch.same_content(stamp, [(path, data)]):
+                return self._key
+            key = _load_key(data, path)
+        except SourceError as exc:
+            if self._key is None:
+                self._key_error = exc
+            elif self._failed != str(exc):
+                self._failed = str(exc)
+                log.error("%s; keeping the last good key", exc)
+            return self._key
+        if self._key is not None:
+            log.info("JWT key file %s read again", path)
+        self._key, self._failed = key, None
+        return key
 
     def _open(self, token: str, algs):
         from jwcrypto import jwt
@@ -64,7 +118,9 @@ class JWTTokenApi(BasePlugin):
         except Exception as exc:
             raise TokenRefused("JWT rejected: %s" % (str(exc) or type(exc).__name__)) from None
 
-    def lookup(self, token):
+    def resolve(self, token: str):
+        if self._current_key() is None:
+            raise BackendUnavailable("JWT key unusable: %s" % self._key_error)
         header = _jose_header(token)
         if str(header.get("alg", "none")).lower() == "none":
             raise TokenRefused("JWT with alg none")
@@ -81,17 +137,15 @@ class JWTTokenApi(BasePlugin):
             raise TokenRefused("JWT claims are not JSON") from None
         if not isinstance(claims, dict):
             raise TokenRefused("JWT claims are not an object")
+        # 0.13's comparisons: valid from nbf, and still at exp itself.
         now = time.time()
-        if "nbf" in claims and not now >= _number(claims["nbf"]):
+        if "nbf" in claims and now < _number(claims["nbf"]):
             raise TokenRefused("JWT not valid yet (nbf)")
-        if "exp" in claims and not now < _number(claims["exp"]):
+        if "exp" in claims and now > _number(claims["exp"]):
             raise TokenRefused("JWT expired")
         if "host" not in claims or "port" not in claims:
             raise TokenRefused("JWT lacks the host and port claims")
-        try:
-            return parse_host(claims["host"]), parse_port(claims["port"])
-        except ValueError as exc:
-            raise TokenRefused("JWT target: %s" % exc) from None
+        return claims["host"], claims["port"]
 
 
 def _number(value) -> float:

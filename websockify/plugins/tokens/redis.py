@@ -4,63 +4,72 @@ import importlib.util
 import json
 import logging
 import os
-from typing import List
+import re
+from typing import List, Optional
 
 from websockify.addr import format_host_port, parse_host, parse_port
-from websockify.plugins.tokens.base import (BackendUnavailable, BadTarget, BasePlugin,
+from websockify.plugins.tokens.base import (BackendUnavailable, BadTarget, ResolvingPlugin,
                                             SourceError, need_source)
-from websockify.plugins.tokens.targets import parse_target, target_from_result
+from websockify.plugins.tokens.targets import split_target
 
 log = logging.getLogger("websockify")
 
 
 def parse_source_args(src: str) -> List[str]:
-    """``a:b:c`` -> ['a', 'b', 'c']; a field in double quotes may hold colons."""
+    """``a:b:c`` -> ['a', 'b', 'c']; a field in double quotes may hold colons.
+
+    The answers are 0.13's for every input, odd ones included.  A quoted
+    field is a ``"``, at least one other character and the next ``"``, at
+    the start of a field and followed by a colon or the end of the text (a
+    final newline after it is dropped, as 0.13's ``$`` does).  Anything
+    else is plain text up to the next colon: ``'"'`` is ``['"']``,
+    ``'"a"b'`` is ``['"a"b']``.
+    """
     fields: List[str] = []
-    i, n = 0, len(src)
+    n = len(src)
+    start = 0
     while True:
-        if i < n and src[i] == '"':
-            end = src.find('"', i + 1)
-            if end < 0 or (end + 1 < n and src[end + 1] != ":"):
-                raise ValueError("unbalanced quotes in %r" % src)
-            fields.append(src[i + 1:end])
-            i = end + 1
-        else:
-            end = src.find(":", i)
-            end = n if end < 0 else end
-            fields.append(src[i:end])
-            i = end
-        if i >= n:
+        if src.startswith('"', start):
+            close = src.find('"', start + 1)
+            if close > start + 1:
+                if close + 1 == n or src[close + 1:] == "\n":
+                    fields.append(src[start + 1:close])
+                    return fields
+                if src.startswith(":", close + 1):
+                    fields.append(src[start + 1:close])
+                    start = close + 2
+                    continue
+        colon = src.find(":", start)
+        if colon < 0:
+            fields.append(src[start:])
             return fields
-        i += 1  # the colon
-        if i == n:
-            fields.append("")
-            return fields
+        fields.append(src[start:colon])
+        start = colon + 1
 
 
-class TokenRedis(BasePlugin):
+class TokenRedis(ResolvingPlugin):
     """Tokens in Redis: key ``[namespace:]token``, value ``host:port`` or JSON.
 
     The source is ``host[:port[:db[:password[:namespace]]]]``; empty fields
     take 6379 and 0; a field in double quotes may hold colons.  JSON values
-    are ``{"host": "h:p"}`` or ``{"host": "h", "port": p}``.  Each worker
-    keeps one connection pool; a Redis that cannot be reached gives 503.
-    Needs redis-py (``pip install websockify[redis]``).
+    are ``{"host": "h:p"}`` or ``{"host": "h", "port": p}``.  ``lookup()``
+    gives ``[host, port]`` as the value holds them, None for a value that
+    is neither (the server: 502), and lets redis-py's error through when
+    Redis cannot be reached (the server: 503).  Each worker keeps one
+    connection pool.  Needs redis-py (``pip install websockify[redis]``).
     """
 
     socket_timeout = 2.0
 
     def __init__(self, src):
         super().__init__(src)
-        text = need_source(self, src)
-        # Only look for the package here: the master builds plugins before it
-        # forks, and importing redis (which imports ssl) there would come
-        # before the workers' gevent patching.
-        if importlib.util.find_spec("redis") is None:
-            raise SourceError("TokenRedis needs the redis package "
-                              "(pip install 'websockify[redis]')")
+        self._server, self._port, self._db = None, 6379, 0
+        self._password, self._namespace = None, ""
+        self._problem: Optional[SourceError] = None
+        self._pool = None
+        self._pool_pid = None
         try:
-            fields = parse_source_args(text)
+            fields = parse_source_args(need_source(self, src))
             if len(fields) > 5 or not fields[0]:
                 raise ValueError("expected host[:port[:db[:password[:namespace]]]]")
             fields += [""] * (5 - len(fields))
@@ -69,13 +78,25 @@ class TokenRedis(BasePlugin):
             self._db = int(fields[2]) if fields[2] else 0
             self._password = fields[3] or None
             self._namespace = fields[4] + ":" if fields[4] else ""
+        except SourceError as exc:
+            self._problem = exc
+            return
         except ValueError as exc:
-            raise SourceError("TokenRedis source %r: %s" % (text, exc)) from None
-        self._pool = None
-        self._pool_pid = None
+            self._problem = SourceError("TokenRedis source %r: %s" % (src, exc))
+            return
         log.info("TokenRedis: tokens from redis %s db %d%s",
                  format_host_port(self._server, self._port), self._db,
                  " namespace %s" % self._namespace[:-1] if self._namespace else "")
+
+    def check(self) -> None:
+        if self._problem is not None:
+            raise self._problem
+        # Only look for the package: the master checks plugins before it
+        # forks, and importing redis (which imports ssl) there would come
+        # before the workers' gevent patching.
+        if importlib.util.find_spec("redis") is None:
+            raise SourceError("TokenRedis needs the redis package "
+                              "(pip install 'websockify[redis]')")
 
     def _client(self):
         import redis
@@ -88,23 +109,52 @@ class TokenRedis(BasePlugin):
             self._pool_pid = os.getpid()
         return redis.Redis(connection_pool=self._pool)
 
-    def lookup(self, token):
-        import redis
+    def resolve(self, token: str):
+        if self._problem is not None:
+            raise BackendUnavailable(str(self._problem))
+        try:
+            import redis
+        except ImportError:
+            raise BackendUnavailable("TokenRedis needs the redis package") from None
         try:
             value = self._client().get(self._namespace + token)
         except redis.exceptions.RedisError as exc:
             raise BackendUnavailable("redis %s: %s" % (format_host_port(self._server, self._port),
-                                                       str(exc) or type(exc).__name__)) from None
+                                                       str(exc) or type(exc).__name__),
+                                     exc) from None
         if value is None:
             return None
         text = value.decode("utf-8", "replace").strip()
-        try:
-            if text.startswith("{"):
-                data = json.loads(text)
-                if not isinstance(data, dict) or "host" not in data:
-                    raise ValueError("JSON without a host")
-                return target_from_result(data)
-            return parse_target(text)
-        except ValueError:
+        target = _json_target(text) if text.startswith("{") else _text_target(text)
+        if target is None:
             raise BadTarget("redis value for token %r is neither JSON nor host:port: %r"
-                            % (token[:64], text[:80])) from None
+                            % (token[:64], text[:80]))
+        return target
+
+
+def _json_target(text: str) -> Optional[list]:
+    """``{"host": "h:p"}`` (0.13) or ``{"host": h, "port": p}`` -> [host, port]; None if neither."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or "host" not in data:
+        return None
+    if "port" in data:
+        return [data["host"], data["port"]]
+    if not isinstance(data["host"], str):
+        return None
+    parts = split_target(data["host"])
+    return parts if len(parts) == 2 else None
+
+
+def _text_target(text: str) -> Optional[list]:
+    """``host:port`` -> [host, port] as text; None without a colon between two words."""
+    if not _HOST_PORT.match(text):
+        return None
+    parts = split_target(text)
+    return parts if len(parts) == 2 else None
+
+
+# 0.13's test for a plain value: a word, a colon, a word.
+_HOST_PORT = re.compile(r"\S+:\S+")

@@ -12,7 +12,8 @@ import time
 from typing import List, Optional, Tuple
 
 from websockify.addr import UNIX, format_host_port, parse_host, parse_port
-from websockify.plugins.tokens.base import BasePlugin, SourceError, TokenRefused, need_source
+from websockify.plugins.tokens.base import (BackendUnavailable, ResolvingPlugin, SourceError,
+                                            TokenRefused, need_source)
 
 log = logging.getLogger("websockify")
 
@@ -60,7 +61,7 @@ def _parse_ports(text: str) -> Tuple[int, int]:
     return first, last
 
 
-class SignedTarget(BasePlugin):
+class SignedTarget(ResolvingPlugin):
     """Dynamic targets carried by the token, authenticated with HMAC-SHA256.
 
     The token is ``v1.<payload>.<mac>``: the payload (base64url JSON) holds
@@ -77,12 +78,26 @@ class SignedTarget(BasePlugin):
 
     Nothing is allowed until an ``allow`` line says so; target hosts must be
     address literals (no names, so a name cannot be made to point elsewhere).
+    A configuration that cannot be used is ``check()``'s SourceError.
     """
 
     def __init__(self, src):
         super().__init__(src)
-        self.path = os.path.abspath(need_source(self, src))
         self.allow: List[Tuple[object, int, int]] = []
+        self.secret: Optional[bytes] = None
+        self.path: Optional[str] = None
+        self._problem: Optional[SourceError] = None
+        try:
+            self._configure(src)
+        except SourceError as exc:
+            self._problem = exc
+
+    def check(self) -> None:
+        if self._problem is not None:
+            raise self._problem
+
+    def _configure(self, src) -> None:
+        self.path = os.path.abspath(need_source(self, src))
         secret_path = None
         try:
             with open(self.path, "r", encoding="utf-8-sig") as handle:
@@ -122,7 +137,9 @@ class SignedTarget(BasePlugin):
         return any(address in network and first <= port <= last
                    for network, first, last in self.allow)
 
-    def lookup(self, token):
+    def resolve(self, token: str):
+        if self._problem is not None:
+            raise BackendUnavailable(str(self._problem))
         parts = token.split(".")
         if len(parts) != 3 or parts[0] != SIGNED_PREFIX:
             raise TokenRefused("not a signed target token")
