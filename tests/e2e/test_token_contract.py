@@ -16,7 +16,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tests.helpers import parameters
+from tests.helpers import parameters, require_module
 from websockify.plugins import tokens as tp
 
 
@@ -98,8 +98,13 @@ try:
 except ImportError:  # the jwt extra is not installed
     jwk = jwt = None
 
-needs_jwcrypto = pytest.mark.skipif(jwk is None, reason="jwcrypto is not installed "
-                                    "(pip install 'websockify[jwt]')")
+@pytest.fixture
+def jwcrypto():
+    """Skips locally, fails in CI, without the jwt extra."""
+    return require_module("jwcrypto", "pip install 'websockify[jwt]'")
+
+
+needs_jwcrypto = pytest.mark.usefixtures("jwcrypto")
 
 SECRET = b"0123456789abcdef0123456789abcdef!"      # HS256 wants 32 bytes or more
 
