@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Callable, List, Optional, Tuple
 
+from websockify.addr import format_host_port
 from websockify.arbiter import scoreboard as sb
 from websockify.arbiter.daemon import PidFile, daemonize
 from websockify.arbiter.decisions import Arbiter, Policy, Processes
@@ -318,13 +319,20 @@ class Master:
         if config.libserver:
             log.warning("  - --libserver has no effect: this server always uses gevent workers")
         log.info("  - %d worker(s), descriptor limit %d", self.worker_count, nofile)
+        if runtime.hooks is not None:
+            handler_class = runtime.hooks.handler_class
+            log.info("  - request handler %s.%s: its %s run in the sessions",
+                     handler_class.__module__, handler_class.__qualname__,
+                     ", ".join(runtime.hooks.overridden))
         if runtime.tokens is not None:
             log.info("  - %s%s", runtime.tokens.describe(),
                      ", token from the Host header" if config.host_token else "")
         if self.wrapped is not None:
             log.info("  - %s", self.wrapped.describe())
-        log.info("  - proxying from %s to %s", config.listen_description,
-                 config.target_description)
+        target = config.target_description
+        if runtime.hooks is not None and target == format_host_port("", None):
+            target = "the targets the request handler picks"
+        log.info("  - proxying from %s to %s", config.listen_description, target)
 
     def _daemonize(self) -> None:
         config = self.config
