@@ -525,3 +525,44 @@ def test_start_server_in_a_thread_twice_and_terminate(processes, echo4):
     wait_for(lambda: proc.log().count("start_server returned 0") == 2, what="second stop")
     command("quit")
     assert proc.wait(10) == 0
+
+
+def ticket(host, port):
+    import base64
+    return base64.urlsafe_b64encode(json.dumps({"host": host, "port": port}).encode()).decode()
+
+
+def test_ovirt_style_validate_connection_targets_per_session(processes, echo4):
+    other = EchoServer()
+    try:
+        port = free_port()
+        proc = start(processes, embedder("ovirt_style.py") + [str(port)], port, "ovirt")
+        first = session(port, "/" + ticket("127.0.0.1", str(echo4.port)))
+        second = session(port, "/" + ticket("127.0.0.1", str(other.port)))
+        assert echoes(first, b"first") and echoes(second, b"second")
+        assert close(first) == (1000, "") and close(second) == (1000, "")
+        for target in (echo4.port, other.port):
+            proc.wait_log(r"-> 127\.0\.0\.1:%d: closed \(1000\)" % target)
+        assert RawWebSocket(port, path="/" + ticket("127.0.0.1", "vnc")).status == 502
+        assert RawWebSocket(port, path="/not-a-ticket").status == 500
+        proc.wait_log(r"OvirtProxyRequestHandler before the upgrade failed")
+    finally:
+        other.close()
+
+
+def test_hooked_session_over_tls(processes, connect_target, pki):
+    from tests.test_tls import client_context
+    targets = {"fast": ["127.0.0.1", connect_target.port, "/fast"]}
+    port = free_port()
+    start(processes, embedder("nova_style.py") + [
+        str(port), json.dumps(targets), pki.server.cert, pki.server.key], port, "nova-tls")
+    ws = RawWebSocket(port, path="/?token=fast", ssl_context=client_context(pki))
+    assert ws.status == 101, (ws.status, ws.buffer)
+    worker_of(ws)
+    assert echoes(ws, b"over wss")
+    assert echoes(ws, b"x" * 200000)
+    assert close(ws) == (1000, "")
+    plain = session(port, "/?token=fast")
+    worker_of(plain)
+    assert echoes(plain, b"and ws on the same port")
+    close(plain)

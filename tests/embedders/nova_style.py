@@ -8,6 +8,7 @@ send_frames/recv_frames, then do_proxy(tsock); a WebSocketProxy subclass
 that pops its own keyword arguments and has its own logger.
 
 argv: listen_port targets_json (token -> [host, port, internal_access_path])
+      [certificate key]
 """
 
 import json
@@ -155,7 +156,8 @@ class NovaWebSocketProxy(websockify.WebSocketProxy):
 if __name__ == "__main__":
     status = NovaWebSocketProxy(
         listen_host="127.0.0.1", listen_port=int(sys.argv[1]), source_is_ipv6=False,
-        cert="self.pem", key=None, ssl_only=False, ssl_ciphers=None,
+        cert=sys.argv[3] if len(sys.argv) > 3 else "self.pem",
+        key=sys.argv[4] if len(sys.argv) > 4 else None, ssl_only=False, ssl_ciphers=None,
         ssl_minimum_version="tlsv1_2", daemon=False, record=None, traffic=False,
         web=None, file_only=True, RequestHandlerClass=NovaProxyRequestHandler,
         security_proxy=Greeter()).start_server()
