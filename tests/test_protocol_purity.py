@@ -11,8 +11,9 @@ from tests.helpers import ROOT
 
 PACKAGE = os.path.join(ROOT, "websockify", "protocol")
 # What protocol code may import: pure standard-library modules and its own package.
-ALLOWED_STDLIB = {"base64", "binascii", "codecs", "dataclasses", "enum", "hashlib", "ipaddress",
-                  "re", "struct", "sys", "typing", "__future__"}
+# http is for http.HTTPStatus (errors.reason_phrase): an enum, no I/O.
+ALLOWED_STDLIB = {"base64", "binascii", "codecs", "dataclasses", "enum", "hashlib", "http",
+                  "ipaddress", "re", "struct", "sys", "typing", "__future__"}
 FORBIDDEN = {"socket", "_socket", "ssl", "os", "select", "selectors", "fcntl", "subprocess",
              "threading", "gevent", "geventwebsocket", "asyncio", "io", "time", "logging"}
 # Project modules protocol code may use (pure themselves).
