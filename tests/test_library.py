@@ -186,6 +186,19 @@ def test_what_embedders_pass_is_tolerated_and_nothing_is_bound():
         WebSocketProxy(listen_port="http", target_host="h", target_port=1)
 
 
+def test_attributes_set_after_init_are_what_starts():
+    from websockify import library
+    from websockify import WebSocketProxy
+    proxy = WebSocketProxy(listen_port="6080", target_host="localhost", target_port=5900,
+                           heartbeat=None, web=None, ssl_options=0, source_is_ipv6=True)
+    config, _, _ = library.config_of(library.values_of(proxy))
+    assert config == proxy._config
+    proxy.target_port = "5901"
+    proxy.heartbeat = 15
+    config, _, _ = library.config_of(library.values_of(proxy))
+    assert (config.target_port, config.heartbeat, config.prefer_ipv6) == (5901, 15.0, True)
+
+
 def test_ssl_options_become_the_minimum_tls_version():
     import ssl
     from websockify import WebSocketProxy, select_ssl_version

@@ -44,6 +44,9 @@ SOURCE_KEYWORDS: Tuple[Tuple[str, Any], ...] = (("token_source", None), ("auth_s
 
 KEYWORDS: Dict[str, Any] = dict(SERVER_KEYWORDS + PROXY_KEYWORDS + SOURCE_KEYWORDS)
 
+#: Where 0.13 keeps a keyword's value on the server under another name.
+_ATTRIBUTE_OF = {"source_is_ipv6": "prefer_ipv6"}
+
 _NOT_A_PORT = object()
 _running = set()
 _running_lock = threading.Lock()
@@ -195,6 +198,7 @@ def set_attributes(server: Any, handler_class: type, config: Config,
     server._token_object = token_object
     server._auth_object = auth_object
     server._master = None
+    server._from_keywords = False
 
 
 def configure(server: Any, handler_class: type, values: Dict[str, Any]) -> None:
@@ -207,6 +211,19 @@ def configure(server: Any, handler_class: type, values: Dict[str, Any]) -> None:
     server.ssl_options = values["ssl_options"] or server.ssl_options
     for name in ("tcp_keepalive", "tcp_keepcnt", "tcp_keepidle", "tcp_keepintvl"):
         setattr(server, name, values[name])
+    server._sources = {name: values[name] for name, _ in SOURCE_KEYWORDS}
+    server._from_keywords = True
+
+
+def values_of(server: Any) -> Dict[str, Any]:
+    """0.13's arguments as the server's attributes say now (a caller may have set some)."""
+    values = {}
+    for name, default in KEYWORDS.items():
+        if name in server._sources:
+            values[name] = server._sources[name]
+        else:
+            values[name] = getattr(server, _ATTRIBUTE_OF.get(name, name), default)
+    return values
 
 
 def check_handler_class(handler_class: Any) -> None:
@@ -257,9 +274,15 @@ def serve(server: Any, library: bool = True) -> int:
         refuse_eventlet()
         from websockify.arbiter.master import Master
         from websockify.runtime import Runtime
-        runtime = Runtime(token_object=server._token_object, auth_object=server._auth_object,
+        config, token_object, auth_object = server._config, server._token_object, \
+            server._auth_object
+        if server._from_keywords:
+            # 0.13 read its settings from the attributes when it started.
+            check_handler_class(server.RequestHandlerClass)
+            config, token_object, auth_object = config_of(values_of(server))
+        runtime = Runtime(token_object=token_object, auth_object=auth_object,
                           hooks=handler_hooks(server))
-        master = Master(server._config, runtime, library=library)
+        master = Master(config, runtime, library=library)
         server._master = master
         return master.run()
     finally:

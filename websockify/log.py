@@ -325,16 +325,20 @@ def setup_logging(verbose: bool, log_file: Optional[str],
 def library_logging(verbose: bool) -> logging.Logger:
     """In a library caller's process: its logging setup is its own.
 
-    Our lines propagate to its handlers; only when nothing at all is set up
-    do they get a stderr handler, so that the banner and errors are seen.
+    Our lines propagate to its handlers at the levels it chose (``verbose``
+    asks for debug lines); only when nothing at all is set up do they get a
+    stderr handler at info level, so that the banner and errors are seen.
     """
     logger = logging.getLogger(LOGGER_NAME)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = True
+    if verbose:
+        logger.setLevel(logging.DEBUG)
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(CachedTimeFormatter(FORMAT))
         logger.addHandler(handler)
+        if not verbose:
+            logger.setLevel(logging.INFO)
     return logger
 
 

@@ -270,9 +270,9 @@ class HookedService(ProxyService):
     def start_session(self, session: HookedSession, client, early: bytes, handler, codec):
         if not self.after_upgrade:
             return super().start_session(session.target, client, early, handler, codec)
+        session.start(client, early, codec)     # the greenlet runs once we yield
         self.relays.add(session)
         self.on_session_start()
-        session.start(client, early, codec)
         return session
 
     def hooked_session_ended(self, session: HookedSession) -> None:
