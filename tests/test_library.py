@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import socketserver
 import struct
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 from tests.helpers import (PYTHON, ROOT, RawWebSocket, children_of, free_port, port_open,
                            wait_for)
 from tests.test_tokens import EchoServer
+from websockify.demo.echo import echo_connection
 
 EMBEDDERS = os.path.join(ROOT, "tests", "embedders")
 
@@ -66,44 +68,37 @@ class ConnectTarget:
     """A target with Nova's CONNECT pre-handshake; held paths answer when released."""
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
         self.release = threading.Event()
         self.connects = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        target = self
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                target.serve(self.request)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def serve(self, conn):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = conn.recv(1024)
+            if not chunk:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(1024)
-                if not chunk:
-                    return
-                head += chunk
-            line = head.split(b"\r\n")[0].decode()
-            self.connects.append(line)
-            if "/held" in line:
-                self.release.wait(60)
-            conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                conn.sendall(data)
+            head += chunk
+        line = head.split(b"\r\n")[0].decode()
+        self.connects.append(line)
+        if "/held" in line:
+            self.release.wait(60)
+        conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+        echo_connection(conn)
 
     def close(self):
         self.release.set()
-        self.sock.close()
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.fixture
@@ -426,7 +421,10 @@ def test_hooks_that_raise_exit_or_break_end_their_session_only(processes, connec
     assert "ValueError: the hook failed on purpose" in log
     assert "SystemExit: 3" in log
     assert "RuntimeError: the target object broke on purpose" in log
-    assert close(bystander) == (1000, "")
+    # Stopping now closes a session that is inside its hook with 1001.
+    proc.signal(signal.SIGQUIT)
+    assert bystander.expect_close() == (1001, "Server shutting down")
+    assert proc.wait(20) == 0
 
 
 def test_run_once_caller_in_a_multiprocessing_process(processes, echo4):
@@ -441,15 +439,23 @@ def test_run_once_caller_in_a_multiprocessing_process(processes, echo4):
     assert not port_open(port)
 
 
-def test_websockify_init_caller_with_monkeypatched_hooks(processes, echo4):
+def test_websockify_init_caller_with_monkeypatched_hooks(processes, echo4, tmp_path):
     port = free_port()
+    record = str(tmp_path / "rec")
     proc = start(processes, embedder("init_caller.py") + [
-        "--token-plugin", "TokenFile", "--token-source", os.devnull, "127.0.0.1:%d" % port],
-        port, "init")
+        "--token-plugin", "TokenFile", "--token-source", os.devnull, "--heartbeat", "0.3",
+        "--record", record, "127.0.0.1:%d" % port], port, "init")
     ws = session(port, "/?token=port-%d" % echo4.port)
     assert ws.recv_frame()[2] == b"patched /?token=port-%d" % echo4.port
     assert echoes(ws, b"via websockify_init")
+    # --heartbeat reaches the default do_proxy: a ping comes.
+    assert ws.recv_frame()[1] == 0x9
     assert close(ws) == (1000, "")
+    recording = wait_for(lambda: [name for name in os.listdir(str(tmp_path))
+                                  if name.startswith("rec.")], what="the recording")
+    text = wait_for(lambda: (lambda t: t if "EOF" in t else None)(
+        open(os.path.join(str(tmp_path), recording[0])).read()), what="the recording's end")
+    assert "via websockify_init" in text and "patched" in text
     refused = RawWebSocket(port, path="/?token=other")
     assert refused.status == 403
     proc.wait_log(r"refused the connection: no such token 'other'")
@@ -462,7 +468,7 @@ def test_plugin_objects_reach_the_workers(processes, echo4):
     targets = {"good": ["127.0.0.1", str(echo4.port)], "bad": ["127.0.0.1", "five"],
                "odd": ["127.0.0.1"]}
     port = free_port()
-    start(processes, embedder("plugins.py") + [str(port), json.dumps(targets)], port,
+    start(processes, embedder("plugin_objects.py") + [str(port), json.dumps(targets)], port,
           "plugins")
     secret = ["X-Secret: sesame"]
     ws = session(port, "/?token=good", extra=secret)

@@ -27,7 +27,8 @@ from socketserver import ThreadingMixIn
 from http.server import HTTPServer
 from typing import Any, Dict, List, Optional
 
-from websockify import library
+from websockify import auth_plugins as auth  # noqa: F401 - 0.13's module attribute
+from websockify import library, websockifyserver
 from websockify.log import TRAFFIC_LEGEND
 from websockify.websocket import WebSocketWantWriteError
 from websockify.websockifyserver import WebSockifyRequestHandler, WebSockifyServer
@@ -152,7 +153,8 @@ class ProxyRequestHandler(WebSockifyRequestHandler):
             self.log_message("connecting to %s%s", where,
                              " (using SSL)" if server.ssl_target else "")
             try:
-                target = WebSockifyServer.socket(
+                # Looked up now: callers and tests patch WebSockifyServer.socket.
+                target = websockifyserver.WebSockifyServer.socket(
                     server.target_host, server.target_port, connect=True,
                     use_ssl=bool(server.ssl_target), unix_socket=server.unix_target)
             except Exception as exc:

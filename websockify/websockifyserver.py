@@ -279,20 +279,19 @@ class WebSockifyRequestHandler(http.server.SimpleHTTPRequestHandler):
         if is_upgrade_request(self.command, self.headers):
             self.handle_upgrade()
             return
-        if not self._web_allowed():
-            return
-        if self.only_upgrade:
-            self.send_error(405)
-        else:
-            super().do_GET()
+        self._static(super().do_GET)
 
     def do_HEAD(self) -> None:
+        self._static(super().do_HEAD)
+
+    def _static(self, serve) -> None:
+        """A plain request: --web-auth's verdict, then the file (405 without ``web``)."""
         if not self._web_allowed():
             return
         if self.only_upgrade:
             self.send_error(405)
         else:
-            super().do_HEAD()
+            serve()
 
     def _web_allowed(self) -> bool:
         if not self.web_auth:

@@ -12,16 +12,9 @@ import sys
 import threading
 
 import websockify
+from plugin_objects import Directory
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-
-
-class Directory:
-    def __init__(self, table):
-        self.table = table
-
-    def lookup(self, token):
-        return self.table.get(token)
 
 
 class Handler(websockify.ProxyRequestHandler):

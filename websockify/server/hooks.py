@@ -276,10 +276,7 @@ class HookedService(ProxyService):
         return session
 
     def hooked_session_ended(self, session: HookedSession) -> None:
-        self.relays.discard(session)
-        self.sessions_done += 1
-        if session.recording is not None:
-            session.recording.close()
+        self.forget(session, session.recording)
         websocket = session.websocket
         code = websocket.close_code if websocket is not None else None
         reason = (websocket.close_reason if websocket is not None else None) or ""

@@ -230,11 +230,15 @@ class ProxyService:
     def describe_target(self, target: Target) -> str:
         return str(target)
 
-    def _finished(self, relay: Relay) -> None:
-        self.relays.discard(relay)
+    def forget(self, session, recording) -> None:
+        """A session (a relay, or a hooked one) is over: uncount it, close its recording."""
+        self.relays.discard(session)
         self.sessions_done += 1
-        if relay.recorder is not None:
-            relay.recorder.close()
+        if recording is not None:
+            recording.close()
+
+    def _finished(self, relay: Relay) -> None:
+        self.forget(relay, relay.recorder)
         stats = relay.stats
         code = relay.session.close_code
         reason = (" %s" % relay.session.close_reason) if relay.session.close_reason else ""
