@@ -194,6 +194,17 @@ def test_attributes_set_after_init_are_what_starts():
     assert (config.target_port, config.heartbeat, config.prefer_ipv6) == (5901, 15.0, True)
 
 
+def test_the_server_object_pickles_for_multiprocessing_spawn():
+    import pickle
+    from websockify import WebSocketProxy
+    from websockify import library
+    proxy = WebSocketProxy(listen_port=6080, target_host="localhost", target_port="5900",
+                           token_plugin=None, heartbeat=5)
+    copy = pickle.loads(pickle.dumps(proxy))
+    assert (copy.listen_port, copy.target_port, copy.heartbeat) == (6080, 5900, 5.0)
+    assert library.config_of(library.values_of(copy))[0] == proxy._config
+
+
 def test_ssl_options_become_the_minimum_tls_version():
     import ssl
     from websockify import WebSocketProxy, select_ssl_version
@@ -427,10 +438,11 @@ def test_hooks_that_raise_exit_or_break_end_their_session_only(processes, connec
     assert proc.wait(20) == 0
 
 
-def test_run_once_caller_in_a_multiprocessing_process(processes, echo4):
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_run_once_caller_in_a_multiprocessing_process(processes, echo4, method):
     port = free_port()
-    proc = start(processes, embedder("run_once.py") + [str(port), str(echo4.port)], port,
-                 "run-once")
+    proc = start(processes, embedder("run_once.py") + [str(port), str(echo4.port), method],
+                 port, "run-once")
     ws = session(port)
     assert echoes(ws, b"just once")
     assert close(ws) == (1000, "")

@@ -265,6 +265,16 @@ class WebSocketProxy(WebSockifyServer):
         """Serve until stopped; the exit status (0 after a normal stop)."""
         return library.serve(self)
 
+    def __getstate__(self) -> dict:
+        # multiprocessing's spawn and forkserver pickle the server for
+        # Process(target=wsp.start_server); start_server() rebuilds the Config
+        # from the attributes, so the unpicklable parts stay behind.
+        state = dict(self.__dict__)
+        state["_master"] = None
+        if state.get("_from_keywords"):
+            state["_config"] = None
+        return state
+
     def terminate(self) -> None:
         """Stop a running ``start_server()`` gracefully (callable from any thread)."""
         library.terminate(self)
