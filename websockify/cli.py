@@ -155,13 +155,17 @@ def _check_wrap(values: dict, tokens: Optional[str]) -> None:
                          "TCP port is moved off the port websockify listens on)")
 
 
+def print_usage_error(exc: UsageError) -> None:
+    sys.stderr.write("%s\nwebsockify: error: %s\n" % (
+        USAGE.strip("\n").replace("%(prog)s", "websockify"), exc))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config = parse_args(argv)
     except UsageError as exc:
-        sys.stderr.write("%s\nwebsockify: error: %s\n" % (
-            USAGE.strip("\n").replace("%(prog)s", "websockify"), exc))
+        print_usage_error(exc)
         return EXIT_USAGE
     from websockify.arbiter.master import Master
     return Master(config).run()

@@ -319,6 +319,9 @@ class Config:
     wrap_cmd: Optional[List[str]] = None
     #: Sockets systemd passed us (LISTEN_FDS); 0 when not socket-activated.
     listen_fds: int = 0
+    #: With inetd: the descriptor of the listening socket (a library caller's
+    #: ``listen_fd``); None means standard input.
+    listen_fd: Optional[int] = None
 
     def __post_init__(self):
         object.__setattr__(self, "options", types.MappingProxyType(dict(self.options)))
@@ -333,7 +336,7 @@ class Config:
     def from_kwargs(cls, listen_host: str = "", listen_port: Optional[int] = None,
                     target_host: Optional[str] = None, target_port: Optional[int] = None,
                     wrap_cmd: Optional[Sequence[str]] = None, listen_fds: int = 0,
-                    **options) -> "Config":
+                    listen_fd: Optional[int] = None, **options) -> "Config":
         """A configuration from keyword arguments named like the options' dests.
 
         Unknown names are a TypeError; values are checked as on the command
@@ -346,7 +349,7 @@ class Config:
         values.update({k: v for k, v in options.items() if v is not None})
         check_values(values)
         return cls(values, listen_host, listen_port, target_host, target_port,
-                   list(wrap_cmd) if wrap_cmd is not None else None, listen_fds)
+                   list(wrap_cmd) if wrap_cmd is not None else None, listen_fds, listen_fd)
 
     def replace(self, **changes) -> "Config":
         return replace(self, **changes)

@@ -322,6 +322,26 @@ def setup_logging(verbose: bool, log_file: Optional[str],
     return logger
 
 
+def library_logging(verbose: bool) -> logging.Logger:
+    """In a library caller's process: its logging setup is its own.
+
+    Our lines propagate to its handlers at the levels it chose (``verbose``
+    asks for debug lines); only when nothing at all is set up do they get a
+    stderr handler at info level, so that the banner and errors are seen.
+    """
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.propagate = True
+    if verbose:
+        logger.setLevel(logging.DEBUG)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(CachedTimeFormatter(FORMAT))
+        logger.addHandler(handler)
+        if not verbose:
+            logger.setLevel(logging.INFO)
+    return logger
+
+
 def reopen_log_files() -> None:
     """SIGUSR1: reopen the log file (after logrotate) and reconnect to syslog."""
     for handler in logging.getLogger(LOGGER_NAME).handlers:

@@ -6,6 +6,12 @@ arbiter (websockify.arbiter) decide about workers: this module gives it
 real processes (fork, kill, waitpid) and the configuration it reloads.  A
 wrapped program (``-- COMMAND``) is supervised from the same loop
 (websockify.arbiter.wrap).
+
+A library caller (websockify.library) runs the master in its own process,
+maybe in a thread that is not the main one: then the caller's logging is
+left alone, only our own children are reaped, signal handlers are put back
+when the master returns, and without the main thread no signal is taken at
+all (``request_stop`` stops it instead).
 """
 
 import logging
@@ -13,16 +19,18 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 from typing import Callable, List, Optional, Tuple
 
+from websockify.addr import format_host_port
 from websockify.arbiter import scoreboard as sb
 from websockify.arbiter.daemon import PidFile, daemonize
 from websockify.arbiter.decisions import Arbiter, Policy, Processes
 from websockify.arbiter.wrap import WrapError, WrappedProgram
 from websockify.config import Config
 from websockify.errors import ConfigError, EXIT_CONFIG, EXIT_FAILURE, EXIT_LISTEN, EXIT_WORKER_BOOT
-from websockify.log import log_streams, reopen_log_files, setup_logging
+from websockify.log import library_logging, log_streams, reopen_log_files, setup_logging
 from websockify.net.sockets import (ListenError, describe_listener, open_listener,
                                     raise_nofile_limit, unlink_unix_listener)
 from websockify.runtime import Runtime
@@ -40,8 +48,11 @@ SIGNALS = {
 class ForkedWorkers(Processes):
     """The arbiter's real processes: workers forked from the master."""
 
-    def __init__(self, master: "Master"):
+    def __init__(self, master: "Master", own_only: bool = False):
         self.master = master
+        #: Reap only the workers and the wrapped program, not every child of
+        #: the process (a library caller's own children are its business).
+        self.own_only = own_only
 
     def spawn(self, number: int, slot: sb.Slot) -> int:
         master = self.master
@@ -77,6 +88,8 @@ class ForkedWorkers(Processes):
             pass
 
     def reap(self) -> List[Tuple[int, int]]:
+        if self.own_only:
+            return self._reap_own()
         exited = []
         while True:
             try:
@@ -88,13 +101,33 @@ class ForkedWorkers(Processes):
             exited.append((pid, status))
         return exited
 
+    def _reap_own(self) -> List[Tuple[int, int]]:
+        master = self.master
+        pids = list(master.arbiter.workers)
+        if master.wrapped is not None and master.wrapped.pid is not None:
+            pids.append(master.wrapped.pid)
+        exited = []
+        for pid in pids:
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if done:
+                exited.append((done, status))
+        return exited
+
 
 class Master:
     """The master process for one configuration, from start to exit status."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, runtime: Optional[Runtime] = None,
+                 library: bool = False):
         self.config = config
-        self.runtime = Runtime()
+        self.runtime = runtime if runtime is not None else Runtime()
+        #: Run inside a library caller's process (websockify.library).
+        self.library = library
+        self._previous_signals: dict = {}
+        self._previous_wakeup_fd: Optional[int] = None
         self.listener = None
         self.signal_queue: List[int] = []
         self.worker_count = config.workers or os.cpu_count() or 1
@@ -108,7 +141,7 @@ class Master:
             Policy(workers=self.worker_count, graceful_timeout=config.graceful_timeout,
                    worker_timeout=config.worker_timeout, run_once=bool(config.run_once),
                    timeout=config.timeout, idle_timeout=config.idle_timeout),
-            ForkedWorkers(self), sb.SlotPool(self.worker_count * 2 + 2),
+            ForkedWorkers(self, own_only=library), sb.SlotPool(self.worker_count * 2 + 2),
             reload_config=self._reload_config, on_stop=self._close_listener,
             on_other_exit=self._other_exited)
 
@@ -125,8 +158,11 @@ class Master:
     def run(self) -> int:
         config = self.config
         try:
-            setup_logging(config.verbose, config.log_file, config.syslog,
-                          config.legacy_syslog, config.daemon)
+            if self.library:
+                library_logging(config.verbose)
+            else:
+                setup_logging(config.verbose, config.log_file, config.syslog,
+                              config.legacy_syslog, config.daemon)
         except OSError as exc:
             sys.stderr.write("websockify: cannot open log file %s: %s\n"
                              % (config.log_file, exc.strerror))
@@ -184,6 +220,11 @@ class Master:
         config = self.config
         if not (config.token_plugin or config.target_config):
             return None
+        if self.runtime.token_object is not None:
+            # A library caller's plugin object: wrapped, not built again.
+            from websockify.plugins.tokens import TokenResolver
+            return TokenResolver(self.runtime.token_object, config.token_plugin,
+                                 config.token_source, bool(config.host_token))
         from websockify.plugins.tokens import load_resolver
         return load_resolver(config)
 
@@ -194,7 +235,7 @@ class Master:
         config, runtime = self.config, self.runtime
         tls = build_server_context(config)
         target_tls = TargetContexts(config) if config.ssl_target else None
-        auth = load_authenticator(config)
+        auth = load_authenticator(config, runtime.auth_object)
         runtime.tls, runtime.target_tls, runtime.auth = tls, target_tls, auth
 
     def _reload_auth_and_tls(self) -> None:
@@ -278,13 +319,20 @@ class Master:
         if config.libserver:
             log.warning("  - --libserver has no effect: this server always uses gevent workers")
         log.info("  - %d worker(s), descriptor limit %d", self.worker_count, nofile)
+        if runtime.hooks is not None:
+            handler_class = runtime.hooks.handler_class
+            log.info("  - request handler %s.%s: its %s run in the sessions",
+                     handler_class.__module__, handler_class.__qualname__,
+                     ", ".join(runtime.hooks.overridden))
         if runtime.tokens is not None:
             log.info("  - %s%s", runtime.tokens.describe(),
                      ", token from the Host header" if config.host_token else "")
         if self.wrapped is not None:
             log.info("  - %s", self.wrapped.describe())
-        log.info("  - proxying from %s to %s", config.listen_description,
-                 config.target_description)
+        target = config.target_description
+        if runtime.hooks is not None and target == format_host_port("", None):
+            target = "the targets the request handler picks"
+        log.info("  - proxying from %s to %s", config.listen_description, target)
 
     def _daemonize(self) -> None:
         config = self.config
@@ -295,6 +343,8 @@ class Master:
                   config.web or "/")
 
     def _title(self) -> None:
+        if self.library:
+            return      # the caller's process keeps its name
         try:
             from setproctitle import setproctitle
         except ImportError:  # pragma: no cover
@@ -307,9 +357,33 @@ class Master:
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
             os.set_inheritable(fd, False)
-        signal.set_wakeup_fd(self._wake_w)
+        if threading.current_thread() is not threading.main_thread():
+            # Python delivers signals to the main thread only: the caller
+            # stops us (request_stop), and children are reaped every tick.
+            log.info("  - not in the main thread: signals are the caller's business "
+                     "(stop the server with terminate())")
+            return
+        self._previous_wakeup_fd = signal.set_wakeup_fd(self._wake_w)
         for signum in SIGNALS:
-            signal.signal(signum, self._queue_signal)
+            self._previous_signals[signum] = signal.signal(signum, self._queue_signal)
+
+    def _restore_signals(self) -> None:
+        """Give a library caller its own handlers back."""
+        for signum, handler in self._previous_signals.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous_signals = {}
+        if self._previous_wakeup_fd is not None:
+            signal.set_wakeup_fd(self._previous_wakeup_fd)
+            self._previous_wakeup_fd = None
+
+    def request_stop(self) -> None:
+        """Stop gracefully, as on SIGTERM; callable from any thread."""
+        self._queue_signal(signal.SIGTERM, None)
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"t")
+            except OSError:
+                pass
 
     def _queue_signal(self, signum, frame) -> None:
         # Only queue; the loop does the work outside the handler.
@@ -422,4 +496,9 @@ class Master:
         if not self.config.inetd:
             unlink_unix_listener(self.config.unix_listen)
         self.pid_file.remove()
+        self._restore_signals()
+        fds, (self._wake_r, self._wake_w) = (self._wake_r, self._wake_w), (-1, -1)
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
         log.info("websockify stopped")

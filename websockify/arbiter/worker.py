@@ -77,6 +77,11 @@ class Worker:
         if config.echo:
             from websockify.server.echo import EchoService
             service_class = EchoService
+        elif runtime.hooks is not None:
+            # A library caller's handler overrides hooks: its sessions run
+            # them (decided once, here: otherwise the relay's path is untouched).
+            from websockify.server.hooks import HookedService
+            service_class = HookedService
         self.service = service_class(config, runtime, loop, on_session_start=self._session_started,
                                      on_session_end=self._session_ended, traffic=traffic)
         application = (StaticFiles(config.web, config.file_only) if config.web

@@ -168,7 +168,7 @@ def activated_listener(count: int) -> socket.socket:
 def open_listener(config) -> socket.socket:
     forget_activation_environment()
     if config.inetd:
-        return inetd_listener()
+        return inetd_listener(0 if config.listen_fd is None else config.listen_fd)
     if config.unix_listen:
         return unix_listener(config.unix_listen, config.unix_listen_mode)
     if config.listen_fds:

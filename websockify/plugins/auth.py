@@ -8,9 +8,7 @@ included) is a 500 with the error in the log, never a dead worker.
 """
 
 import logging
-from typing import Optional
-
-import gevent
+from typing import Any, Optional
 
 from websockify.auth_plugins import AuthenticationError
 from websockify.errors import HTTPError
@@ -39,20 +37,14 @@ class Authenticator:
 
     def check(self, headers, target_host, target_port) -> None:
         """Return if the plugin allows the request; raise AuthRefused otherwise."""
+        import gevent       # only workers check (websockify.auth_plugins stays light)
         timer = gevent.Timeout(self.timeout)
         timer.start()
         try:
             self.plugin.authenticate(headers=headers, target_host=target_host,
                                      target_port=target_port)
         except AuthenticationError as exc:
-            status = exc.code if isinstance(exc.code, int) and 400 <= exc.code <= 599 else 403
-            headers_out = [(str(k), str(v)) for k, v in (exc.headers or {}).items()]
-            # websockify's errors read "<code> <log message>": keep the message.
-            detail = str(exc)
-            if detail.startswith("%s " % exc.code):
-                detail = detail[len(str(exc.code)) + 1:]
-            raise AuthRefused(status, "authentication failed: %s" % detail,
-                              exc.msg, headers_out) from None
+            raise refusal_of(exc) from None
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise
@@ -66,8 +58,25 @@ class Authenticator:
             timer.close()
 
 
-def load_authenticator(config) -> Optional[Authenticator]:
-    """The --auth-plugin instance, or None; PluginLoadError (exit 5) if unusable."""
+def refusal_of(exc: AuthenticationError) -> AuthRefused:
+    """A plugin's AuthenticationError as the HTTP answer it asks for (403 by default)."""
+    status = exc.code if isinstance(exc.code, int) and 400 <= exc.code <= 599 else 403
+    headers_out = [(str(k), str(v)) for k, v in (exc.headers or {}).items()]
+    # websockify's errors read "<code> <log message>": keep the message.
+    detail = str(exc)
+    if detail.startswith("%s " % exc.code):
+        detail = detail[len(str(exc.code)) + 1:]
+    return AuthRefused(status, "authentication failed: %s" % detail, exc.msg, headers_out)
+
+
+def load_authenticator(config, plugin: Any = None) -> Optional[Authenticator]:
+    """The --auth-plugin instance, or None; PluginLoadError (exit 5) if unusable.
+
+    ``plugin`` is an object a library caller built: it is used as it is.
+    """
+    if plugin is not None:
+        return Authenticator(plugin, config.auth_plugin or type(plugin).__name__,
+                             config.connect_timeout)
     if not config.auth_plugin:
         return None
     plugin = instantiate(config.auth_plugin, config.auth_source, DEFAULT_MODULE,

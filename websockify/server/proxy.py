@@ -162,6 +162,11 @@ class ProxyService:
         """Authenticate, then connect to the session's target or raise 502/504."""
         target = self.pick_target(handler)
         self.authenticate(handler, target)
+        self.connect(target, self.runtime.target_tls)
+        return target
+
+    def connect(self, target: Target, target_tls=None) -> None:
+        """Connect ``target.sock`` (TLS with ``target_tls``' contexts) or raise 502/504."""
         timeout = self.config.connect_timeout
         try:
             target.sock = _connect(target, timeout)
@@ -176,14 +181,13 @@ class ProxyService:
             raise BadGateway("cannot connect to target %s: %s"
                              % (target, exc.strerror or exc)) from None
         tune_stream(target.sock)
-        if self.runtime.target_tls is not None:
-            self._start_target_tls(target, timeout)
-        return target
+        if target_tls is not None:
+            self._start_target_tls(target, timeout, target_tls)
 
-    def _start_target_tls(self, target: Target, timeout: float) -> None:
+    def _start_target_tls(self, target: Target, timeout: float, target_tls) -> None:
         """--ssl-target: the TLS handshake with the target, its certificate checked."""
         host = target.host            # None for a unix-socket target
-        context = self.runtime.target_tls.context_for(host)
+        context = target_tls.context_for(host)
         stream = TLSStream(target.sock, context, server_side=False, server_hostname=host)
         target.sock = stream
         try:
@@ -226,11 +230,15 @@ class ProxyService:
     def describe_target(self, target: Target) -> str:
         return str(target)
 
-    def _finished(self, relay: Relay) -> None:
-        self.relays.discard(relay)
+    def forget(self, session, recording) -> None:
+        """A session (a relay, or a hooked one) is over: uncount it, close its recording."""
+        self.relays.discard(session)
         self.sessions_done += 1
-        if relay.recorder is not None:
-            relay.recorder.close()
+        if recording is not None:
+            recording.close()
+
+    def _finished(self, relay: Relay) -> None:
+        self.forget(relay, relay.recorder)
         stats = relay.stats
         code = relay.session.close_code
         reason = (" %s" % relay.session.close_reason) if relay.session.close_reason else ""
