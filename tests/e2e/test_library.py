@@ -418,9 +418,11 @@ def test_hooks_that_raise_exit_or_break_end_their_session_only(processes, connec
     port = free_port()
     proc = start(processes, embedder("nova_style.py") + [str(port), json.dumps(targets)],
                  port, "nova")
-    workers = set(children_of(proc.pid))
     bystander = session(port, "/?token=fast")
     worker_of(bystander)
+    # A session is served: the master has forked its workers by now.
+    workers = set(children_of(proc.pid))
+    assert len(workers) == (os.cpu_count() or 1), workers      # --workers defaults to the CPUs
     for token in ("boom", "exit", "broken-target"):
         ws = session(port, "/?token=" + token)
         worker_of(ws)
