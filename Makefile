@@ -20,9 +20,11 @@ venv: $(VENV)/.installed
 run: venv
 	$(VPY) -m websockify.demo $(PORT)
 
-## make test: the whole test suite in its own virtualenv
+## make test: the whole test suite in its own virtualenv; two test files run at
+## once (pytest-xdist, a file per process, so module-scoped servers are shared)
+TEST_PROCESSES ?= 2
 test: venv
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 ## make bench: this project against websockify 0.13.0 from PyPI
 bench: venv
