@@ -99,21 +99,24 @@ def children_of(pid: int) -> list:
         return []
 
 
-def socket_inodes(pid: int) -> set:
-    """Inodes of the sockets process ``pid`` holds (from /proc/<pid>/fd)."""
-    inodes = set()
+def fd_links(pid: int) -> set:
+    """What the descriptors of process ``pid`` point to (readlink of /proc/<pid>/fd/*)."""
+    links = set()
     try:
         names = os.listdir("/proc/%d/fd" % pid)
     except OSError:
-        return inodes
+        return links
     for name in names:
         try:
-            target = os.readlink("/proc/%d/fd/%s" % (pid, name))
+            links.add(os.readlink("/proc/%d/fd/%s" % (pid, name)))
         except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
+            pass        # closed since the listing
+    return links
+
+
+def socket_inodes(pid: int) -> set:
+    """Inodes of the sockets process ``pid`` holds (from /proc/<pid>/fd)."""
+    return {int(link[8:-1]) for link in fd_links(pid) if link.startswith("socket:[")}
 
 
 ESTABLISHED, LISTEN = "01", "0A"      # /proc/net/tcp's state codes

@@ -17,7 +17,7 @@ import pytest
 
 from websockify import errors
 from websockify.demo.echo import echo_connection
-from tests.helpers import (LISTEN, ROOT, RawWebSocket, children_of, free_port,
+from tests.helpers import (LISTEN, ROOT, RawWebSocket, children_of, fd_links, free_port,
                            handshake_request, pid_alive, port_open, read_http_response,
                            socket_inodes, tcp_sockets, wait_for, websockify_argv)
 
@@ -75,17 +75,7 @@ def ws_over(sock, host="localhost") -> RawWebSocket:
 
 def open_files(pid: int) -> set:
     """The paths of the files process ``pid`` has open."""
-    paths = set()
-    try:
-        names = os.listdir("/proc/%d/fd" % pid)
-    except OSError:
-        return paths
-    for name in names:
-        try:
-            paths.add(os.readlink("/proc/%d/fd/%s" % (pid, name)))
-        except OSError:
-            pass
-    return paths
+    return fd_links(pid)
 
 
 def server_side_inode(listen_port: int, client_port: int):
