@@ -245,6 +245,15 @@ def test_ping_is_answered_with_pong():
         server.ping(b"short")
 
 
+def test_only_the_latest_ping_is_answered_while_pongs_wait():
+    agent = Connection("agent")
+    message = b"".join(encode_frame(FrameType.PING, 0, b"%08d" % i) for i in range(1000))
+    assert agent.receive_message(message) == []
+    assert agent.receive_message(message) == []
+    assert frames_of(agent) == [(FrameType.PONG, 0, b"00000999")]
+    assert not agent.has_data_to_send()
+
+
 def test_goaway_from_the_agent_stops_new_streams():
     server, agent = pair()
     stream_id = established(server, agent)

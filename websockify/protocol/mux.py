@@ -31,7 +31,9 @@ Memory bound: ``Connection`` queues at most ``window`` bytes per stream in
 each direction (``send_data`` takes no more than the credit it has, and a
 peer sending past the window is a protocol error), so per agent at most
 ``2 * max_streams * window`` bytes (128 MiB at the defaults; typical use is
-far less, since a window is only full while its reader is stalled).
+far less, since a window is only full while its reader is stalled).  The
+control queue holds what the application asked for plus one PONG: pings
+from a peer that does not read are answered once, for the latest.
 
 ``Connection`` turns received messages into events and queues the frames the
 application asks for; ``data_to_send`` packs them into message payloads:
@@ -253,6 +255,7 @@ class Connection:
         self._streams: Dict[int, _Stream] = {}
         self._pending: set = set()      # ids opened, not yet answered
         self._control: List[bytes] = []
+        self._pong: Optional[bytes] = None  # the answer to the latest PING
         # Streams with DATA or a FIN to send, oldest first (round-robin).
         self._ready: "OrderedDict[int, _Stream]" = OrderedDict()
         self._last_id = 0               # highest id opened (server) or seen (agent)
@@ -368,7 +371,9 @@ class Connection:
                 raise MuxProtocolError("%s frame of %d bytes (must be %d)"
                                        % (name, length, PING_SIZE))
             if frame_type == _PING:
-                self._control.append(HEADER.pack(_PONG, 0, PING_SIZE) + payload)
+                # One answer pending at most (to the latest PING): a peer
+                # that pings without reading cannot grow our queue.
+                self._pong = HEADER.pack(_PONG, 0, PING_SIZE) + payload
             else:
                 events.append(PongReceived(bytes(payload)))
             return
@@ -504,7 +509,11 @@ class Connection:
         return stream_id
 
     def accept_stream(self, stream_id: int) -> None:
-        """Agent: queue OPEN_OK (the service connection is up)."""
+        """Agent: queue OPEN_OK (the service connection is up).
+
+        The server may have reset the stream meanwhile (``StreamReset``):
+        check ``is_open`` first; a stream not open is a ValueError.
+        """
         if self.is_server:
             raise ValueError("only the agent accepts streams")
         stream = self._streams.get(stream_id)
@@ -601,7 +610,7 @@ class Connection:
     # -- sending ----------------------------------------------------------
 
     def has_data_to_send(self) -> bool:
-        return bool(self._control or self._ready)
+        return bool(self._control or self._ready or self._pong)
 
     def data_to_send(self, max_bytes: Optional[int] = None) -> List[bytes]:
         """WebSocket binary message payloads to send, in order.
@@ -618,6 +627,9 @@ class Connection:
         parts: list = []
         size = 0            # bytes in parts
         sent = 0            # bytes in messages
+        if self._pong is not None:
+            self._control.insert(0, self._pong)
+            self._pong = None
         if self._control:
             for frame in self._control:
                 if size + len(frame) > limit:
