@@ -94,7 +94,7 @@ class ScriptedAgent:
         self.close_reason = None
         self.closed = threading.Event()
         self._message = bytearray()
-        self.parser = FrameParser(self._on_data, self._on_control, require_mask=False,
+        self.parser = FrameParser(self._on_data, self._on_control, expect_masked=False,
                                   on_message_end=self._on_message_end)
         if self.status == 101:
             self.sock.settimeout(None)
@@ -245,3 +245,30 @@ class ScriptedAgent:
         except OSError:
             pass
         self.closed.set()
+
+
+class Service:
+    """A TCP service in this process: each connection is served by ``handler(conn)``."""
+
+    def __init__(self, handler=None):
+        from websockify.demo.echo import echo_connection
+        self.handler = handler or echo_connection
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self.handler, args=(conn,), daemon=True).start()
+
+    def close(self):
+        self.sock.close()

@@ -243,17 +243,31 @@ class Master:
 
     def _start_tunnels(self) -> None:
         """--tunnel-config: the registry and the agents' TCP faces, before any fork."""
-        tunnels = getattr(self.runtime, "tunnels", None)
+        tunnels = self._tunnel_config()
         if tunnels is None:
             return
         from websockify.tunnel.host import TunnelHost
         self.runtime.tunnel_host = TunnelHost(tunnels)
 
+    def _tunnel_config(self):
+        """The loaded TunnelConfig (the runtime's, else read here), or None without one."""
+        tunnels = getattr(self.runtime, "tunnels", None)
+        if tunnels is None and getattr(self.config, "tunnel_config", None):
+            from websockify.tunnel.config import load_tunnel_config
+            tunnels = load_tunnel_config(self.config.tunnel_config)
+        return tunnels
+
     def _reload_tunnels(self) -> None:
         """On SIGHUP, after the file is read again: new agents and faces, removed ones closed."""
         host = self.runtime.tunnel_host
-        tunnels = getattr(self.runtime, "tunnels", None)
-        if host is None or tunnels is None or tunnels is host.config:
+        if host is None:
+            return
+        try:
+            tunnels = self._tunnel_config()
+        except ConfigError as exc:
+            log.error("%s; the previous tunnel configuration stays", exc)
+            return
+        if tunnels is None or tunnels is host.config:
             return
         host.reload(tunnels)
         log.info("tunnel configuration %s reloaded: %d agent(s)", tunnels.source,

@@ -79,8 +79,10 @@ class TunnelHub:
         self.users: Set[StreamUser] = set()
         self.pipes: Set[Pipe] = set()
         self.ping_interval, self.dead_after = liveness_settings()
-        self.connect_timeout = getattr(self.tunnels, "connect_timeout", None) or \
-            config.connect_timeout
+        # An OPEN waits for the shorter of --connect-timeout and the file's connect_timeout.
+        self.connect_timeout = min(config.connect_timeout,
+                                   getattr(self.tunnels, "connect_timeout", None)
+                                   or config.connect_timeout)
         self.sender = HandoffSender(host.directory)
         self.listener = HandoffListener(host.directory, self._on_handoff)
         self.acceptors = {agent_id: FaceAcceptor(loop, agent_id, sock, self._tcp_user,
@@ -137,7 +139,9 @@ class TunnelHub:
         if accept.codec is not HYBI:
             raise BadRequest("an agent must use RFC 6455 WebSocket framing")
         agent_id = unquote(urlsplit(handler.path).path[len(self.path):])
-        if agent_id not in self.tunnels.agents or not self.registry.configured(agent_id):
+        # The registry, not this worker's copy of the file: a reload may have
+        # added or removed the ID since this worker was forked.
+        if not self.registry.configured(agent_id):
             raise HTTPError(403, "agent ID %r is not in the tunnel configuration" % agent_id)
         expiry = self._authenticate(handler, agent_id)
         peer = handler.peer
