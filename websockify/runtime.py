@@ -28,7 +28,8 @@ class HandlerHooks:
 class Runtime:
     """The loaded token and auth plugins and the TLS contexts of one generation."""
 
-    __slots__ = ("tokens", "auth", "tls", "target_tls", "token_object", "auth_object", "hooks")
+    __slots__ = ("tokens", "auth", "tls", "target_tls", "token_object", "auth_object", "hooks",
+                 "tunnel_host")
 
     def __init__(self, tokens: Any = None, auth: Any = None, tls: Any = None,
                  target_tls: Any = None, token_object: Any = None, auth_object: Any = None,
@@ -46,6 +47,8 @@ class Runtime:
         self.auth_object = auth_object
         #: A handler class with hooks (server.hooks runs its sessions), or None.
         self.hooks = hooks
+        #: tunnel/host.py's TunnelHost (registry, TCP faces) with --tunnel-config, or None.
+        self.tunnel_host = None
 
     def snapshot(self) -> Tuple[Any, Any, Any, Any]:
         return self.tokens, self.auth, self.tls, self.target_tls

@@ -99,6 +99,7 @@ class ForkedWorkers(Processes):
             if pid == 0:
                 break
             exited.append((pid, status))
+        self.master.workers_exited(exited)
         return exited
 
     def _reap_own(self) -> List[Tuple[int, int]]:
@@ -114,6 +115,7 @@ class ForkedWorkers(Processes):
                 continue
             if done:
                 exited.append((done, status))
+        self.master.workers_exited(exited)
         return exited
 
 
@@ -173,6 +175,7 @@ class Master:
                             "--token-source %s", config.target_config)
             self.runtime.tokens = self._load_token_plugin()
             self._load_auth_and_tls()
+            self._start_tunnels()
             if config.record:
                 from websockify.record import check_destination
                 check_destination(config.record)
@@ -238,6 +241,45 @@ class Master:
         auth = load_authenticator(config, runtime.auth_object)
         runtime.tls, runtime.target_tls, runtime.auth = tls, target_tls, auth
 
+    def _start_tunnels(self) -> None:
+        """--tunnel-config: the registry and the agents' TCP faces, before any fork."""
+        tunnels = self._tunnel_config()
+        if tunnels is None:
+            return
+        from websockify.tunnel.host import TunnelHost
+        self.runtime.tunnel_host = TunnelHost(tunnels)
+
+    def _tunnel_config(self):
+        """The loaded TunnelConfig (the runtime's, else read here), or None without one."""
+        tunnels = getattr(self.runtime, "tunnels", None)
+        if tunnels is None and getattr(self.config, "tunnel_config", None):
+            from websockify.tunnel.config import load_tunnel_config
+            tunnels = load_tunnel_config(self.config.tunnel_config)
+        return tunnels
+
+    def _reload_tunnels(self) -> None:
+        """On SIGHUP, after the file is read again: new agents and faces, removed ones closed."""
+        host = self.runtime.tunnel_host
+        if host is None:
+            return
+        try:
+            tunnels = self._tunnel_config()
+        except ConfigError as exc:
+            log.error("%s; the previous tunnel configuration stays", exc)
+            return
+        if tunnels is None or tunnels is host.config:
+            return
+        host.reload(tunnels)
+        log.info("tunnel configuration %s reloaded: %d agent(s)", tunnels.source,
+                 len(tunnels.agents))
+
+    def workers_exited(self, exited) -> None:
+        """Reaped processes: a worker's agents are nobody's any more."""
+        host = self.runtime.tunnel_host
+        if host is not None:
+            for pid, _ in exited:
+                host.worker_exited(pid)
+
     def _reload_auth_and_tls(self) -> None:
         """On SIGHUP: certificates and the auth plugin are read again for the new workers."""
         runtime = self.runtime
@@ -266,6 +308,7 @@ class Master:
         previous = self.runtime.snapshot()
         self._reload_token_plugin()
         self._reload_auth_and_tls()
+        self._reload_tunnels()
         return lambda: self.runtime.restore(previous)
 
     def _reload_token_plugin(self) -> None:
@@ -329,6 +372,8 @@ class Master:
                      ", token from the Host header" if config.host_token else "")
         if self.wrapped is not None:
             log.info("  - %s", self.wrapped.describe())
+        if runtime.tunnel_host is not None:
+            log.info("  - %s", runtime.tunnel_host.describe())
         target = config.target_description
         if runtime.hooks is not None and target == format_host_port("", None):
             target = "the targets the request handler picks"
@@ -495,6 +540,8 @@ class Master:
                 pass
         if not self.config.inetd:
             unlink_unix_listener(self.config.unix_listen)
+        if self.runtime.tunnel_host is not None:
+            self.runtime.tunnel_host.close()
         self.pid_file.remove()
         self._restore_signals()
         fds, (self._wake_r, self._wake_w) = (self._wake_r, self._wake_w), (-1, -1)
