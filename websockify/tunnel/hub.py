@@ -360,14 +360,21 @@ class TunnelHub:
             pipe = Pipe(self.loop, stream, ours, on_finish=self._pipe_finished)
             self.pipes.add(pipe)
             if self.sender.send(pid, header, raw, theirs.fileno()):
+                log.debug("%s: agent %s: TLS request handed to worker pid %d through a "
+                          "socketpair", handler.peer, agent_id, pid)
                 pipe.start()
             else:
+                log.info("%s: agent %s: its worker (pid %d) cannot be reached", handler.peer,
+                         agent_id, pid)
                 pipe.close()
             theirs.close()
             return
         sock = handler._detach()
         try:
-            if not self.sender.send(pid, header, raw, sock.fileno()):
+            if self.sender.send(pid, header, raw, sock.fileno()):
+                log.debug("%s: agent %s: request handed to worker pid %d", handler.peer,
+                          agent_id, pid)
+            else:
                 log.info("%s: agent %s: its worker (pid %d) cannot be reached", handler.peer,
                          agent_id, pid)
         finally:
