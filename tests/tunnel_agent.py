@@ -50,7 +50,7 @@ def upgrade(port: int, path: str, token=None, protocol=SUBPROTOCOL, extra=(),
     """Open a connection and send an agent's upgrade; (sock, status, headers, rest)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     if ssl_context is not None:
-        sock = ssl_context.wrap_socket(sock, server_hostname="localhost")
+        sock = ssl_context.wrap_socket(sock, server_hostname="127.0.0.1")
     key = base64.b64encode(os.urandom(16)).decode()
     lines = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1:%d" % port, "Upgrade: websocket",
              "Connection: Upgrade", "Sec-WebSocket-Key: %s" % key,

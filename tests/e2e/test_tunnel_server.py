@@ -445,6 +445,7 @@ def test_user_on_the_other_worker_is_handed_over(websockify, tmp_path, echo_serv
         log = proc.log()
         holder = re.search(r"agent far connected from \S+ \(worker (\d)\)", log).group(1)
         assert re.search(r"agent far: user handed to worker pid \d+", log), log
+        assert re.search(r"agent far: request handed to worker pid \d+", log), log
         assert len(agent.opened) == 60
         assert holder in ("1", "2")
     finally:
@@ -508,3 +509,43 @@ def test_listen_port_in_use_stops_the_start(websockify, tmp_path):
             proc.log()
     finally:
         busy.close()
+
+
+def test_tls_agent_by_client_certificate_and_tls_hand_off(websockify, tmp_path, pki,
+                                                         echo_service):
+    import ssl
+    path = write_config(tmp_path, {"alice": {"token": True}})
+    proc, port = websockify("-v", "--cert", pki.server.pem, "--verify-client", "--cafile",
+                            pki.ca.cert, "--tunnel-config", path, "--workers", "2", "{port}",
+                            env=LIVENESS)
+    server = Server(proc, port, {}, path)
+
+    def context(cert):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(pki.ca.cert)
+        ctx.load_cert_chain(cert.cert, cert.key)
+        return ctx
+
+    impostor = ScriptedAgent(port, "alice", ssl_context=context(pki.bob))
+    assert impostor.status == 401, impostor.body
+    assert b"client certificate CN 'bob' is not the agent ID" in impostor.body
+    impostor.close()
+    agent = ScriptedAgent(port, "alice", service=echo_service.port,
+                          ssl_context=context(pki.alice))
+    assert agent.status == 101, agent.body
+    try:
+        proc.wait_log(r"agent alice connected from")
+        for index in range(16):
+            ws = RawWebSocket(port, path="/?token=alice", ssl_context=context(pki.bob))
+            assert ws.status == 101, ws.buffer
+            payload = pattern(70000 + index)
+            ws.send_binary(payload)
+            assert ws.recv_data(len(payload)) == payload
+            ws.send(0x8, struct.pack("!H", 1000))
+            assert ws.expect_close()[0] == 1000
+            ws.close()
+        assert re.search(r"agent alice: TLS request handed to worker pid \d+ through a "
+                         r"socketpair", proc.log()), proc.log()
+        assert len(agent.opened) == 16
+    finally:
+        agent.close()

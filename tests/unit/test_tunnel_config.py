@@ -338,3 +338,35 @@ def test_tomli_is_used_before_python_3_11(folder, monkeypatch):
     assert load(folder, OURS).secrets == (b"secret-a", b"secret b")
     assert error(folder, "[tunnels]\npath = \n") == (
         "%s:2: TOML syntax error: Invalid value (column 8)" % (folder / "tunnels.toml"))
+
+
+# -- the command line ------------------------------------------------------------
+
+def test_tunnel_config_alone_needs_no_target(tmp_path, monkeypatch):
+    from websockify import cli
+    monkeypatch.chdir(tmp_path)
+    config = cli.parse_args(["--tunnel-config", "tunnels.toml", "6080"])
+    assert (config.tunnel_config, config.listen_port, config.target_host,
+            config.target_port) == (str(tmp_path / "tunnels.toml"), 6080, None, None)
+    assert config.target_description == "tunnel agents only (no target)"
+
+
+def test_tunnel_config_with_a_target_or_a_token_plugin(tmp_path):
+    from websockify import cli
+    config = cli.parse_args(["--tunnel-config", "t.toml", "6080", "localhost:5900"])
+    assert (config.target_host, config.target_port) == ("localhost", 5900)
+    assert config.target_description == "localhost:5900"
+    config = cli.parse_args(["--tunnel-config", "t.toml", "--token-plugin", "TokenFile",
+                             "--token-source", "x", "6080"])
+    assert config.target_port is None and config.token_plugin == "TokenFile"
+
+
+def test_without_tunnel_config_a_target_is_still_required():
+    from websockify import cli
+    from websockify.errors import UsageError
+    with pytest.raises(UsageError) as info:
+        cli.parse_args(["6080"])
+    assert str(info.value) == "Too few arguments"
+    with pytest.raises(UsageError) as info:
+        cli.parse_args(["--tunnel-config", "t.toml", "6080", "localhost:5900", "extra"])
+    assert str(info.value) == "Too many arguments"

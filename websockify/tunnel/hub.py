@@ -67,7 +67,8 @@ class TunnelHub:
 
     def __init__(self, host, config, runtime, server, loop, worker_number: int):
         self.host = host
-        self.tunnels = host.config
+        #: This generation's file (the registry, shared, is what a reload changed since).
+        self.tunnels = runtime.tunnels
         self.registry = host.registry
         self.config = config
         self.runtime = runtime
@@ -85,9 +86,13 @@ class TunnelHub:
                                    or config.connect_timeout)
         self.sender = HandoffSender(host.directory)
         self.listener = HandoffListener(host.directory, self._on_handoff)
-        self.acceptors = {agent_id: FaceAcceptor(loop, agent_id, sock, self._tcp_user,
-                                                 self._may_accept)
-                          for agent_id, (_, sock) in host.faces.items()}
+        self.acceptors = {}
+        for agent_id, entry in self.tunnels.agents.items():
+            sock = runtime.tunnel_listeners.get(entry.listen) if entry.listen else None
+            if sock is not None:
+                sock.setblocking(False)
+                self.acceptors[agent_id] = FaceAcceptor(loop, agent_id, sock, self._tcp_user,
+                                                        self._may_accept)
         self.draining = False
         self._timer = loop.timer(PUBLISH_INTERVAL, PUBLISH_INTERVAL)
         self._timer.start(self._on_timer)
@@ -360,14 +365,21 @@ class TunnelHub:
             pipe = Pipe(self.loop, stream, ours, on_finish=self._pipe_finished)
             self.pipes.add(pipe)
             if self.sender.send(pid, header, raw, theirs.fileno()):
+                log.debug("%s: agent %s: TLS request handed to worker pid %d through a "
+                          "socketpair", handler.peer, agent_id, pid)
                 pipe.start()
             else:
+                log.info("%s: agent %s: its worker (pid %d) cannot be reached", handler.peer,
+                         agent_id, pid)
                 pipe.close()
             theirs.close()
             return
         sock = handler._detach()
         try:
-            if not self.sender.send(pid, header, raw, sock.fileno()):
+            if self.sender.send(pid, header, raw, sock.fileno()):
+                log.debug("%s: agent %s: request handed to worker pid %d", handler.peer,
+                          agent_id, pid)
+            else:
                 log.info("%s: agent %s: its worker (pid %d) cannot be reached", handler.peer,
                          agent_id, pid)
         finally:
