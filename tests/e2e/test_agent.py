@@ -379,11 +379,15 @@ def test_a_dropped_tunnel_is_redialed_with_back_off(processes, peer, token_file)
     assert agent.log().count("tunnel up") == 3
 
 
-def test_a_silent_server_is_dead_and_redialed(processes, peer, token_file):
+def test_a_silent_server_is_dead_and_redialed(processes, peer, token_file, service):
     agent = start_agent(processes, url(peer), "--token-file", token_file,
-                        "--ping-interval", "0.2", "--dead-after", "1")
+                        "--ping-interval", "0.2", "--dead-after", "1",
+                        service="127.0.0.1:%d" % service.port)
     conn = peer.accept()
     conn.upgrade()
+    stream = conn.open_stream()
+    conn.event(mux.StreamAccepted, stream)
+    conn.received(stream, 23)
     # The server reads (and counts the agent's pings) but never answers them.
     conn.conn.ping = None
     deadline = time.monotonic() + 5
@@ -404,6 +408,9 @@ def test_a_silent_server_is_dead_and_redialed(processes, peer, token_file):
     assert conn.close_code == 1011
     agent.wait_log(r"the server has been silent for 1 s: it is dead")
     agent.wait_log(r"tunnel closed: peer silent for 1 s; reconnecting in")
+    # Its stream's service connection is closed with it.
+    wait_for(lambda: service.ended == 1, what="the service connection closed")
+    assert "1 stream(s) closed with the tunnel" in agent.log()
     peer.accept().close()
 
 

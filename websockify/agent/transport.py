@@ -491,9 +491,6 @@ class Tunnel:
         except OSError as exc:
             self._end("connection lost: %s" % _reason(exc))
 
-    def _wake_writer(self) -> None:
-        self._wake.set()
-
     # -- liveness ------------------------------------------------------------
 
     def _timer_loop(self) -> None:
