@@ -549,3 +549,62 @@ def test_tls_agent_by_client_certificate_and_tls_hand_off(websockify, tmp_path, 
         assert len(agent.opened) == 16
     finally:
         agent.close()
+
+
+# -- the real websockify-agent ---------------------------------------------------------------
+
+def start_real_agent(processes, tmp_path, server, agent_id, service_port, *extra):
+    from tests.helpers import PYTHON
+    token_file = tmp_path / ("%s.token" % agent_id)
+    token_file.write_text(agent_token(agent_id, SECRET) + "\n")
+    server.proc.mark()
+    proc = processes([PYTHON, "-m", "websockify.agent", "--service",
+                      "127.0.0.1:%d" % service_port, "--server",
+                      "ws://127.0.0.1:%d/tunnel/%s" % (server.port, agent_id),
+                      "--token-file", str(token_file), "--max-retry-delay", "1"] + list(extra),
+                     name="agent-%s" % agent_id)
+    server.proc.wait_log(r"agent %s connected from" % re.escape(agent_id))
+    return proc
+
+
+def test_real_agent_tcp_face_and_bridge_session(tunnel_server, processes, tmp_path,
+                                                echo_service):
+    server = tunnel_server
+    start_real_agent(processes, tmp_path, server, "tcp", echo_service.port)
+    payload = pattern(2 * 1024 * 1024 + 3)
+    echo_check(server.faces["tcp"], payload)
+    start_real_agent(processes, tmp_path, server, "bridge", echo_service.port)
+    # A noVNC-style session: binary subprotocol, ?token=<ID>, messages both ways.
+    ws = RawWebSocket(server.port, path="/websockify?token=bridge", protocols="binary")
+    try:
+        assert ws.status == 101, ws.buffer
+        for size in (1, 12, 65536, 300000):
+            data = pattern(size)
+            ws.send_binary(data)
+            assert ws.recv_data(size) == data
+        ws.send(0x8, struct.pack("!H", 1000))
+        assert ws.expect_close()[0] == 1000
+    finally:
+        ws.close()
+
+
+def test_real_agent_service_refusing_is_502(tunnel_server, processes, tmp_path):
+    closed = free_port()        # nothing listens there
+    start_real_agent(processes, tmp_path, tunnel_server, "refusing", closed)
+    ws = RawWebSocket(tunnel_server.port, path="/?token=refusing")
+    assert ws.status == 502, ws.buffer
+    ws.close()
+
+
+def test_real_agent_frozen_mid_stream_closes_its_users(tunnel_server, processes, tmp_path,
+                                                       echo_service):
+    server = tunnel_server
+    agent = start_real_agent(processes, tmp_path, server, "gone", echo_service.port)
+    with tcp_user(server.faces["gone"]) as user:
+        user.sendall(b"hello")
+        assert user.recv(5) == b"hello"
+        agent.signal(signal.SIGSTOP)       # vanished: no FIN, no pong, nothing
+        try:
+            assert eof_within(user, DEAD_AFTER + 3.0) < DEAD_AFTER + 2.0
+        finally:
+            agent.signal(signal.SIGCONT)
