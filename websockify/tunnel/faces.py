@@ -239,11 +239,17 @@ class FaceAcceptor:
         self.may_accept = may_accept
         self.watcher = loop.io(listener.fileno(), _READ)
         self.watcher.start(self._accept)
+        # While this worker is full, look again later (a readable listener
+        # would wake the loop over and over).
+        self._retry = loop.timer(0.1)
 
     def _accept(self) -> None:
         # Several workers share the socket: the one that loses the race sees EAGAIN.
         for _ in range(8):
             if not self.may_accept():
+                self.pause()
+                if not self._retry.active:
+                    self._retry.start(self.resume)
                 return
             try:
                 fd, address = self.listener._accept()
@@ -267,6 +273,7 @@ class FaceAcceptor:
             self.watcher.start(self._accept)
 
     def close(self) -> None:
+        self._retry.stop()
         self.watcher.stop()
         self.watcher.close()
         try:

@@ -17,7 +17,7 @@ import socket
 import time
 import _socket
 from typing import Dict, Optional, Set
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import gevent
 
@@ -113,11 +113,15 @@ class TunnelHub:
         return handler.command in ("GET", "HEAD") and urlsplit(handler.path).path == self.path
 
     def bridge_agent(self, handler) -> Optional[str]:
-        """The agent a browser's ``?token=`` names, if that agent has a bridge face."""
-        values = parse_qs(urlsplit(handler.path).query).get("token")
-        if not values:
+        """The agent a browser's token names, if that agent has a bridge face.
+
+        The token is found as the token plugins find it (``?token=``, also
+        inside noVNC's ``?path=``, or a ``token`` cookie).
+        """
+        from websockify.plugins.tokens import token_from_request
+        agent_id = token_from_request(handler.environ, False)
+        if not agent_id:
             return None
-        agent_id = values[0]
         entry = self.tunnels.agents.get(agent_id)
         if entry is None or not entry.token:
             return None
@@ -254,6 +258,13 @@ class TunnelHub:
                     continue
                 self.registry.publish(agent_id, link.serial, link.open_streams,
                                       link.bytes_out, link.bytes_in)
+                if self.draining and not link.open_streams:
+                    # Another generation serves from now on: an agent without
+                    # streams goes there now, one with streams when they end.
+                    log.info("agent %s: no open streams while this worker stops; closing "
+                             "its tunnel so it reconnects", agent_id)
+                    self.links.pop(agent_id, None)
+                    self._close_link(link, 1001, "server restarting")
             for agent_id, acceptor in list(self.acceptors.items()):
                 if self.registry.removed(agent_id):
                     acceptor.close()
