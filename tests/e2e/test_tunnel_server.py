@@ -14,12 +14,11 @@ import re
 import signal
 import socket
 import struct
-import threading
 import time
 
 import pytest
 
-from tests.helpers import (RawWebSocket, SharedProcess, children_of, free_port,
+from tests.helpers import (RawWebSocket, SharedProcess, children_of, free_port, mask_frame,
                            read_http_response, rss_kib, wait_for)
 from tests.tunnel_agent import ScriptedAgent, Service, agent_token, hs256_token
 
@@ -635,8 +634,7 @@ def test_malformed_mux_input_variants(server, what, message):
     try:
         server.proc.mark()
         if message is None:
-            bad.send_raw(__import__("tests.helpers", fromlist=["mask_frame"]).mask_frame(
-                0x1, b"hello"))
+            bad.send_raw(mask_frame(0x1, b"hello"))
         else:
             bad.send_message(message)
         assert bad.closed.wait(5), what

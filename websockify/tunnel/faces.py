@@ -29,7 +29,7 @@ from typing import Callable, Optional
 from gevent.event import Event
 
 from websockify.errors import BadGateway, GatewayTimeout, HTTPError
-from websockify.protocol.mux import ResetCode, StreamLimitError
+from websockify.protocol.mux import ResetCode
 
 log = logging.getLogger("websockify")
 

@@ -17,7 +17,7 @@ import socket
 import time
 import _socket
 from typing import Dict, Optional, Set
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import gevent
 
@@ -126,9 +126,10 @@ class TunnelHub:
         if entry is None or not entry.token:
             return None
         if self.runtime.tokens is not None:
-            # A token plugin that knows the token wins.
+            # A token plugin that knows the token wins (asked as for any session,
+            # under --connect-timeout).
             try:
-                self.runtime.tokens.resolve(handler.environ)
+                self.server.service.pick_target(handler)
                 return None
             except HTTPError:
                 pass
@@ -147,7 +148,9 @@ class TunnelHub:
                            legacy_clients=False)
         if accept.codec is not HYBI:
             raise BadRequest("an agent must use RFC 6455 WebSocket framing")
-        agent_id = unquote(urlsplit(handler.path).path[len(self.path):])
+        # The ID is the path segment as sent: IDs are made of characters a URL
+        # carries as they are (%-escapes included, compared undecoded).
+        agent_id = urlsplit(handler.path).path[len(self.path):]
         # The registry, not this worker's copy of the file: a reload may have
         # added or removed the ID since this worker was forked.
         if not self.registry.configured(agent_id):
@@ -331,6 +334,9 @@ class TunnelHub:
     def bridge_target(self, handler, agent_id: str):
         """Before the 101: a Target whose socket is the stream, or HANDED_OFF; raises 5xx."""
         from websockify.server.proxy import Target
+        target = Target(host="agent %s" % agent_id, port=None)
+        # --auth-plugin judges a bridge-face session as any other.
+        self.server.service.authenticate(handler, target)
         link = self.links.get(agent_id)
         if link is None:
             pid = self.registry.holder(agent_id)
@@ -355,7 +361,6 @@ class TunnelHub:
             ours.close()
             raise
         user.start()
-        target = Target(host="agent %s" % agent_id, port=None)
         target.sock = ours
         return target
 

@@ -17,7 +17,6 @@ closed, and the WebSocket closed with 1011.
 
 import logging
 import os
-import socket
 import time
 from typing import Callable, Dict, Optional
 
@@ -26,7 +25,7 @@ from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, F
                                         close_payload, encode_frame, parse_close_payload)
 from websockify.protocol.mux import (Connection, DataReceived, GoAwayReceived, Liveness,
                                      ResetCode, SendWindowOpened, StreamAccepted, StreamClosed,
-                                     StreamEnded, StreamReset)
+                                     StreamEnded, StreamLimitError, StreamReset)
 
 log = logging.getLogger("websockify")
 
@@ -79,7 +78,7 @@ class Link:
         self.token_expiry = token_expiry
         self.connected_since = time.time()
         self.conn = Connection(role="server")
-        self.max_message = self.conn_max_message()
+        self.max_message = self.conn.max_message
         self.parser = FrameParser(self._on_data, self._on_control,
                                   max_frame_size=self.max_message, require_mask=True,
                                   on_message_end=self._on_message_end)
@@ -102,9 +101,6 @@ class Link:
         self.close_code: Optional[int] = None
         self.close_reason = ""
         self._pings = 0
-
-    def conn_max_message(self) -> int:
-        return getattr(self.conn, "max_message", 65536 + 7 * 4)
 
     # -- running -------------------------------------------------------------
 
@@ -292,8 +288,7 @@ class Link:
     def open_stream(self, meta: dict, sink: StreamSink) -> int:
         """Open a stream for a user; raises the mux StreamLimitError past the limits."""
         if self.closing or self.going_away:
-            from websockify.protocol.mux import StreamLimitError
-            raise StreamLimitError("the agent's tunnel is closing")
+            raise StreamLimitError("the agent's tunnel is closing", ResetCode.GOING_AWAY)
         stream_id = self.conn.open_stream(meta)
         self.sinks[stream_id] = sink
         self.kick()
@@ -351,8 +346,7 @@ class Link:
             self._update()
         elif verdict == "dead":
             log.info("%s: no message for %g s: the agent is dead; closing its tunnel",
-                     self.label, self.liveness.dead_after
-                     if hasattr(self.liveness, "dead_after") else 45)
+                     self.label, self.liveness.dead_after)
             self._drop_streams("agent is dead")
             self.close(1011, "agent silent too long")
             # A dead peer reads nothing: do not wait for its close reply.
