@@ -761,3 +761,24 @@ def test_replace_across_workers(websockify, tmp_path, echo_service):
     finally:
         for agent in agents:
             agent.close()
+
+
+def test_auth_plugin_judges_bridge_face_sessions(websockify, tmp_path, echo_service):
+    path = write_config(tmp_path, {"o": {"token": True}})
+    proc, port = websockify("--tunnel-config", path, "--auth-plugin", "ExpectOrigin",
+                            "--auth-source", "https://good.example", "--workers", "1",
+                            "{port}", env=LIVENESS)
+    server = Server(proc, port, {}, path)
+    agent = connect_agent(server, "o", service=echo_service.port)    # agents: their token
+    try:
+        ws = RawWebSocket(port, path="/?token=o", extra=("Origin: https://evil.example",))
+        assert ws.status == 403, ws.buffer
+        ws.close()
+        ws = RawWebSocket(port, path="/?token=o", extra=("Origin: https://good.example",))
+        assert ws.status == 101, ws.buffer
+        ws.send_binary(b"ok")
+        assert ws.recv_data(2) == b"ok"
+        ws.close()
+        assert len(agent.opened) == 1
+    finally:
+        agent.close()
