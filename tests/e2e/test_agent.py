@@ -446,3 +446,19 @@ def test_help_and_version():
     done = subprocess.run(AGENT + ["--version"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0
     assert done.stdout.startswith("websockify-agent ")
+
+
+def test_sigterm_between_attempts_exits_0(processes, peer, token_file):
+    agent = start_agent(processes, url(peer), "--token-file", token_file)
+    peer.accept().refuse(401, "no")
+    agent.wait_log(r"retrying in 1\.0 s")
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(10) == 0
+
+
+def test_sigterm_while_waiting_for_a_token_exits_0(processes, peer):
+    agent = start_agent(processes, url(peer), "--token-stdin", stdin=subprocess.PIPE)
+    agent.wait_log(r"waiting for a token on stdin")
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(10) == 0
+    assert peer.accepted == 0

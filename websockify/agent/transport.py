@@ -132,9 +132,9 @@ class Agent:
             self.tokens.start()
         self._loop = gevent.spawn(self._run_loop)
         try:
-            return self._loop.get()
-        except gevent.GreenletExit:
-            return EXIT_OK
+            status = self._loop.get()
+            # A loop killed by stop() ends with GreenletExit as its value.
+            return status if isinstance(status, int) else EXIT_OK
         finally:
             if isinstance(self.tokens, TokenStdin):
                 self.tokens.stop()
