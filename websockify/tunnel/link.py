@@ -22,7 +22,8 @@ from typing import Callable, Dict, Optional
 
 from websockify.errors import ProtocolError, WebSocketError
 from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameParser,
-                                        close_payload, encode_frame, parse_close_payload)
+                                        binary_header, close_payload, encode_frame,
+                                        parse_close_payload)
 from websockify.protocol.mux import (Connection, DataReceived, GoAwayReceived, Liveness,
                                      ResetCode, SendWindowOpened, StreamAccepted, StreamClosed,
                                      StreamEnded, StreamLimitError, StreamReset)
@@ -82,7 +83,10 @@ class Link:
         self.parser = FrameParser(self._on_data, self._on_control,
                                   max_frame_size=self.max_message, require_mask=True,
                                   on_message_end=self._on_message_end)
-        self._message = bytearray()
+        # The current message's pieces: views of the read buffer while a
+        # read is being parsed, copied (``_own_message``) before the next read.
+        self._parts = []
+        self._size = 0
         self.sinks: Dict[int, StreamSink] = {}
         fd = sock.fileno()
         self.reader = loop.io(fd, _READ)
@@ -95,6 +99,7 @@ class Link:
         tick = max(0.05, min(1.0, ping_interval / 4.0, dead_after / 8.0))
         self._tick = loop.timer(tick, tick)
         self._close_timer = None
+        self._dispatching = False
         self.closing = False        # our close frame is queued or sent
         self.finished = False
         self.going_away = False     # the agent sent GOAWAY: no new streams
@@ -120,8 +125,9 @@ class Link:
             self._finish()
 
     def kick(self) -> None:
-        """Something was queued in the mux connection: send it from the loop."""
-        if not self.finished:
+        """Something was queued in the mux connection: send it (once per read
+        when it happens while that read's events are handed out)."""
+        if not self.finished and not self._dispatching:
             self._update()
 
     def _update(self) -> None:
@@ -130,7 +136,9 @@ class Link:
         conn = self.conn
         if not self.closing and self.out_bytes < SOCKET_BACKLOG and conn.has_data_to_send():
             for payload in conn.data_to_send(max_bytes=SOCKET_BACKLOG):
-                self._queue(encode_frame(OP_BINARY, payload))
+                # Header and payload leave together through sendmsg, uncopied.
+                self._queue(binary_header(len(payload)))
+                self._queue(payload)
         try:
             flushed = self._flush()
         except OSError as exc:
@@ -206,13 +214,19 @@ class Link:
         self._consume(_receive_buffer, n)
 
     def _consume(self, buf: bytearray, n: int) -> None:
+        self._dispatching = True
         try:
             self.parser.feed_buffer(buf, n)
+            if self._parts:
+                self._own_message()
         except WebSocketError as exc:
+            self._dispatching = False
             log.info("%s: protocol error: %s (closing %d)", self.label, exc.reason,
                      exc.close_code)
             self.close(exc.close_code, exc.reason)
             return
+        finally:
+            self._dispatching = False
         self._update()
 
     def _on_data(self, chunk, opcode: int) -> None:
@@ -220,15 +234,23 @@ class Link:
             return
         if opcode != OP_BINARY:
             raise ProtocolError("text message on a tunnel (mux frames are binary)")
-        if len(self._message) + len(chunk) > self.max_message:
+        self._size += len(chunk)
+        if self._size > self.max_message:
             raise ProtocolError("message of more than %d bytes" % self.max_message)
-        self._message += chunk
+        self._parts.append(chunk)
+
+    def _own_message(self) -> None:
+        """A message continues in the next read: keep its pieces out of the buffer."""
+        self._parts = [b"".join(self._parts)]
 
     def _on_message_end(self, opcode: int) -> None:
-        if self.closing:
-            self._message = bytearray()
+        parts, self._parts, self._size = self._parts, [], 0
+        if self.closing or not parts:
+            if not parts and not self.closing:
+                raise ProtocolError("empty message on a tunnel")
             return
-        payload, self._message = bytes(self._message), bytearray()
+        # Usually one frame, one view: the mux parses it in place (no copy).
+        payload = parts[0] if len(parts) == 1 else b"".join(parts)
         for event in self.conn.receive_message(payload):
             self._dispatch(event)
 
