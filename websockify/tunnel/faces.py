@@ -303,9 +303,11 @@ def wait_for_open(user: StreamUser, agent_id: str, timeout: float) -> None:
                          % (agent_id, reason or "refused"))
     if code == ResetCode.LIMIT:
         raise AgentUnavailable("agent %s: too many streams (%s)" % (agent_id, reason or "limit"))
-    raise BadGateway("agent %s: stream reset (%s %s)" % (agent_id, ResetCode(code).name
-                                                         if code in ResetCode.__members__.values()
-                                                         else code, reason))
+    try:
+        name = ResetCode(code).name
+    except ValueError:
+        name = str(code)
+    raise BadGateway("agent %s: stream reset (%s %s)" % (agent_id, name, reason))
 
 
 def status_allowed(address: str, networks) -> bool:
