@@ -178,6 +178,25 @@ def test_wss_verifies_the_server_with_the_ca_cert(processes, pki, token_file):
         listener.close()
 
 
+def test_a_stream_over_wss(processes, pki, token_file, service):
+    listener = PeerListener(server_context(pki))
+    try:
+        start_agent(processes, url(listener, scheme="wss"), "--token-file", token_file,
+                    "--ca-cert", pki.ca.cert, "-v", service="127.0.0.1:%d" % service.port)
+        conn = listener.accept()
+        conn.upgrade()
+        stream = conn.open_stream()
+        conn.event(mux.StreamAccepted, stream, timeout=3)
+        greeting = b"hello from the service\n"
+        assert conn.received(stream, len(greeting), timeout=3) == greeting
+        payload = os.urandom(100000)
+        conn.send(stream, payload)
+        assert conn.received(stream, len(payload)) == payload
+        conn.close()
+    finally:
+        listener.close()
+
+
 def test_wss_presents_the_client_certificate(processes, pki):
     context = server_context(pki)
     context.verify_mode = ssl.CERT_REQUIRED

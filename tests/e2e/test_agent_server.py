@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.helpers import PYTHON, RawWebSocket, SharedProcess, free_port, wait_for
+from tests.helpers import PYTHON, RawWebSocket, SharedProcess, free_port, port_open, wait_for
 from tests.tunnel_agent import Service, agent_token
 from websockify.config import OPTIONS
 
@@ -195,7 +195,7 @@ def test_the_agent_comes_back_after_the_server_restarts(processes, tmp_path, ech
     argv = [PYTHON, "-m", "websockify", "--tunnel-config", config, "--workers", "1",
             str(port)]
     first = processes(argv, name="websockify", env=LIVENESS)
-    wait_for(lambda: "serving" in first.log(), what="server up")
+    wait_for(lambda: port_open(port), what="server up")
     token = tmp_path / "restart.token"
     token.write_text(agent_token("restart", SECRET) + "\n")
     agent = start_agent(processes, "ws://127.0.0.1:%d/tunnel/restart" % port, echo.port,
@@ -218,11 +218,11 @@ def test_wss_with_the_servers_certificate_verified(processes, tmp_path, pki, ech
     server = processes([PYTHON, "-m", "websockify", "--cert", pki.server.cert, "--key",
                         pki.server.key, "--tunnel-config", config, "--workers", "1",
                         str(port)], name="websockify")
-    wait_for(lambda: "serving" in server.log(), what="server up")
+    wait_for(lambda: port_open(port), what="server up")
     token = tmp_path / "secure.token"
     token.write_text(agent_token("secure", SECRET) + "\n")
     good = start_agent(processes, "wss://127.0.0.1:%d/tunnel/secure" % port, echo.port,
-                       "--token-file", token, "--ca-cert", pki.ca.cert)
+                       "--token-file", token, "--ca-cert", pki.ca.cert, "-v")
     good.wait_log(r"tunnel up")
     payload = pattern(200000)
     assert transfer(faces["secure"], payload) == payload
@@ -246,7 +246,7 @@ def test_reverse_websockify_deployment_with_client_certificates(processes, tmp_p
                         pki.server.key, "--verify-client", "--cafile", pki.ca.cert,
                         "--tunnel-config", str(config), "--workers", "1", str(port)],
                        name="websockify")
-    wait_for(lambda: "serving" in server.log(), what="server up")
+    wait_for(lambda: port_open(port), what="server up")
     alice = start_agent(processes, "wss://127.0.0.1:%d/forward_to_me/alice" % port, echo.port,
                         "--ca-cert", pki.ca.cert, "--client-cert", pki.alice.cert,
                         "--client-key", pki.alice.key)

@@ -70,8 +70,17 @@ def build_tls_context(config) -> Optional[ssl.SSLContext]:
     """The client context for wss://: certificate and host name verified."""
     if not config.server.secure:
         return None
+    # ssl.create_default_context's settings, on gevent's SSLContext: the
+    # stdlib's (which gevent.ssl.create_default_context returns) makes
+    # sockets whose reads block the whole process.
+    context = gssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)      # verifies cert and host name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION
     try:
-        context = gssl.create_default_context(cafile=config.ca_cert)
+        if config.ca_cert:
+            context.load_verify_locations(cafile=config.ca_cert)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     except (OSError, ssl.SSLError) as exc:
         raise AgentSetupError("cannot load the CA certificates %s: %s"
                               % (config.ca_cert, describe_error(exc))) from None
