@@ -14,13 +14,12 @@ import re
 import signal
 import socket
 import struct
-import threading
 import time
 
 import pytest
 
-from tests.helpers import (RawWebSocket, SharedProcess, free_port, read_http_response,
-                           wait_for)
+from tests.helpers import (RawWebSocket, SharedProcess, children_of, free_port, mask_frame,
+                           read_http_response, rss_kib, wait_for)
 from tests.tunnel_agent import ScriptedAgent, Service, agent_token, hs256_token
 
 SECRET = b"tunnel secret for the tests"
@@ -263,6 +262,8 @@ def test_stalled_user_beside_a_bulk_transfer(server):
         stalled = tcp_user(server.faces["bulk"])
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         wait_for(lambda: len(agent.opened) == 1, what="the stalled stream opened")
+        worker = children_of(server.proc.pid)[0]
+        before = rss_kib(worker)
         with tcp_user(server.faces["bulk"], timeout=30) as bulk:
             received = bytearray()
             start = time.monotonic()
@@ -274,6 +275,10 @@ def test_stalled_user_beside_a_bulk_transfer(server):
             elapsed = time.monotonic() - start
         assert len(received) == size and bytes(received) == pattern(size)
         assert elapsed < 20, elapsed
+        # The stalled stream holds at most its window: the worker did not
+        # keep the 32 MiB the service offered it.
+        grown = rss_kib(worker) - before
+        assert grown < 12 * 1024, grown
         # The stalled user is still connected and gets its bytes once it reads.
         stalled.settimeout(10)
         assert stalled.recv(1000) == pattern(1000)
@@ -475,10 +480,16 @@ def test_hup_removes_a_connected_agent_and_keeps_the_others(websockify, tmp_path
             proc.wait_log(r"agent removed: removed from the configuration; closing its tunnel")
             proc.wait_log(r"reload done")
             wait_for(lambda: _refused(faces["removed"]), what="the removed face closed")
-            # The kept agent's open stream carries on.
+            # The kept agent's open stream carries on in the draining worker.
             user.sendall(b"after")
             assert user.recv(5) == b"after"
-        assert not kept.closed.is_set()
+            assert not kept.closed.is_set()
+        # Its last stream over, the kept agent is sent to the new workers.
+        assert kept.closed.wait(10)
+        assert kept.close_code == 1001
+        kept_again = connect_agent(server, "kept", service=echo_service.port)
+        echo_check(faces["kept"], b"on a new worker")
+        kept_again.close()
         added = connect_agent(server, "added", service=echo_service.port)
         echo_check(added_face, b"new face")
         added.close()
@@ -547,5 +558,227 @@ def test_tls_agent_by_client_certificate_and_tls_hand_off(websockify, tmp_path, 
         assert re.search(r"agent alice: TLS request handed to worker pid \d+ through a "
                          r"socketpair", proc.log()), proc.log()
         assert len(agent.opened) == 16
+    finally:
+        agent.close()
+
+
+# -- the real websockify-agent ---------------------------------------------------------------
+
+def start_real_agent(processes, tmp_path, server, agent_id, service_port, *extra):
+    from tests.helpers import PYTHON
+    token_file = tmp_path / ("%s.token" % agent_id)
+    token_file.write_text(agent_token(agent_id, SECRET) + "\n")
+    server.proc.mark()
+    proc = processes([PYTHON, "-m", "websockify.agent", "--service",
+                      "127.0.0.1:%d" % service_port, "--server",
+                      "ws://127.0.0.1:%d/tunnel/%s" % (server.port, agent_id),
+                      "--token-file", str(token_file), "--max-retry-delay", "1"] + list(extra),
+                     name="agent-%s" % agent_id)
+    server.proc.wait_log(r"agent %s connected from" % re.escape(agent_id))
+    return proc
+
+
+def test_real_agent_tcp_face_and_bridge_session(tunnel_server, processes, tmp_path,
+                                                echo_service):
+    server = tunnel_server
+    start_real_agent(processes, tmp_path, server, "tcp", echo_service.port)
+    payload = pattern(2 * 1024 * 1024 + 3)
+    echo_check(server.faces["tcp"], payload)
+    start_real_agent(processes, tmp_path, server, "bridge", echo_service.port)
+    # A noVNC-style session: binary subprotocol, ?token=<ID>, messages both ways.
+    ws = RawWebSocket(server.port, path="/websockify?token=bridge", protocols="binary")
+    try:
+        assert ws.status == 101, ws.buffer
+        for size in (1, 12, 65536, 300000):
+            data = pattern(size)
+            ws.send_binary(data)
+            assert ws.recv_data(size) == data
+        ws.send(0x8, struct.pack("!H", 1000))
+        assert ws.expect_close()[0] == 1000
+    finally:
+        ws.close()
+
+
+def test_real_agent_service_refusing_is_502(tunnel_server, processes, tmp_path):
+    closed = free_port()        # nothing listens there
+    start_real_agent(processes, tmp_path, tunnel_server, "refusing", closed)
+    ws = RawWebSocket(tunnel_server.port, path="/?token=refusing")
+    assert ws.status == 502, ws.buffer
+    ws.close()
+
+
+def test_real_agent_frozen_mid_stream_closes_its_users(tunnel_server, processes, tmp_path,
+                                                       echo_service):
+    server = tunnel_server
+    agent = start_real_agent(processes, tmp_path, server, "gone", echo_service.port)
+    with tcp_user(server.faces["gone"]) as user:
+        user.sendall(b"hello")
+        assert user.recv(5) == b"hello"
+        agent.signal(signal.SIGSTOP)       # vanished: no FIN, no pong, nothing
+        try:
+            assert eof_within(user, DEAD_AFTER + 3.0) < DEAD_AFTER + 2.0
+        finally:
+            agent.signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("what,message", [
+    ("unknown type", struct.pack("!BIH", 0x42, 0, 0)),
+    ("oversized DATA", struct.pack("!BIH", 3, 1, 16385) + b"x" * 16385),
+    ("stream never opened", struct.pack("!BIH", 3, 99, 1) + b"x"),
+    ("OPEN from the agent", struct.pack("!BIH", 1, 2, 2) + b"{}"),
+    ("truncated header", b"\x03\x00\x00"),
+    ("text message", None),
+])
+def test_malformed_mux_input_variants(server, what, message):
+    bad = connect_agent(server, "bad")
+    try:
+        server.proc.mark()
+        if message is None:
+            bad.send_raw(mask_frame(0x1, b"hello"))
+        else:
+            bad.send_message(message)
+        assert bad.closed.wait(5), what
+        assert bad.close_code == 1002, (what, bad.close_code, bad.close_reason)
+        server.proc.wait_log(r"agent bad \(127\.0\.0\.1:\d+\): protocol error: .*closing 1002")
+    finally:
+        bad.close()
+
+
+def test_bridge_token_found_as_novnc_sends_it(server, echo_service):
+    agent = connect_agent(server, "bridge", service=echo_service.port)
+    try:
+        for path, extra in (("/?path=websockify?token=bridge", ()),
+                            ("/websockify", ("Cookie: token=bridge",))):
+            ws = RawWebSocket(server.port, path=path, extra=extra)
+            assert ws.status == 101, (path, ws.buffer)
+            ws.send_binary(b"novnc")
+            assert ws.recv_data(5) == b"novnc"
+            ws.close()
+    finally:
+        agent.close()
+
+
+def test_token_plugin_and_bridge_face_side_by_side(websockify, tmp_path, echo_service):
+    other = Service()
+    tokens = tmp_path / "tokens.cfg"
+    tokens.write_text("plug: 127.0.0.1:%d\nboth: 127.0.0.1:%d\n" % (other.port, other.port))
+    path = write_config(tmp_path, {"tun": {"token": True}, "both": {"token": True}})
+    proc, port = websockify("--tunnel-config", path, "--token-plugin", "TokenFile",
+                            "--token-source", str(tokens), "--workers", "1", "{port}",
+                            env=LIVENESS)
+    server = Server(proc, port, {}, path)
+    tun = connect_agent(server, "tun", service=echo_service.port)
+    both = connect_agent(server, "both", service=echo_service.port)
+    try:
+        for token in ("tun", "plug", "both"):
+            ws = RawWebSocket(port, path="/?token=%s" % token)
+            assert ws.status == 101, (token, ws.buffer)
+            ws.send_binary(token.encode())
+            assert ws.recv_data(len(token)) == token.encode()
+            ws.close()
+        # The plugin knows "both": it wins, the agent saw no stream.
+        assert len(tun.opened) == 1 and both.opened == []
+        wait_for(lambda: other.accepted == 2, what="two plugin sessions")
+    finally:
+        tun.close()
+        both.close()
+        other.close()
+
+
+def test_reverse_websockify_config_with_client_certificates(websockify, tmp_path, pki,
+                                                             echo_service):
+    import ssl
+    face = free_port()
+    path = tmp_path / "config.toml"
+    path.write_text('http_server_endpoint = "127.0.0.1:39000"\n'
+                    '[remote_service.alice]\nnickname = "Bus02"\n'
+                    'local_listen_endpoint = "127.0.0.1:%d"\n' % face)
+    proc, port = websockify("--cert", pki.server.pem, "--verify-client", "--cafile",
+                            pki.ca.cert, "--tunnel-config", str(path), "--workers", "1",
+                            "{port}", env=LIVENESS)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(pki.ca.cert)
+    ctx.load_cert_chain(pki.alice.cert, pki.alice.key)
+    agent = ScriptedAgent(port, "alice", path="/forward_to_me/", service=echo_service.port,
+                          ssl_context=ctx)
+    try:
+        assert agent.status == 101, agent.body
+        proc.wait_log(r"agent alice connected from")
+        echo_check(face, pattern(100000))
+    finally:
+        agent.close()
+
+
+def test_worker_death_frees_its_agents(websockify, tmp_path, echo_service):
+    face = free_port()
+    path = write_config(tmp_path, {"w": {"listen": face}})
+    proc, port = websockify("--tunnel-config", path, "--workers", "2", "{port}", env=LIVENESS)
+    server = Server(proc, port, {"w": face}, path)
+    agent = connect_agent(server, "w", service=echo_service.port)
+    holder = int(re.search(r"\[(\d+)\] INFO agent w connected from", proc.log()).group(1))
+    os.kill(holder, signal.SIGKILL)
+    proc.wait_log(r"agent w: its worker \(pid %d\) exited; the agent must reconnect" % holder)
+    assert agent.closed.wait(5)
+    document = json.loads(_get(port, "/tunnel/", "application/json")[2])
+    assert document["agents"][0]["connected"] is False
+    with tcp_user(face) as user:
+        assert eof_within(user, 3.0) < 2.0
+    again = connect_agent(server, "w", service=echo_service.port)
+    try:
+        wait_for(lambda: _echoes(face), what="the TCP face served again")
+    finally:
+        again.close()
+
+
+def _echoes(port) -> bool:
+    try:
+        echo_check(port, b"again")
+        return True
+    except AssertionError:
+        return False
+
+
+def test_replace_across_workers(websockify, tmp_path, echo_service):
+    face = free_port()
+    path = write_config(tmp_path, {"r": {"listen": face}})
+    proc, port = websockify("--tunnel-config", path, "--workers", "2", "{port}", env=LIVENESS)
+    server = Server(proc, port, {"r": face}, path)
+    agents = [connect_agent(server, "r", service=echo_service.port)]
+    try:
+        for _ in range(30):
+            if len(set(re.findall(r"\[(\d+)\] INFO agent r connected from", proc.log()))) == 2 \
+                    and len(agents) >= 4:
+                break
+            agents.append(ScriptedAgent(port, "r", token=agent_token("r", SECRET),
+                                        service=echo_service.port))
+            assert agents[-1].status == 101
+            assert agents[-2].closed.wait(5)
+            assert agents[-2].close_code == 1000
+            wait_for(lambda: _echoes(face), what="the TCP face through the newest link")
+            assert not agents[-1].closed.is_set()
+        pids = set(re.findall(r"\[(\d+)\] INFO agent r connected from", proc.log()))
+        assert len(pids) == 2, "all %d links landed on one worker" % len(agents)
+    finally:
+        for agent in agents:
+            agent.close()
+
+
+def test_auth_plugin_judges_bridge_face_sessions(websockify, tmp_path, echo_service):
+    path = write_config(tmp_path, {"o": {"token": True}})
+    proc, port = websockify("--tunnel-config", path, "--auth-plugin", "ExpectOrigin",
+                            "--auth-source", "https://good.example", "--workers", "1",
+                            "{port}", env=LIVENESS)
+    server = Server(proc, port, {}, path)
+    agent = connect_agent(server, "o", service=echo_service.port)    # agents: their token
+    try:
+        ws = RawWebSocket(port, path="/?token=o", extra=("Origin: https://evil.example",))
+        assert ws.status == 403, ws.buffer
+        ws.close()
+        ws = RawWebSocket(port, path="/?token=o", extra=("Origin: https://good.example",))
+        assert ws.status == 101, ws.buffer
+        ws.send_binary(b"ok")
+        assert ws.recv_data(2) == b"ok"
+        ws.close()
+        assert len(agent.opened) == 1
     finally:
         agent.close()

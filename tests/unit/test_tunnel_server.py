@@ -141,3 +141,36 @@ def test_status_html_escapes():
     config = tunnel_config(AgentEntry("X", "<b>&"))
     page = render_html(build_document(config, [], 0.0))
     assert "<td>&lt;b&gt;&amp;</td>" in page
+
+
+# -- answers the hub and the faces compute ---------------------------------------------
+
+def test_status_allowed_networks():
+    from websockify.tunnel.faces import status_allowed
+    networks = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"),
+                ipaddress.ip_network("10.0.0.0/8"))
+    assert status_allowed("127.0.0.1", networks)
+    assert status_allowed("::1", networks)
+    assert status_allowed("::ffff:10.1.2.3", networks)      # a v4 client on a v6 socket
+    assert not status_allowed("127.0.0.2", networks)
+    assert not status_allowed("192.168.1.1", networks)
+    assert not status_allowed("not an address", networks)
+
+
+def test_status_response_by_accept():
+    from websockify.tunnel.faces import status_response
+    document = build_document(tunnel_config(AgentEntry("A", "n")), [], 0.0)
+    kind, body = status_response(document, "text/html, application/json;q=0.9")
+    assert kind == "application/json" and body.endswith(b"\n")
+    import json
+    assert json.loads(body) == document
+    kind, body = status_response(document, "")
+    assert kind == "text/html; charset=utf-8" and body.startswith(b"<!DOCTYPE html>")
+
+
+def test_agent_response_answers_the_subprotocol():
+    from websockify.tunnel.hub import agent_response
+    head = agent_response("dGhlIHNhbXBsZSBub25jZQ==")
+    assert head == (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+                    b"Sec-WebSocket-Protocol: websockify-tunnel.v1\r\n\r\n")

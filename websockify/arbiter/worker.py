@@ -131,7 +131,11 @@ class Worker:
         self._report()
 
     def _report(self) -> None:
-        self.board.report(self.slot, len(self.service.relays), self.service.sessions_done)
+        live = len(self.service.relays)
+        if self.tunnels is not None:
+            # Agents and their TCP users keep the server busy too (--idle-timeout).
+            live += len(self.tunnels.links) + len(self.tunnels.users)
+        self.board.report(self.slot, live, self.service.sessions_done)
 
     def _obey(self, command: int) -> None:
         if command > self.command:

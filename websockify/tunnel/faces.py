@@ -29,7 +29,7 @@ from typing import Callable, Optional
 from gevent.event import Event
 
 from websockify.errors import BadGateway, GatewayTimeout, HTTPError
-from websockify.protocol.mux import ResetCode, StreamLimitError
+from websockify.protocol.mux import ResetCode
 
 log = logging.getLogger("websockify")
 
@@ -239,11 +239,17 @@ class FaceAcceptor:
         self.may_accept = may_accept
         self.watcher = loop.io(listener.fileno(), _READ)
         self.watcher.start(self._accept)
+        # While this worker is full, look again later (a readable listener
+        # would wake the loop over and over).
+        self._retry = loop.timer(0.1)
 
     def _accept(self) -> None:
         # Several workers share the socket: the one that loses the race sees EAGAIN.
         for _ in range(8):
             if not self.may_accept():
+                self.pause()
+                if not self._retry.active:
+                    self._retry.start(self.resume)
                 return
             try:
                 fd, address = self.listener._accept()
@@ -267,6 +273,7 @@ class FaceAcceptor:
             self.watcher.start(self._accept)
 
     def close(self) -> None:
+        self._retry.stop()
         self.watcher.stop()
         self.watcher.close()
         try:
@@ -296,9 +303,11 @@ def wait_for_open(user: StreamUser, agent_id: str, timeout: float) -> None:
                          % (agent_id, reason or "refused"))
     if code == ResetCode.LIMIT:
         raise AgentUnavailable("agent %s: too many streams (%s)" % (agent_id, reason or "limit"))
-    raise BadGateway("agent %s: stream reset (%s %s)" % (agent_id, ResetCode(code).name
-                                                         if code in ResetCode.__members__.values()
-                                                         else code, reason))
+    try:
+        name = ResetCode(code).name
+    except ValueError:
+        name = str(code)
+    raise BadGateway("agent %s: stream reset (%s %s)" % (agent_id, name, reason))
 
 
 def status_allowed(address: str, networks) -> bool:

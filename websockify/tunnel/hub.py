@@ -17,7 +17,7 @@ import socket
 import time
 import _socket
 from typing import Dict, Optional, Set
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import urlsplit
 
 import gevent
 
@@ -113,18 +113,23 @@ class TunnelHub:
         return handler.command in ("GET", "HEAD") and urlsplit(handler.path).path == self.path
 
     def bridge_agent(self, handler) -> Optional[str]:
-        """The agent a browser's ``?token=`` names, if that agent has a bridge face."""
-        values = parse_qs(urlsplit(handler.path).query).get("token")
-        if not values:
+        """The agent a browser's token names, if that agent has a bridge face.
+
+        The token is found as the token plugins find it (``?token=``, also
+        inside noVNC's ``?path=``, or a ``token`` cookie).
+        """
+        from websockify.plugins.tokens import token_from_request
+        agent_id = token_from_request(handler.environ, False)
+        if not agent_id:
             return None
-        agent_id = values[0]
         entry = self.tunnels.agents.get(agent_id)
         if entry is None or not entry.token:
             return None
         if self.runtime.tokens is not None:
-            # A token plugin that knows the token wins.
+            # A token plugin that knows the token wins (asked as for any session,
+            # under --connect-timeout).
             try:
-                self.runtime.tokens.resolve(handler.environ)
+                self.server.service.pick_target(handler)
                 return None
             except HTTPError:
                 pass
@@ -143,7 +148,9 @@ class TunnelHub:
                            legacy_clients=False)
         if accept.codec is not HYBI:
             raise BadRequest("an agent must use RFC 6455 WebSocket framing")
-        agent_id = unquote(urlsplit(handler.path).path[len(self.path):])
+        # The ID is the path segment as sent: IDs are made of characters a URL
+        # carries as they are (%-escapes included, compared undecoded).
+        agent_id = urlsplit(handler.path).path[len(self.path):]
         # The registry, not this worker's copy of the file: a reload may have
         # added or removed the ID since this worker was forked.
         if not self.registry.configured(agent_id):
@@ -254,6 +261,13 @@ class TunnelHub:
                     continue
                 self.registry.publish(agent_id, link.serial, link.open_streams,
                                       link.bytes_out, link.bytes_in)
+                if self.draining and not link.open_streams:
+                    # Another generation serves from now on: an agent without
+                    # streams goes there now, one with streams when they end.
+                    log.info("agent %s: no open streams while this worker stops; closing "
+                             "its tunnel so it reconnects", agent_id)
+                    self.links.pop(agent_id, None)
+                    self._close_link(link, 1001, "server restarting")
             for agent_id, acceptor in list(self.acceptors.items()):
                 if self.registry.removed(agent_id):
                     acceptor.close()
@@ -320,6 +334,9 @@ class TunnelHub:
     def bridge_target(self, handler, agent_id: str):
         """Before the 101: a Target whose socket is the stream, or HANDED_OFF; raises 5xx."""
         from websockify.server.proxy import Target
+        target = Target(host="agent %s" % agent_id, port=None)
+        # --auth-plugin judges a bridge-face session as any other.
+        self.server.service.authenticate(handler, target)
         link = self.links.get(agent_id)
         if link is None:
             pid = self.registry.holder(agent_id)
@@ -344,7 +361,6 @@ class TunnelHub:
             ours.close()
             raise
         user.start()
-        target = Target(host="agent %s" % agent_id, port=None)
         target.sock = ours
         return target
 

@@ -17,16 +17,16 @@ closed, and the WebSocket closed with 1011.
 
 import logging
 import os
-import socket
 import time
 from typing import Callable, Dict, Optional
 
 from websockify.errors import ProtocolError, WebSocketError
 from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameParser,
-                                        close_payload, encode_frame, parse_close_payload)
+                                        binary_header, close_payload, encode_frame,
+                                        parse_close_payload)
 from websockify.protocol.mux import (Connection, DataReceived, GoAwayReceived, Liveness,
                                      ResetCode, SendWindowOpened, StreamAccepted, StreamClosed,
-                                     StreamEnded, StreamReset)
+                                     StreamEnded, StreamLimitError, StreamReset)
 
 log = logging.getLogger("websockify")
 
@@ -79,11 +79,14 @@ class Link:
         self.token_expiry = token_expiry
         self.connected_since = time.time()
         self.conn = Connection(role="server")
-        self.max_message = self.conn_max_message()
+        self.max_message = self.conn.max_message
         self.parser = FrameParser(self._on_data, self._on_control,
                                   max_frame_size=self.max_message, require_mask=True,
                                   on_message_end=self._on_message_end)
-        self._message = bytearray()
+        # The current message's pieces: views of the read buffer while a
+        # read is being parsed, copied (``_own_message``) before the next read.
+        self._parts = []
+        self._size = 0
         self.sinks: Dict[int, StreamSink] = {}
         fd = sock.fileno()
         self.reader = loop.io(fd, _READ)
@@ -96,15 +99,13 @@ class Link:
         tick = max(0.05, min(1.0, ping_interval / 4.0, dead_after / 8.0))
         self._tick = loop.timer(tick, tick)
         self._close_timer = None
+        self._dispatching = False
         self.closing = False        # our close frame is queued or sent
         self.finished = False
         self.going_away = False     # the agent sent GOAWAY: no new streams
         self.close_code: Optional[int] = None
         self.close_reason = ""
         self._pings = 0
-
-    def conn_max_message(self) -> int:
-        return getattr(self.conn, "max_message", 65536 + 7 * 4)
 
     # -- running -------------------------------------------------------------
 
@@ -124,8 +125,9 @@ class Link:
             self._finish()
 
     def kick(self) -> None:
-        """Something was queued in the mux connection: send it from the loop."""
-        if not self.finished:
+        """Something was queued in the mux connection: send it (once per read
+        when it happens while that read's events are handed out)."""
+        if not self.finished and not self._dispatching:
             self._update()
 
     def _update(self) -> None:
@@ -134,7 +136,9 @@ class Link:
         conn = self.conn
         if not self.closing and self.out_bytes < SOCKET_BACKLOG and conn.has_data_to_send():
             for payload in conn.data_to_send(max_bytes=SOCKET_BACKLOG):
-                self._queue(encode_frame(OP_BINARY, payload))
+                # Header and payload leave together through sendmsg, uncopied.
+                self._queue(binary_header(len(payload)))
+                self._queue(payload)
         try:
             flushed = self._flush()
         except OSError as exc:
@@ -210,13 +214,19 @@ class Link:
         self._consume(_receive_buffer, n)
 
     def _consume(self, buf: bytearray, n: int) -> None:
+        self._dispatching = True
         try:
             self.parser.feed_buffer(buf, n)
+            if self._parts:
+                self._own_message()
         except WebSocketError as exc:
+            self._dispatching = False
             log.info("%s: protocol error: %s (closing %d)", self.label, exc.reason,
                      exc.close_code)
             self.close(exc.close_code, exc.reason)
             return
+        finally:
+            self._dispatching = False
         self._update()
 
     def _on_data(self, chunk, opcode: int) -> None:
@@ -224,15 +234,23 @@ class Link:
             return
         if opcode != OP_BINARY:
             raise ProtocolError("text message on a tunnel (mux frames are binary)")
-        if len(self._message) + len(chunk) > self.max_message:
+        self._size += len(chunk)
+        if self._size > self.max_message:
             raise ProtocolError("message of more than %d bytes" % self.max_message)
-        self._message += chunk
+        self._parts.append(chunk)
+
+    def _own_message(self) -> None:
+        """A message continues in the next read: keep its pieces out of the buffer."""
+        self._parts = [b"".join(self._parts)]
 
     def _on_message_end(self, opcode: int) -> None:
-        if self.closing:
-            self._message = bytearray()
+        parts, self._parts, self._size = self._parts, [], 0
+        if self.closing or not parts:
+            if not parts and not self.closing:
+                raise ProtocolError("empty message on a tunnel")
             return
-        payload, self._message = bytes(self._message), bytearray()
+        # Usually one frame, one view: the mux parses it in place (no copy).
+        payload = parts[0] if len(parts) == 1 else b"".join(parts)
         for event in self.conn.receive_message(payload):
             self._dispatch(event)
 
@@ -292,8 +310,7 @@ class Link:
     def open_stream(self, meta: dict, sink: StreamSink) -> int:
         """Open a stream for a user; raises the mux StreamLimitError past the limits."""
         if self.closing or self.going_away:
-            from websockify.protocol.mux import StreamLimitError
-            raise StreamLimitError("the agent's tunnel is closing")
+            raise StreamLimitError("the agent's tunnel is closing", ResetCode.GOING_AWAY)
         stream_id = self.conn.open_stream(meta)
         self.sinks[stream_id] = sink
         self.kick()
@@ -351,8 +368,7 @@ class Link:
             self._update()
         elif verdict == "dead":
             log.info("%s: no message for %g s: the agent is dead; closing its tunnel",
-                     self.label, self.liveness.dead_after
-                     if hasattr(self.liveness, "dead_after") else 45)
+                     self.label, self.liveness.dead_after)
             self._drop_streams("agent is dead")
             self.close(1011, "agent silent too long")
             # A dead peer reads nothing: do not wait for its close reply.
