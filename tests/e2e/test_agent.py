@@ -19,6 +19,7 @@ import pytest
 from tests.helpers import PYTHON, free_port, wait_for
 from tests.tunnel_peer import PeerListener
 from websockify.protocol import mux
+from websockify.protocol.frames import OP_CLOSE, close_payload, encode_frame
 
 AGENT = [PYTHON, "-m", "websockify.agent"]
 
@@ -488,3 +489,56 @@ def test_sigterm_while_waiting_for_a_token_exits_0(processes, peer):
     agent.signal(signal.SIGTERM)
     assert agent.wait(10) == 0
     assert peer.accepted == 0
+
+
+def test_replaced_or_removed_waits_the_cap_a_restart_does_not(processes, peer, token_file):
+    agent = start_agent(processes, url(peer), "--token-file", token_file)
+    for code, reason in ((1000, "replaced by a new connection"),
+                         (1008, "agent removed from the configuration")):
+        conn = peer.accept()
+        conn.upgrade()
+        conn.sock.sendall(encode_frame(OP_CLOSE, close_payload(code, reason)))
+        agent.wait_log(r"tunnel closed: the server closed the tunnel \(%d: %s\); reconnecting "
+                       r"in 1\.0 s" % (code, reason))
+        # The agent answers the close with the same code.
+        conn.pump_until(lambda: conn.close_code is not None, what="the close answer")
+        assert conn.close_code == code
+        conn.close()
+    conn = peer.accept()
+    conn.upgrade()
+    conn.sock.sendall(encode_frame(OP_CLOSE, close_payload(1001, "server restarting")))
+    line = agent.wait_log(r"tunnel closed: the server closed the tunnel \(1001: server "
+                          r"restarting\); reconnecting in (\d\.\d) s")
+    # Jittered under the ceiling of the third failure in a row (the cap, 1 s here).
+    assert float(line.group(1)) <= 1.0
+    conn.close()
+    peer.accept().close()
+
+
+def test_a_service_that_does_not_answer_is_reset_timeout(processes, peer, token_file):
+    # A listener whose backlog is full: the kernel drops further SYNs.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(silent.getsockname())
+            fillers.append(filler)
+        start_agent(processes, url(peer), "--token-file", token_file, "--connect-timeout",
+                    "0.5", service="127.0.0.1:%d" % silent.getsockname()[1])
+        conn = peer.accept()
+        conn.upgrade()
+        stream = conn.open_stream()
+        started = time.monotonic()
+        reset = conn.event(mux.StreamReset, stream)
+        assert (reset.code, reset.reason) == (mux.ResetCode.TIMEOUT,
+                                              "service did not answer within 0.5 s")
+        assert 0.4 < time.monotonic() - started < 3.0
+        conn.close()
+    finally:
+        for filler in fillers:
+            filler.close()
+        silent.close()

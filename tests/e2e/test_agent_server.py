@@ -46,7 +46,7 @@ def write_config(directory, agents):
     return str(path)
 
 
-IDS = ("tcp", "bridge", "refusing", "expired", "stdin", "bulk", "restart")
+IDS = ("tcp", "bridge", "refusing", "expired", "stdin", "bulk", "restart", "twice")
 
 
 class Rendezvous:
@@ -173,6 +173,20 @@ def test_an_id_not_in_the_config_is_refused_403(processes, server, echo):
     agent = start_agent(processes, server.url("nobody"), echo.port,
                         "--token-file", server.token_file("nobody"))
     agent.wait_log(r"the server refused the agent: 403 Forbidden[^\n]*; retrying in 1\.0 s")
+
+
+def test_a_second_agent_for_the_id_replaces_the_first_which_waits(processes, server, echo):
+    token = server.token_file("twice")
+    first = start_agent(processes, server.url("twice"), echo.port, "--token-file", token)
+    connected(server, first, "twice")
+    second = start_agent(processes, server.url("twice"), echo.port, "--token-file", token)
+    second.wait_log(r"tunnel up")
+    first.wait_log(r"the server is going away \(1000: replaced by a new connection\): no new "
+                   r"streams")
+    first.wait_log(r"tunnel closed: the server closed the tunnel \(1000: replaced by a new "
+                   r"connection\); reconnecting in 1\.0 s")
+    payload = pattern(100000)
+    assert transfer(server.faces["twice"], payload) == payload
 
 
 def test_token_stdin_against_the_server(processes, server, echo):

@@ -59,6 +59,12 @@ _RECV = 256 * 1024
 _CLOSE_WAIT = 1.0           # seconds the close frame gets to go out at the end
 _BODY_LIMIT = 2048          # bytes of a refusal's body read for the log
 
+#: Close codes from the server after which the agent waits the back-off cap:
+#: 1000 (the server's "replaced by a new connection" for this ID) and 1008
+#: (the agent was removed from the configuration).  1001 (the server
+#: restarting) and the others are retried as any lost connection.
+SENT_AWAY = (1000, 1008)
+
 _CONTENT_LENGTH = re.compile(rb"\r?\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 
 
@@ -198,14 +204,21 @@ class Agent:
             self.connections += 1
             connected_at = time.monotonic()
             log.info("connected to %s: tunnel up", server)
-            self.tunnel = Tunnel(self, sock, rest)
+            tunnel = self.tunnel = Tunnel(self, sock, rest)
             try:
-                reason = self.tunnel.run()
+                reason = tunnel.run()
             finally:
                 self.tunnel = None
             if self.stopping:
                 break
-            delay = self.backoff.disconnected(time.monotonic() - connected_at)
+            connected_for = time.monotonic() - connected_at
+            if tunnel.server_close_code in SENT_AWAY:
+                # Replaced by another agent with this ID, or removed from the
+                # configuration: coming straight back would only flap.
+                self.backoff.disconnected(connected_for)
+                delay = self.backoff.refused()
+            else:
+                delay = self.backoff.disconnected(connected_for)
             log.warning("tunnel closed: %s; reconnecting in %.1f s", reason, delay)
             gevent.sleep(delay)
         return EXIT_OK
@@ -337,6 +350,7 @@ class Tunnel:
         self._wake = Event()
         self._done = Event()
         self._close_queued = False
+        self.server_close_code: Optional[int] = None   # the code of the server's close frame
         self.reason = ""
         self._greenlets: list = []
 
@@ -426,6 +440,7 @@ class Tunnel:
             self._wake.set()
         elif opcode == OP_CLOSE:
             code, reason = parse_close_payload(payload)
+            self.server_close_code = code
             self._send_close(code if code is not None else 1000, "")
             self._end("the server closed the tunnel (%s%s)"
                       % (code if code is not None else "no code",
