@@ -25,9 +25,10 @@ import os
 import re
 import socket
 import ssl
+import struct
 import time
 from collections import deque
-from typing import Deque, Dict, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 import gevent
 from gevent import socket as gsocket
@@ -42,7 +43,7 @@ from websockify.net.tls import describe_error
 from websockify.protocol import mux
 from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT,
                                         FrameParser, close_payload, encode_client_frame,
-                                        parse_close_payload)
+                                        parse_close_payload, unmask_into)
 from websockify.protocol.handshake import (HEADER_LIMIT, check_client_response, client_key,
                                            client_request, head_end)
 
@@ -66,6 +67,38 @@ _BODY_LIMIT = 2048          # bytes of a refusal's body read for the log
 SENT_AWAY = (1000, 1008)
 
 _CONTENT_LENGTH = re.compile(rb"\r?\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+
+
+_HEADER_16 = struct.Struct("!BBH4s").pack_into
+_HEADER_64 = struct.Struct("!BBQ4s").pack_into
+
+
+def mask_messages(messages: List[bytes]) -> bytearray:
+    """Binary messages as masked client frames, all in one buffer.
+
+    Each message gets its own random key (one os.urandom call for all of
+    them) and is masked in place: one copy of the payload, no per-frame
+    bytes objects to join (encode_client_frame's result, for the bulk path).
+    """
+    keys = os.urandom(4 * len(messages))
+    out = bytearray()
+    for index, message in enumerate(messages):
+        length = len(message)
+        key = keys[4 * index:4 * index + 4]
+        start = len(out)
+        if length < 126:
+            out += bytes((0x80 | OP_BINARY, 0x80 | length))
+            out += key
+        elif length < 65536:
+            out += bytes(8)
+            _HEADER_16(out, start, 0x80 | OP_BINARY, 0x80 | 126, length, key)
+        else:
+            out += bytes(14)
+            _HEADER_64(out, start, 0x80 | OP_BINARY, 0x80 | 127, length, key)
+        begin = len(out)
+        out += message
+        unmask_into(out, begin, begin + length, key)
+    return out
 
 
 class AgentSetupError(Exception):
@@ -486,7 +519,6 @@ class Tunnel:
         sock = self.sock
         conn = self.conn
         wake = self._wake
-        urandom = os.urandom
         try:
             while True:
                 wake.wait()
@@ -495,11 +527,11 @@ class Tunnel:
                     frames = self._ws_out
                     self._ws_out = []
                     closing = self._close_queued
-                    if not closing:
-                        for message in conn.data_to_send(WRITE_BATCH):
-                            frames.append(encode_client_frame(OP_BINARY, message, urandom(4)))
-                    if not frames:
+                    messages = [] if closing else conn.data_to_send(WRITE_BATCH)
+                    if not frames and not messages:
                         break
+                    if messages:
+                        frames.append(mask_messages(messages))
                     sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
                     if closing:
                         return
