@@ -542,3 +542,35 @@ def test_a_service_that_does_not_answer_is_reset_timeout(processes, peer, token_
         for filler in fillers:
             filler.close()
         silent.close()
+
+
+def test_messages_split_across_reads_and_fragments_arrive_whole(processes, peer, service,
+                                                                token_file):
+    start_agent(processes, url(peer), "--token-file", token_file,
+                service="127.0.0.1:%d" % service.port)
+    conn = peer.accept()
+    conn.upgrade()
+    stream = conn.open_stream()
+    conn.event(mux.StreamAccepted, stream)
+    conn.received(stream, 23)
+    first, second = os.urandom(16384), os.urandom(16384)
+    message = (mux.HEADER.pack(mux.FrameType.DATA, stream, len(first)) + first
+               + mux.HEADER.pack(mux.FrameType.DATA, stream, len(second)) + second)
+    # One message, its frame's bytes in two writes with a pause between.
+    wire = encode_frame(0x2, message)
+    conn.sock.sendall(wire[:5000])
+    time.sleep(0.2)
+    conn.sock.sendall(wire[5000:])
+    assert conn.received(stream, len(message) - 14) == first + second
+    # One message in three WebSocket fragments, the second alone in its read.
+    third = os.urandom(3000)
+    message = mux.HEADER.pack(mux.FrameType.DATA, stream, len(third)) + third
+    conn.sock.sendall(bytes((0x02, 126)) + (1000).to_bytes(2, "big") + message[:1000])
+    time.sleep(0.2)
+    conn.sock.sendall(bytes((0x00, 126)) + (1000).to_bytes(2, "big") + message[1000:2000])
+    time.sleep(0.2)
+    rest = message[2000:]
+    conn.sock.sendall(bytes((0x80, 126)) + len(rest).to_bytes(2, "big") + rest)
+    assert conn.received(stream, len(third)) == third
+    assert bytes(service.received[0]) == first + second + third
+    conn.close()

@@ -378,7 +378,8 @@ class Tunnel:
         self.parser = FrameParser(self._on_data, self._on_control, max_frame_size=MAX_MESSAGE,
                                   expect_masked=False, on_message_end=self._on_message_end)
         self.streams: Dict[int, _Stream] = {}
-        self._message = bytearray()
+        self._message = bytearray()     # a message arriving over several chunks
+        self._view = None               # or its first chunk, still in the read buffer
         self._ws_out: list = []       # pongs and the close frame, sent before mux data
         self._wake = Event()
         self._done = Event()
@@ -439,6 +440,7 @@ class Tunnel:
             if self._rest:
                 self.live.heard(time.monotonic())
                 self.parser.feed(self._rest)
+                self._keep_partial()
                 self._rest = b""
             buf = bytearray(_RECV)
             parser = self.parser
@@ -451,6 +453,8 @@ class Tunnel:
                     return
                 live.heard(monotonic())
                 parser.feed_buffer(buf, n)
+                if self._view is not None:
+                    self._keep_partial()
         except WebSocketError as exc:
             log.error("protocol error from the server: %s (closing with %d)",
                       exc.reason, exc.close_code)
@@ -463,9 +467,22 @@ class Tunnel:
     def _on_data(self, chunk, opcode: int) -> None:
         if opcode == OP_TEXT:
             raise mux.MuxProtocolError("a text message (the mux is binary messages only)")
+        if self._view is None and not self._message:
+            # Most messages are one chunk of the read buffer: no copy of it.
+            self._view = chunk
+            return
+        if self._view is not None:
+            self._message += self._view
+            self._view = None
         self._message += chunk
         if len(self._message) > MAX_MESSAGE:
             raise mux.MuxProtocolError("a message over %d bytes" % MAX_MESSAGE)
+
+    def _keep_partial(self) -> None:
+        """The read buffer is about to be reused: copy a message's first chunk out of it."""
+        if self._view is not None:
+            self._message += self._view
+            self._view = None
 
     def _on_control(self, opcode: int, payload: bytes) -> None:
         if opcode == OP_PING:
@@ -481,8 +498,12 @@ class Tunnel:
             raise _Ended()
 
     def _on_message_end(self, opcode: int) -> None:
-        message = self._message
-        self._message = bytearray()
+        if self._view is not None:
+            message = self._view
+            self._view = None
+        else:
+            message = self._message
+            self._message = bytearray()
         for event in self.conn.receive_message(message):
             kind = type(event)
             if kind is mux.DataReceived:
@@ -639,8 +660,11 @@ class Tunnel:
                     sock.shutdown(socket.SHUT_WR)
                     break
                 # What else is queued goes in the same write (at most the window).
-                while out and out[0] is not None:
-                    data += out.popleft()
+                if out and out[0] is not None:
+                    pieces = [data]
+                    while out and out[0] is not None:
+                        pieces.append(out.popleft())
+                    data = b"".join(pieces)
                 sock.sendall(data)
                 conn.consumed(sid, len(data))
                 if conn.has_data_to_send():
