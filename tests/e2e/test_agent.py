@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.helpers import PYTHON, free_port, wait_for
+from tests.helpers import PYTHON, free_port, ipv6_available, wait_for
 from tests.tunnel_peer import PeerListener
 from websockify.protocol import mux
 from websockify.protocol.frames import OP_CLOSE, close_payload, encode_frame
@@ -574,3 +574,45 @@ def test_messages_split_across_reads_and_fragments_arrive_whole(processes, peer,
     assert conn.received(stream, len(third)) == third
     assert bytes(service.received[0]) == first + second + third
     conn.close()
+
+
+def test_log_file_and_its_reopening(processes, peer, token_file, tmp_path):
+    log_path = tmp_path / "agent.log"
+    agent = start_agent(processes, url(peer), "--token-file", token_file,
+                        "--log-file", log_path)
+    conn = peer.accept()
+    conn.upgrade()
+    wait_for(lambda: log_path.exists() and "tunnel up" in log_path.read_text(),
+             what="the log file")
+    assert "tunnel up" not in agent.log()        # not on stderr
+    os.rename(log_path, str(log_path) + ".1")
+    agent.signal(signal.SIGUSR1)
+    wait_for(log_path.exists, what="the log file reopened")
+    conn.close()
+    wait_for(lambda: log_path.exists() and "tunnel closed" in log_path.read_text(),
+             what="the reopened log file")
+    assert "tunnel closed" not in open(str(log_path) + ".1").read()
+    peer.accept().close()
+
+
+def test_an_ipv6_service(processes, peer, token_file):
+    if not ipv6_available():
+        pytest.skip("no IPv6 loopback here")
+    listener = socket.socket(socket.AF_INET6)
+    listener.bind(("::1", 0))
+    listener.listen(1)
+    try:
+        start_agent(processes, url(peer), "--token-file", token_file,
+                    service="[::1]:%d" % listener.getsockname()[1])
+        conn = peer.accept()
+        conn.upgrade()
+        stream = conn.open_stream()
+        conn.event(mux.StreamAccepted, stream)
+        listener.settimeout(5)
+        accepted, _ = listener.accept()
+        accepted.sendall(b"over ::1")
+        assert conn.received(stream, 8) == b"over ::1"
+        accepted.close()
+        conn.close()
+    finally:
+        listener.close()
