@@ -46,7 +46,7 @@ def write_config(directory, agents):
     return str(path)
 
 
-IDS = ("tcp", "bridge", "refusing", "expired", "stdin", "bulk", "restart", "twice")
+IDS = ("tcp", "bridge", "refusing", "expired", "stdin", "bulk", "restart", "twice", "novnc")
 
 
 class Rendezvous:
@@ -144,6 +144,38 @@ def test_bridge_face_session_through_the_agent(processes, server, echo):
         assert ws.recv_data(len(payload)) == payload
     finally:
         ws.close()
+
+
+def _rfb_like(conn):
+    """A VNC-shaped service: version exchange, then a 'framebuffer' for the client."""
+    with conn:
+        conn.sendall(b"RFB 003.008\n")
+        got = b""
+        while len(got) < 12:
+            got += conn.recv(12 - len(got))
+        assert got == b"RFB 003.008\n"
+        conn.sendall(b"\x01\x01" + pattern(1 << 20))
+        conn.recv(1)
+
+
+def test_a_novnc_style_session_through_the_agent(processes, server):
+    service = Service(_rfb_like)
+    try:
+        agent = start_agent(processes, server.url("novnc"), service.port,
+                            "--token-file", server.token_file("novnc"))
+        connected(server, agent, "novnc")
+        # noVNC's path form: websockify?token=..., subprotocol binary.
+        ws = RawWebSocket(server.port, path="/websockify?token=novnc", protocols="binary")
+        try:
+            assert ws.status == 101, ws.buffer
+            assert ws.headers.get("sec-websocket-protocol") == "binary"
+            assert ws.recv_data(12) == b"RFB 003.008\n"
+            ws.send_binary(b"RFB 003.008\n")
+            assert ws.recv_data(2 + (1 << 20)) == b"\x01\x01" + pattern(1 << 20)
+        finally:
+            ws.close()
+    finally:
+        service.close()
 
 
 def test_a_refusing_service_is_a_502_on_the_bridge(processes, server):
