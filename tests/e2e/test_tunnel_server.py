@@ -805,3 +805,23 @@ def test_agent_closing_its_tunnel_closes_its_users(server, echo_service):
     server.proc.wait_log(r"agent gone \(127\.0\.0\.1:\d+\): agent closed the tunnel "
                          r"\(1001 agent stopping\)")
     agent.close()
+
+
+def test_agents_and_browsers_under_the_root_path(websockify, tmp_path, echo_service):
+    path = write_config(tmp_path, {"a": {"token": True}})
+    text = open(path).read().replace('path = "/tunnel/"', 'path = "/"')
+    open(path, "w").write(text)
+    proc, port = websockify("--tunnel-config", path, "--workers", "1", "{port}", env=LIVENESS)
+    server = Server(proc, port, {}, path)
+    agent = ScriptedAgent(port, "a", token=agent_token("a", SECRET), path="/",
+                          service=echo_service.port)
+    try:
+        assert agent.status == 101, agent.body
+        ws = RawWebSocket(port, path="/websockify?token=a")
+        assert ws.status == 101, ws.buffer
+        ws.send_binary(b"root")
+        assert ws.recv_data(4) == b"root"
+        ws.close()
+        assert _get(port, "/", "application/json")[0] == 200
+    finally:
+        agent.close()
