@@ -782,3 +782,46 @@ def test_auth_plugin_judges_bridge_face_sessions(websockify, tmp_path, echo_serv
         assert len(agent.opened) == 1
     finally:
         agent.close()
+
+
+def test_tcp_user_whose_open_goes_unanswered_is_closed(server):
+    agent = connect_agent(server, "ignoring", on_open="ignore")
+    try:
+        with tcp_user(server.faces["ignoring"]) as user:
+            took = eof_within(user, 5.0)
+        assert 0.9 < took < 3.0, took         # --connect-timeout 1
+        wait_for(lambda: agent.resets and agent.resets[-1][1] == 3, what="RESET TIMEOUT")
+    finally:
+        agent.close()
+
+
+def test_agent_closing_its_tunnel_closes_its_users(server, echo_service):
+    agent = connect_agent(server, "gone", service=echo_service.port)
+    with tcp_user(server.faces["gone"]) as user:
+        user.sendall(b"x")
+        assert user.recv(1) == b"x"
+        agent.send_raw(mask_frame(0x8, struct.pack("!H", 1001) + b"agent stopping"))
+        assert eof_within(user, 3.0) < 1.0
+    server.proc.wait_log(r"agent gone \(127\.0\.0\.1:\d+\): agent closed the tunnel "
+                         r"\(1001 agent stopping\)")
+    agent.close()
+
+
+def test_agents_and_browsers_under_the_root_path(websockify, tmp_path, echo_service):
+    path = write_config(tmp_path, {"a": {"token": True}})
+    text = open(path).read().replace('path = "/tunnel/"', 'path = "/"')
+    open(path, "w").write(text)
+    proc, port = websockify("--tunnel-config", path, "--workers", "1", "{port}", env=LIVENESS)
+    server = Server(proc, port, {}, path)
+    agent = ScriptedAgent(port, "a", token=agent_token("a", SECRET), path="/",
+                          service=echo_service.port)
+    try:
+        assert agent.status == 101, agent.body
+        ws = RawWebSocket(port, path="/websockify?token=a")
+        assert ws.status == 101, ws.buffer
+        ws.send_binary(b"root")
+        assert ws.recv_data(4) == b"root"
+        ws.close()
+        assert _get(port, "/", "application/json")[0] == 200
+    finally:
+        agent.close()

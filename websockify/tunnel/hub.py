@@ -106,8 +106,15 @@ class TunnelHub:
     # -- routing (the handshake handler asks) -----------------------------------
 
     def is_agent_request(self, handler) -> bool:
+        """An upgrade under the tunnels' path that offers the tunnel subprotocol or
+        names a configured agent (a browser's session elsewhere under a short
+        path such as "/" stays a bridge session)."""
         path = urlsplit(handler.path).path
-        return path.startswith(self.path) and len(path) > len(self.path)
+        if not path.startswith(self.path) or len(path) == len(self.path):
+            return False
+        offered = handler.headers.get("sec-websocket-protocol", "")
+        return (SUBPROTOCOL in [p.strip() for p in offered.split(",")]
+                or self.registry.configured(path[len(self.path):]))
 
     def is_status_request(self, handler) -> bool:
         return handler.command in ("GET", "HEAD") and urlsplit(handler.path).path == self.path
