@@ -616,3 +616,11 @@ def test_an_ipv6_service(processes, peer, token_file):
         conn.close()
     finally:
         listener.close()
+
+
+def test_the_console_script():
+    script = os.path.join(os.path.dirname(PYTHON), "websockify-agent")
+    if not os.path.exists(script):
+        pytest.skip("not installed as a package here (no %s)" % script)
+    done = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout.split()[0]) == (0, "websockify-agent")
