@@ -624,3 +624,24 @@ def test_the_console_script():
         pytest.skip("not installed as a package here (no %s)" % script)
     done = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30)
     assert (done.returncode, done.stdout.split()[0]) == (0, "websockify-agent")
+
+
+def test_a_token_file_with_two_lines_is_not_sent(processes, peer, token_file):
+    agent = start_agent(processes, url(peer), "--token-file", token_file)
+    first = peer.accept()
+    with open(token_file, "w") as handle:
+        handle.write("one\ntwo\n")
+    first.refuse(401, "expired")
+    agent.wait_log(r"the token file \S+ does not hold one token \(whitespace or control "
+                   r"characters inside\); retrying in \d")
+    with open(token_file, "w") as handle:
+        handle.write("three\n")
+    assert peer.accept().headers.get("authorization") == "Bearer three"
+
+
+def test_a_stdin_line_that_is_not_a_token_is_ignored(processes, peer):
+    agent = start_agent(processes, url(peer), "--token-stdin", stdin=subprocess.PIPE)
+    agent.proc.stdin.write(b"two words\ngood\n")
+    agent.proc.stdin.flush()
+    assert peer.accept().headers.get("authorization") == "Bearer good"
+    assert "a line read from stdin is not a token" in agent.log()

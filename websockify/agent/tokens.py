@@ -23,6 +23,11 @@ class TokenError(Exception):
     """No token can be had right now (an unreadable or empty file)."""
 
 
+def is_token(text: str) -> bool:
+    """A bearer token is printable ASCII without spaces (a JWT is base64url and dots)."""
+    return bool(text) and all(0x21 <= ord(c) <= 0x7E for c in text)
+
+
 class TokenFile:
     """The token is the file's text with surrounding whitespace stripped."""
 
@@ -39,6 +44,9 @@ class TokenFile:
         token = raw.decode("utf-8", "replace").strip()
         if not token:
             raise TokenError("the token file %s is empty" % self.path)
+        if not is_token(token):
+            raise TokenError("the token file %s does not hold one token (whitespace or "
+                             "control characters inside)" % self.path)
         return token
 
     def wait(self) -> None:
@@ -65,6 +73,10 @@ class TokenStdin:
             for raw in stream:
                 token = raw.decode("utf-8", "replace").strip()
                 if not token:
+                    continue
+                if not is_token(token):
+                    log.error("a line read from stdin is not a token (whitespace or "
+                              "control characters inside): ignored")
                     continue
                 replaced = self._token is not None
                 self._token = token

@@ -234,6 +234,12 @@ class Agent:
                           server, _reason(exc), delay)
                 gevent.sleep(delay)
                 continue
+            except Exception:       # a bug: keep the agent dialing
+                delay = self.backoff.failed()
+                log.exception("cannot connect to %s: internal error; retrying in %.1f s",
+                              server, delay)
+                gevent.sleep(delay)
+                continue
             self.connections += 1
             connected_at = time.monotonic()
             log.info("connected to %s: tunnel up", server)
@@ -463,6 +469,9 @@ class Tunnel:
             pass
         except OSError as exc:
             self._end("connection lost: %s" % _reason(exc))
+        except Exception:       # a bug: end this tunnel, keep the agent
+            log.exception("internal error reading from the server")
+            self.close(1011, "agent internal error")
 
     def _on_data(self, chunk, opcode: int) -> None:
         if opcode == OP_TEXT:
@@ -558,6 +567,9 @@ class Tunnel:
                         return
         except OSError as exc:
             self._end("connection lost: %s" % _reason(exc))
+        except Exception:
+            log.exception("internal error writing to the server")
+            self._end("agent internal error")
 
     # -- liveness ------------------------------------------------------------
 
@@ -639,6 +651,10 @@ class Tunnel:
         except OSError as exc:
             self._abort(stream, "service connection: %s" % _reason(exc))
             return
+        except Exception:
+            log.exception("stream %d: internal error", sid)
+            self._abort(stream, "agent internal error", mux.ResetCode.INTERNAL)
+            return
         conn.end_stream(sid)
         wake.set()
         stream.reader_done = True
@@ -672,15 +688,20 @@ class Tunnel:
         except OSError as exc:
             self._abort(stream, "service connection: %s" % _reason(exc))
             return
+        except Exception:
+            log.exception("stream %d: internal error", sid)
+            self._abort(stream, "agent internal error", mux.ResetCode.INTERNAL)
+            return
         stream.writer_done = True
         if stream.reader_done:
             self._close_stream(stream)
 
-    def _abort(self, stream: _Stream, reason: str) -> None:
-        """The service side failed: RESET CANCEL to the server, close the stream."""
+    def _abort(self, stream: _Stream, reason: str,
+               code: mux.ResetCode = mux.ResetCode.CANCEL) -> None:
+        """The service side failed: RESET (CANCEL) to the server, close the stream."""
         log.debug("stream %d for %s: %s", stream.id, stream.peer, reason)
         if self.conn.is_open(stream.id):
-            self.conn.reset_stream(stream.id, mux.ResetCode.CANCEL, reason)
+            self.conn.reset_stream(stream.id, code, reason)
             self._wake.set()
         self._close_stream(stream)
 
