@@ -645,3 +645,48 @@ def test_a_stdin_line_that_is_not_a_token_is_ignored(processes, peer):
     agent.proc.stdin.flush()
     assert peer.accept().headers.get("authorization") == "Bearer good"
     assert "a line read from stdin is not a token" in agent.log()
+
+
+def test_a_stalled_stream_stops_only_itself(processes, peer, token_file):
+    size = 4 * 1024 * 1024
+    block = os.urandom(size)
+    source = socket.socket()
+    source.bind(("127.0.0.1", 0))
+    source.listen(4)
+
+    def serve():
+        for _ in range(2):
+            try:
+                conn, _ = source.accept()
+            except OSError:
+                return
+            threading.Thread(target=lambda c=conn: (c.sendall(block), c.close()),
+                             daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        start_agent(processes, url(peer), "--token-file", token_file,
+                    service="127.0.0.1:%d" % source.getsockname()[1])
+        conn = peer.accept()
+        conn.upgrade()
+        stalled = conn.open_stream(peer="127.0.0.1:1")
+        conn.event(mux.StreamAccepted, stalled)
+        bulk = conn.open_stream(peer="127.0.0.1:2")
+        conn.event(mux.StreamAccepted, bulk)
+        # The bulk stream's bytes are consumed (credit returned); the stalled
+        # one's never are.  The agent must not send past the stalled window
+        # (the peer's mux would raise a protocol error) nor hold up the bulk one.
+        assert conn.received(bulk, size) == block
+        conn.event(mux.StreamEnded, bulk)
+        def stalled_bytes():
+            return sum(len(e.data) for e in conn.events
+                       if isinstance(e, mux.DataReceived) and e.stream_id == stalled)
+        conn.pump_until(lambda: stalled_bytes() >= mux.DEFAULT_WINDOW, what="a full window")
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            conn.read_once(0.05)
+        assert stalled_bytes() == mux.DEFAULT_WINDOW
+        # Credit for the stalled stream lets the rest through.
+        assert conn.received(stalled, size) == block
+        conn.close()
+    finally:
+        source.close()
