@@ -46,7 +46,7 @@ def write_config(directory, agents):
     return str(path)
 
 
-IDS = ("tcp", "bridge", "refusing", "expired", "stdin", "bulk", "restart", "twice", "novnc")
+IDS = ("tcp", "bridge", "refusing", "expired", "stdin", "bulk", "restart", "twice", "novnc", "many")
 
 
 class Rendezvous:
@@ -130,6 +130,30 @@ def test_tcp_face_through_the_agent_exact_bytes_and_half_close(processes, server
         assert transfer(server.faces["tcp"], payload) == payload
     assert echo.accepted == 4
     assert agent.log().count("tunnel up") == 1
+
+
+def test_sixty_four_users_at_once_through_one_agent(processes, server, echo):
+    agent = start_agent(processes, server.url("many"), echo.port,
+                        "--token-file", server.token_file("many"))
+    connected(server, agent, "many")
+    # 64: the server's limit of unanswered opens per agent (more at once may
+    # be refused before the agent answers, by design).
+    payloads = [pattern(300000 + 997 * n)[n:] for n in range(64)]
+    results = [None] * len(payloads)
+
+    def user(index):
+        try:
+            results[index] = transfer(server.faces["many"], payloads[index])
+        except OSError as exc:
+            results[index] = exc
+    threads = [threading.Thread(target=user, args=(n,)) for n in range(len(payloads))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    bad = [(n, type(r).__name__, len(r) if isinstance(r, bytes) else r, len(p)) for n, (r, p) in enumerate(zip(results, payloads)) if r != p]
+    assert not bad
+    assert echo.accepted == len(payloads)
 
 
 def test_bridge_face_session_through_the_agent(processes, server, echo):

@@ -20,6 +20,7 @@ A ``Tunnel`` is one WebSocket to the server and four kinds of greenlets:
   its window in each direction, whatever the service or the user does.
 """
 
+import ipaddress
 import logging
 import os
 import re
@@ -130,6 +131,25 @@ def build_tls_context(config) -> Optional[ssl.SSLContext]:
             raise AgentSetupError("cannot load the client certificate %s: %s"
                                   % (config.client_cert, describe_error(exc))) from None
     return context
+
+
+def connect_tcp(address: Tuple[str, int], timeout: float) -> socket.socket:
+    """A TCP connection within ``timeout``.  An IP address is connected at
+    once; only a name goes through the resolver (gevent's runs getaddrinfo in
+    a thread, a hand-off per stream that many opens at once would queue on)."""
+    host, port = address
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return gsocket.create_connection((host, port), timeout=timeout)
+    sock = gsocket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _reason(exc: BaseException) -> str:
@@ -279,8 +299,7 @@ class Agent:
         cfg = self.config
         server = cfg.server
         deadline = time.monotonic() + cfg.connect_timeout
-        sock = gsocket.create_connection((server.host, server.port),
-                                         timeout=cfg.connect_timeout)
+        sock = connect_tcp((server.host, server.port), cfg.connect_timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls is not None:
@@ -594,9 +613,8 @@ class Tunnel:
         cfg = self.config
         conn = self.conn
         peer = str(meta.get("peer", "?"))[:100]
-        host, port = cfg.service
         try:
-            sock = gsocket.create_connection((host, port), timeout=cfg.connect_timeout)
+            sock = connect_tcp(cfg.service, cfg.connect_timeout)
         except socket.timeout:
             self._refuse(stream_id, peer, mux.ResetCode.TIMEOUT,
                          "service did not answer within %g s" % cfg.connect_timeout)
