@@ -151,8 +151,9 @@ def test_sixty_four_users_at_once_through_one_agent(processes, server, echo):
         thread.start()
     for thread in threads:
         thread.join(120)
-    bad = [(n, type(r).__name__, len(r) if isinstance(r, bytes) else r, len(p)) for n, (r, p) in enumerate(zip(results, payloads)) if r != p]
-    assert not bad
+    wrong = [(n, len(got) if isinstance(got, bytes) else got, len(sent))
+             for n, (got, sent) in enumerate(zip(results, payloads)) if got != sent]
+    assert not wrong
     assert echo.accepted == len(payloads)
 
 

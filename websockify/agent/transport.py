@@ -1,4 +1,4 @@
-"""The agent's I/O (gevent): dial the server, carry the mux over its WebSocket, one service connection per stream.
+"""The agent's I/O (gevent): the WebSocket to the server, the mux on it, a connection per stream.
 
 ``Agent.run`` loops forever: take a token, dial (TCP, TLS verified against
 the system CAs or --ca-cert, the opening handshake with subprotocol
@@ -68,8 +68,6 @@ _BODY_LIMIT = 2048          # bytes of a refusal's body read for the log
 SENT_AWAY = (1000, 1008)
 
 _CONTENT_LENGTH = re.compile(rb"\r?\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
-
-
 _HEADER_16 = struct.Struct("!BBH4s").pack_into
 _HEADER_64 = struct.Struct("!BBQ4s").pack_into
 
