@@ -16,9 +16,10 @@ import time
 
 import pytest
 
-from tests.helpers import PYTHON, free_port, wait_for
+from tests.helpers import PYTHON, free_port, ipv6_available, wait_for
 from tests.tunnel_peer import PeerListener
 from websockify.protocol import mux
+from websockify.protocol.frames import OP_CLOSE, close_payload, encode_frame
 
 AGENT = [PYTHON, "-m", "websockify.agent"]
 
@@ -379,11 +380,15 @@ def test_a_dropped_tunnel_is_redialed_with_back_off(processes, peer, token_file)
     assert agent.log().count("tunnel up") == 3
 
 
-def test_a_silent_server_is_dead_and_redialed(processes, peer, token_file):
+def test_a_silent_server_is_dead_and_redialed(processes, peer, token_file, service):
     agent = start_agent(processes, url(peer), "--token-file", token_file,
-                        "--ping-interval", "0.2", "--dead-after", "1")
+                        "--ping-interval", "0.2", "--dead-after", "1",
+                        service="127.0.0.1:%d" % service.port)
     conn = peer.accept()
     conn.upgrade()
+    stream = conn.open_stream()
+    conn.event(mux.StreamAccepted, stream)
+    conn.received(stream, 23)
     # The server reads (and counts the agent's pings) but never answers them.
     conn.conn.ping = None
     deadline = time.monotonic() + 5
@@ -404,6 +409,9 @@ def test_a_silent_server_is_dead_and_redialed(processes, peer, token_file):
     assert conn.close_code == 1011
     agent.wait_log(r"the server has been silent for 1 s: it is dead")
     agent.wait_log(r"tunnel closed: peer silent for 1 s; reconnecting in")
+    # Its stream's service connection is closed with it.
+    wait_for(lambda: service.ended == 1, what="the service connection closed")
+    assert "1 stream(s) closed with the tunnel" in agent.log()
     peer.accept().close()
 
 
@@ -481,3 +489,130 @@ def test_sigterm_while_waiting_for_a_token_exits_0(processes, peer):
     agent.signal(signal.SIGTERM)
     assert agent.wait(10) == 0
     assert peer.accepted == 0
+
+
+def test_replaced_or_removed_waits_the_cap_a_restart_does_not(processes, peer, token_file):
+    agent = start_agent(processes, url(peer), "--token-file", token_file)
+    for code, reason in ((1000, "replaced by a new connection"),
+                         (1008, "agent removed from the configuration")):
+        conn = peer.accept()
+        conn.upgrade()
+        conn.sock.sendall(encode_frame(OP_CLOSE, close_payload(code, reason)))
+        agent.wait_log(r"tunnel closed: the server closed the tunnel \(%d: %s\); reconnecting "
+                       r"in 1\.0 s" % (code, reason))
+        # The agent answers the close with the same code.
+        conn.pump_until(lambda: conn.close_code is not None, what="the close answer")
+        assert conn.close_code == code
+        conn.close()
+    conn = peer.accept()
+    conn.upgrade()
+    conn.sock.sendall(encode_frame(OP_CLOSE, close_payload(1001, "server restarting")))
+    line = agent.wait_log(r"tunnel closed: the server closed the tunnel \(1001: server "
+                          r"restarting\); reconnecting in (\d\.\d) s")
+    # Jittered under the ceiling of the third failure in a row (the cap, 1 s here).
+    assert float(line.group(1)) <= 1.0
+    conn.close()
+    peer.accept().close()
+
+
+def test_a_service_that_does_not_answer_is_reset_timeout(processes, peer, token_file):
+    # A listener whose backlog is full: the kernel drops further SYNs.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(silent.getsockname())
+            fillers.append(filler)
+        start_agent(processes, url(peer), "--token-file", token_file, "--connect-timeout",
+                    "0.5", service="127.0.0.1:%d" % silent.getsockname()[1])
+        conn = peer.accept()
+        conn.upgrade()
+        stream = conn.open_stream()
+        started = time.monotonic()
+        reset = conn.event(mux.StreamReset, stream)
+        assert (reset.code, reset.reason) == (mux.ResetCode.TIMEOUT,
+                                              "service did not answer within 0.5 s")
+        assert 0.4 < time.monotonic() - started < 3.0
+        conn.close()
+    finally:
+        for filler in fillers:
+            filler.close()
+        silent.close()
+
+
+def test_messages_split_across_reads_and_fragments_arrive_whole(processes, peer, service,
+                                                                token_file):
+    start_agent(processes, url(peer), "--token-file", token_file,
+                service="127.0.0.1:%d" % service.port)
+    conn = peer.accept()
+    conn.upgrade()
+    stream = conn.open_stream()
+    conn.event(mux.StreamAccepted, stream)
+    conn.received(stream, 23)
+    first, second = os.urandom(16384), os.urandom(16384)
+    message = (mux.HEADER.pack(mux.FrameType.DATA, stream, len(first)) + first
+               + mux.HEADER.pack(mux.FrameType.DATA, stream, len(second)) + second)
+    # One message, its frame's bytes in two writes with a pause between.
+    wire = encode_frame(0x2, message)
+    conn.sock.sendall(wire[:5000])
+    time.sleep(0.2)
+    conn.sock.sendall(wire[5000:])
+    assert conn.received(stream, len(message) - 14) == first + second
+    # One message in three WebSocket fragments, the second alone in its read.
+    third = os.urandom(3000)
+    message = mux.HEADER.pack(mux.FrameType.DATA, stream, len(third)) + third
+    conn.sock.sendall(bytes((0x02, 126)) + (1000).to_bytes(2, "big") + message[:1000])
+    time.sleep(0.2)
+    conn.sock.sendall(bytes((0x00, 126)) + (1000).to_bytes(2, "big") + message[1000:2000])
+    time.sleep(0.2)
+    rest = message[2000:]
+    conn.sock.sendall(bytes((0x80, 126)) + len(rest).to_bytes(2, "big") + rest)
+    assert conn.received(stream, len(third)) == third
+    assert bytes(service.received[0]) == first + second + third
+    conn.close()
+
+
+def test_log_file_and_its_reopening(processes, peer, token_file, tmp_path):
+    log_path = tmp_path / "agent.log"
+    agent = start_agent(processes, url(peer), "--token-file", token_file,
+                        "--log-file", log_path)
+    conn = peer.accept()
+    conn.upgrade()
+    wait_for(lambda: log_path.exists() and "tunnel up" in log_path.read_text(),
+             what="the log file")
+    assert "tunnel up" not in agent.log()        # not on stderr
+    os.rename(log_path, str(log_path) + ".1")
+    agent.signal(signal.SIGUSR1)
+    wait_for(log_path.exists, what="the log file reopened")
+    conn.close()
+    wait_for(lambda: log_path.exists() and "tunnel closed" in log_path.read_text(),
+             what="the reopened log file")
+    assert "tunnel closed" not in open(str(log_path) + ".1").read()
+    peer.accept().close()
+
+
+def test_an_ipv6_service(processes, peer, token_file):
+    if not ipv6_available():
+        pytest.skip("no IPv6 loopback here")
+    listener = socket.socket(socket.AF_INET6)
+    listener.bind(("::1", 0))
+    listener.listen(1)
+    try:
+        start_agent(processes, url(peer), "--token-file", token_file,
+                    service="[::1]:%d" % listener.getsockname()[1])
+        conn = peer.accept()
+        conn.upgrade()
+        stream = conn.open_stream()
+        conn.event(mux.StreamAccepted, stream)
+        listener.settimeout(5)
+        accepted, _ = listener.accept()
+        accepted.sendall(b"over ::1")
+        assert conn.received(stream, 8) == b"over ::1"
+        accepted.close()
+        conn.close()
+    finally:
+        listener.close()

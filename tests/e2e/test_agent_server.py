@@ -46,7 +46,7 @@ def write_config(directory, agents):
     return str(path)
 
 
-IDS = ("tcp", "bridge", "refusing", "expired", "stdin", "bulk", "restart")
+IDS = ("tcp", "bridge", "refusing", "expired", "stdin", "bulk", "restart", "twice", "novnc")
 
 
 class Rendezvous:
@@ -146,6 +146,38 @@ def test_bridge_face_session_through_the_agent(processes, server, echo):
         ws.close()
 
 
+def _rfb_like(conn):
+    """A VNC-shaped service: version exchange, then a 'framebuffer' for the client."""
+    with conn:
+        conn.sendall(b"RFB 003.008\n")
+        got = b""
+        while len(got) < 12:
+            got += conn.recv(12 - len(got))
+        assert got == b"RFB 003.008\n"
+        conn.sendall(b"\x01\x01" + pattern(1 << 20))
+        conn.recv(1)
+
+
+def test_a_novnc_style_session_through_the_agent(processes, server):
+    service = Service(_rfb_like)
+    try:
+        agent = start_agent(processes, server.url("novnc"), service.port,
+                            "--token-file", server.token_file("novnc"))
+        connected(server, agent, "novnc")
+        # noVNC's path form: websockify?token=..., subprotocol binary.
+        ws = RawWebSocket(server.port, path="/websockify?token=novnc", protocols="binary")
+        try:
+            assert ws.status == 101, ws.buffer
+            assert ws.headers.get("sec-websocket-protocol") == "binary"
+            assert ws.recv_data(12) == b"RFB 003.008\n"
+            ws.send_binary(b"RFB 003.008\n")
+            assert ws.recv_data(2 + (1 << 20)) == b"\x01\x01" + pattern(1 << 20)
+        finally:
+            ws.close()
+    finally:
+        service.close()
+
+
 def test_a_refusing_service_is_a_502_on_the_bridge(processes, server):
     agent = start_agent(processes, server.url("refusing"), free_port(),
                         "--token-file", server.token_file("refusing"))
@@ -173,6 +205,20 @@ def test_an_id_not_in_the_config_is_refused_403(processes, server, echo):
     agent = start_agent(processes, server.url("nobody"), echo.port,
                         "--token-file", server.token_file("nobody"))
     agent.wait_log(r"the server refused the agent: 403 Forbidden[^\n]*; retrying in 1\.0 s")
+
+
+def test_a_second_agent_for_the_id_replaces_the_first_which_waits(processes, server, echo):
+    token = server.token_file("twice")
+    first = start_agent(processes, server.url("twice"), echo.port, "--token-file", token)
+    connected(server, first, "twice")
+    second = start_agent(processes, server.url("twice"), echo.port, "--token-file", token)
+    second.wait_log(r"tunnel up")
+    first.wait_log(r"the server is going away \(1000: replaced by a new connection\): no new "
+                   r"streams")
+    first.wait_log(r"tunnel closed: the server closed the tunnel \(1000: replaced by a new "
+                   r"connection\); reconnecting in 1\.0 s")
+    payload = pattern(100000)
+    assert transfer(server.faces["twice"], payload) == payload
 
 
 def test_token_stdin_against_the_server(processes, server, echo):

@@ -74,3 +74,34 @@ def test_tls_options_need_wss():
     with pytest.raises(UsageError, match="need a wss://"):
         parse_args(["--service", "h:1", "--server", "ws://h/t/a", "--token-stdin",
                     "--ca-cert", "ca.pem"])
+
+
+@pytest.mark.parametrize("sizes", [[0], [1, 125], [126, 65535], [65536, 3], [70000]])
+def test_masked_messages_parse_back_with_a_key_each(sizes):
+    import os
+    from websockify.agent.transport import mask_messages
+    from websockify.protocol.frames import FrameParser
+    messages = [os.urandom(n) for n in sizes]
+    got, current, keys = [], bytearray(), []
+
+    def on_data(chunk, opcode):
+        assert opcode == 2
+        current.extend(chunk)
+
+    def on_end(opcode):
+        got.append(bytes(current))
+        current.clear()
+    parser = FrameParser(on_data, lambda *a: None, on_message_end=on_end)
+    wire = bytes(mask_messages(messages))
+    parser.feed(wire)
+    assert got == messages
+    # Every frame is masked, each with a key of its own.
+    pos = 0
+    for message in messages:
+        length = wire[pos + 1] & 0x7F
+        assert wire[pos] == 0x82 and wire[pos + 1] & 0x80
+        size = {126: 4, 127: 10}.get(length, 2)
+        keys.append(wire[pos + size:pos + size + 4])
+        pos += size + 4 + len(message)
+    assert pos == len(wire)
+    assert len(set(keys)) == len(keys)

@@ -25,9 +25,10 @@ import os
 import re
 import socket
 import ssl
+import struct
 import time
 from collections import deque
-from typing import Deque, Dict, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 import gevent
 from gevent import socket as gsocket
@@ -42,7 +43,7 @@ from websockify.net.tls import describe_error
 from websockify.protocol import mux
 from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT,
                                         FrameParser, close_payload, encode_client_frame,
-                                        parse_close_payload)
+                                        parse_close_payload, unmask_into)
 from websockify.protocol.handshake import (HEADER_LIMIT, check_client_response, client_key,
                                            client_request, head_end)
 
@@ -59,7 +60,45 @@ _RECV = 256 * 1024
 _CLOSE_WAIT = 1.0           # seconds the close frame gets to go out at the end
 _BODY_LIMIT = 2048          # bytes of a refusal's body read for the log
 
+#: Close codes from the server after which the agent waits the back-off cap:
+#: 1000 (the server's "replaced by a new connection" for this ID) and 1008
+#: (the agent was removed from the configuration).  1001 (the server
+#: restarting) and the others are retried as any lost connection.
+SENT_AWAY = (1000, 1008)
+
 _CONTENT_LENGTH = re.compile(rb"\r?\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+
+
+_HEADER_16 = struct.Struct("!BBH4s").pack_into
+_HEADER_64 = struct.Struct("!BBQ4s").pack_into
+
+
+def mask_messages(messages: List[bytes]) -> bytearray:
+    """Binary messages as masked client frames, all in one buffer.
+
+    Each message gets its own random key (one os.urandom call for all of
+    them) and is masked in place: one copy of the payload, no per-frame
+    bytes objects to join (encode_client_frame's result, for the bulk path).
+    """
+    keys = os.urandom(4 * len(messages))
+    out = bytearray()
+    for index, message in enumerate(messages):
+        length = len(message)
+        key = keys[4 * index:4 * index + 4]
+        start = len(out)
+        if length < 126:
+            out += bytes((0x80 | OP_BINARY, 0x80 | length))
+            out += key
+        elif length < 65536:
+            out += bytes(8)
+            _HEADER_16(out, start, 0x80 | OP_BINARY, 0x80 | 126, length, key)
+        else:
+            out += bytes(14)
+            _HEADER_64(out, start, 0x80 | OP_BINARY, 0x80 | 127, length, key)
+        begin = len(out)
+        out += message
+        unmask_into(out, begin, begin + length, key)
+    return out
 
 
 class AgentSetupError(Exception):
@@ -198,14 +237,21 @@ class Agent:
             self.connections += 1
             connected_at = time.monotonic()
             log.info("connected to %s: tunnel up", server)
-            self.tunnel = Tunnel(self, sock, rest)
+            tunnel = self.tunnel = Tunnel(self, sock, rest)
             try:
-                reason = self.tunnel.run()
+                reason = tunnel.run()
             finally:
                 self.tunnel = None
             if self.stopping:
                 break
-            delay = self.backoff.disconnected(time.monotonic() - connected_at)
+            connected_for = time.monotonic() - connected_at
+            if tunnel.server_close_code in SENT_AWAY:
+                # Replaced by another agent with this ID, or removed from the
+                # configuration: coming straight back would only flap.
+                self.backoff.disconnected(connected_for)
+                delay = self.backoff.refused()
+            else:
+                delay = self.backoff.disconnected(connected_for)
             log.warning("tunnel closed: %s; reconnecting in %.1f s", reason, delay)
             gevent.sleep(delay)
         return EXIT_OK
@@ -332,11 +378,13 @@ class Tunnel:
         self.parser = FrameParser(self._on_data, self._on_control, max_frame_size=MAX_MESSAGE,
                                   expect_masked=False, on_message_end=self._on_message_end)
         self.streams: Dict[int, _Stream] = {}
-        self._message = bytearray()
+        self._message = bytearray()     # a message arriving over several chunks
+        self._view = None               # or its first chunk, still in the read buffer
         self._ws_out: list = []       # pongs and the close frame, sent before mux data
         self._wake = Event()
         self._done = Event()
         self._close_queued = False
+        self.server_close_code: Optional[int] = None   # the code of the server's close frame
         self.reason = ""
         self._greenlets: list = []
 
@@ -392,6 +440,7 @@ class Tunnel:
             if self._rest:
                 self.live.heard(time.monotonic())
                 self.parser.feed(self._rest)
+                self._keep_partial()
                 self._rest = b""
             buf = bytearray(_RECV)
             parser = self.parser
@@ -404,6 +453,8 @@ class Tunnel:
                     return
                 live.heard(monotonic())
                 parser.feed_buffer(buf, n)
+                if self._view is not None:
+                    self._keep_partial()
         except WebSocketError as exc:
             log.error("protocol error from the server: %s (closing with %d)",
                       exc.reason, exc.close_code)
@@ -416,9 +467,22 @@ class Tunnel:
     def _on_data(self, chunk, opcode: int) -> None:
         if opcode == OP_TEXT:
             raise mux.MuxProtocolError("a text message (the mux is binary messages only)")
+        if self._view is None and not self._message:
+            # Most messages are one chunk of the read buffer: no copy of it.
+            self._view = chunk
+            return
+        if self._view is not None:
+            self._message += self._view
+            self._view = None
         self._message += chunk
         if len(self._message) > MAX_MESSAGE:
             raise mux.MuxProtocolError("a message over %d bytes" % MAX_MESSAGE)
+
+    def _keep_partial(self) -> None:
+        """The read buffer is about to be reused: copy a message's first chunk out of it."""
+        if self._view is not None:
+            self._message += self._view
+            self._view = None
 
     def _on_control(self, opcode: int, payload: bytes) -> None:
         if opcode == OP_PING:
@@ -426,6 +490,7 @@ class Tunnel:
             self._wake.set()
         elif opcode == OP_CLOSE:
             code, reason = parse_close_payload(payload)
+            self.server_close_code = code
             self._send_close(code if code is not None else 1000, "")
             self._end("the server closed the tunnel (%s%s)"
                       % (code if code is not None else "no code",
@@ -433,8 +498,12 @@ class Tunnel:
             raise _Ended()
 
     def _on_message_end(self, opcode: int) -> None:
-        message = self._message
-        self._message = bytearray()
+        if self._view is not None:
+            message = self._view
+            self._view = None
+        else:
+            message = self._message
+            self._message = bytearray()
         for event in self.conn.receive_message(message):
             kind = type(event)
             if kind is mux.DataReceived:
@@ -471,7 +540,6 @@ class Tunnel:
         sock = self.sock
         conn = self.conn
         wake = self._wake
-        urandom = os.urandom
         try:
             while True:
                 wake.wait()
@@ -480,19 +548,16 @@ class Tunnel:
                     frames = self._ws_out
                     self._ws_out = []
                     closing = self._close_queued
-                    if not closing:
-                        for message in conn.data_to_send(WRITE_BATCH):
-                            frames.append(encode_client_frame(OP_BINARY, message, urandom(4)))
-                    if not frames:
+                    messages = [] if closing else conn.data_to_send(WRITE_BATCH)
+                    if not frames and not messages:
                         break
+                    if messages:
+                        frames.append(mask_messages(messages))
                     sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
                     if closing:
                         return
         except OSError as exc:
             self._end("connection lost: %s" % _reason(exc))
-
-    def _wake_writer(self) -> None:
-        self._wake.set()
 
     # -- liveness ------------------------------------------------------------
 
@@ -595,8 +660,11 @@ class Tunnel:
                     sock.shutdown(socket.SHUT_WR)
                     break
                 # What else is queued goes in the same write (at most the window).
-                while out and out[0] is not None:
-                    data += out.popleft()
+                if out and out[0] is not None:
+                    pieces = [data]
+                    while out and out[0] is not None:
+                        pieces.append(out.popleft())
+                    data = b"".join(pieces)
                 sock.sendall(data)
                 conn.consumed(sid, len(data))
                 if conn.has_data_to_send():
