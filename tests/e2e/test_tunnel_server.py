@@ -825,3 +825,22 @@ def test_agents_and_browsers_under_the_root_path(websockify, tmp_path, echo_serv
         assert _get(port, "/", "application/json")[0] == 200
     finally:
         agent.close()
+
+
+def test_real_agent_over_wss_with_its_client_certificate(websockify, processes, tmp_path,
+                                                         pki, echo_service):
+    """reverse_websockify's deployment (config.toml, mTLS) with both ends ours."""
+    from tests.helpers import PYTHON
+    face = free_port()
+    path = tmp_path / "config.toml"
+    path.write_text('[remote_service.alice]\nnickname = "Bus02"\n'
+                    'local_listen_endpoint = "127.0.0.1:%d"\n' % face)
+    proc, port = websockify("--cert", pki.server.pem, "--verify-client", "--cafile",
+                            pki.ca.cert, "--tunnel-config", str(path), "--workers", "1",
+                            "{port}", env=LIVENESS)
+    processes([PYTHON, "-m", "websockify.agent", "--service", "127.0.0.1:%d" % echo_service.port,
+               "--server", "wss://127.0.0.1:%d/forward_to_me/alice" % port,
+               "--client-cert", pki.alice.cert, "--client-key", pki.alice.key,
+               "--ca-cert", pki.ca.cert], name="agent-alice")
+    proc.wait_log(r"agent alice connected from")
+    echo_check(face, pattern(1024 * 1024 + 1))

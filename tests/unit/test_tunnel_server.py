@@ -174,3 +174,32 @@ def test_agent_response_answers_the_subprotocol():
     assert head == (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
                     b"Sec-WebSocket-Protocol: websockify-tunnel.v1\r\n\r\n")
+
+
+def test_registry_claims_exclude_each_other_across_processes(tmp_path):
+    """Forked processes racing for one ID with refuse: exactly one wins each round."""
+    import os
+    registry = Registry(4, str(tmp_path / "lock"))
+    registry.configure(["race"])
+    rounds = 30
+    children = []
+    for worker in (1, 2, 3):
+        pid = os.fork()
+        if pid == 0:
+            wins = 0
+            for number in range(rounds):
+                claim = registry.claim("race", os.getpid(), worker, "w%d" % worker, 0.0,
+                                       refuse=True)
+                if claim.taken:
+                    wins += 1
+                    registry.release("race", os.getpid(), claim.serial)
+            os._exit(min(wins, 250))
+        children.append(pid)
+    total = 0
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        total += os.WEXITSTATUS(status)
+    assert registry.holder("race") == 0
+    # Every win took a new serial: none was lost to a torn read-modify-write.
+    assert registry.serial("race") == total
+    assert [r["connects"] for r in registry.snapshot()] == [total]

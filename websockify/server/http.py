@@ -396,6 +396,8 @@ class Handler(WebSocketHandler):
             key3 = self._read_key3()
             if key3 is None:
                 return
+            # Read past the head: a hand-off to another worker sends it along.
+            self.rfile.buffer = key3 + self.rfile.buffer
         if agent_id is not None:
             session = tunnels.bridge_target(self, agent_id)   # may raise 502/503/504
             if session is tunnels.handed_off:
@@ -446,6 +448,8 @@ class Handler(WebSocketHandler):
         self.headers_sent = True
         self.close_connection = True
         early = self.rfile.take_buffer()
+        if accept.needs_key3:
+            early = early[8:]       # key3, answered in the 101
         client = self._detach()
         self.server.service.start_session(session, client, early, self, accept.codec)
 
