@@ -1,7 +1,7 @@
 """The server side of a tunnel, for agent tests: a real listener speaking the
 rendezvous' half of the handshake and of the mux with the pure protocol pieces.
 
-``PeerListener(tls_context=None)`` listens on 127.0.0.1; ``accept()`` returns a
+``PeerListener(tls_context=None, host="127.0.0.1")`` listens on loopback; ``accept()`` returns a
 ``PeerConnection`` once a client's request head is read (its path and
 headers are there to check); the test then answers ``refuse(status, text)``
 or ``upgrade()``, after which ``open_stream``, ``send``, ``end`` and
@@ -21,10 +21,11 @@ from websockify.protocol.handshake import RequestHeaders, accept_key, head_end, 
 
 
 class PeerListener:
-    def __init__(self, tls_context: Optional[ssl.SSLContext] = None):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    def __init__(self, tls_context: Optional[ssl.SSLContext] = None, host: str = "127.0.0.1"):
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                  socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((host, 0))
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
         self.tls = tls_context

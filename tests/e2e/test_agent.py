@@ -690,3 +690,18 @@ def test_a_stalled_stream_stops_only_itself(processes, peer, token_file):
         conn.close()
     finally:
         source.close()
+
+
+def test_an_ipv6_server_url(processes, token_file):
+    if not ipv6_available():
+        pytest.skip("no IPv6 loopback here")
+    listener = PeerListener(host="::1")
+    try:
+        start_agent(processes, "ws://[::1]:%d/tunnel/six" % listener.port,
+                    "--token-file", token_file)
+        conn = listener.accept()
+        assert conn.headers.get("host") == "[::1]:%d" % listener.port
+        assert conn.path == "/tunnel/six"
+        conn.close()
+    finally:
+        listener.close()
