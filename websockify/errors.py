@@ -90,6 +90,22 @@ class MessageTooBig(WebSocketError):
     close_code = 1009
 
 
+class TunnelHandshakeError(Exception):
+    """A server did not accept the tunnel agent's upgrade.
+
+    ``status`` is the HTTP status the server answered (0 when the answer is
+    not HTTP), ``reason`` its reason text from the status line; ``problem``
+    says what was wrong with a 101 (or with an answer that is not HTTP).
+    """
+
+    def __init__(self, status: int, reason: str, problem: Optional[str] = None):
+        text = ("%d %s" % (status, reason)).rstrip() if status else "no HTTP status"
+        super().__init__(text + (": " + problem if problem else ""))
+        self.status = status
+        self.reason = reason
+        self.problem = problem
+
+
 class UsageError(Exception):
     """A command line (or library call) that cannot run: exit EXIT_USAGE."""
 

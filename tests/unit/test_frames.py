@@ -772,3 +772,75 @@ def test_feed_buffer_unmasks_in_place_and_keeps_split_headers():
             parser.feed_buffer(buf, len(piece))
             # what the caller keeps must be copied before the buffer is reused
         assert collector.data == expected, read_size
+
+
+# -- the client side (the tunnel agent) -----------------------------------------
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536, 70001])
+def test_encode_client_frame_matches_the_reference_and_parses(length):
+    payload = os.urandom(length)
+    frame = ws.encode_client_frame(OP_BINARY, payload, KEY)
+    assert frame == mask_frame(OP_BINARY, payload, key=KEY)
+    parser, got = feed_all(frame)            # a server's parser: masked required
+    assert got.data == payload and got.data_opcodes == {OP_BINARY}
+
+
+def test_encode_client_frame_header_bytes():
+    assert ws.encode_client_frame(OP_TEXT, b"", b"\x00\x00\x00\x00") == b"\x81\x80\x00\x00\x00\x00"
+    frame = ws.encode_client_frame(OP_CLOSE, close_payload(1000), KEY)
+    assert frame[:2] == b"\x88\x82" and frame[2:6] == KEY
+    assert naive_unmask(frame[6:], KEY) == b"\x03\xe8"
+    assert ws.encode_client_frame(OP_BINARY, b"x" * 200, KEY)[:4] == b"\x82\xfe\x00\xc8"
+    assert ws.encode_client_frame(OP_BINARY, b"x" * 65536, KEY)[:10] == \
+        b"\x82\xff" + struct.pack("!Q", 65536)
+
+
+def test_encode_client_frame_takes_any_bytes_like():
+    data = bytearray(b"hello world")
+    assert ws.encode_client_frame(OP_BINARY, memoryview(data), KEY) == \
+        ws.encode_client_frame(OP_BINARY, bytes(data), KEY)
+    with pytest.raises(ValueError):
+        ws.encode_client_frame(OP_BINARY, b"x", b"abc")
+
+
+@given(payload=st.binary(max_size=3000), key=st.binary(min_size=4, max_size=4),
+       opcode=st.sampled_from([OP_TEXT, OP_BINARY, OP_PING]))
+def test_encode_client_frame_round_trip(payload, key, opcode):
+    if opcode == OP_PING:
+        payload = payload[:125]
+    if opcode == OP_TEXT:
+        payload = payload.decode("latin-1").encode("utf-8")
+    _, got = feed_all(ws.encode_client_frame(opcode, payload, key))
+    if opcode == OP_PING:
+        assert got.controls == [(OP_PING, payload)]
+    else:
+        assert got.data == payload
+
+
+def test_parser_for_server_frames():
+    stream = (encode_frame(OP_BINARY, b"abc") + encode_frame(OP_PING, b"p")
+              + ws.frame_header(2, OP_TEXT, False) + b"de" + encode_frame(OP_CONTINUATION, b"f")
+              + encode_frame(OP_BINARY, os.urandom(70000)))
+    for splits in (None, range(1, len(stream))):
+        parser, got = feed_all(stream, splits, expect_masked=False)
+        merged = got.merged()
+        assert merged[:4] == [("data", b"abc", OP_BINARY), ("control", OP_PING, b"p"),
+                              ("data", b"def", OP_TEXT), merged[3]]
+        assert len(merged[3][1]) == 70000
+
+
+@pytest.mark.parametrize("frame", [mask_frame(OP_BINARY, b"abc"), mask_frame(OP_PING, b""),
+                                   mask_frame(OP_BINARY, b"x" * 300)],
+                         ids=["data", "control", "16-bit length"])
+def test_a_masked_server_frame_is_a_protocol_error(frame):
+    for bytewise in (False, True):
+        error = expect_error(frame, ProtocolError, 1002, bytewise=bytewise, expect_masked=False)
+        assert "server frame is masked" in str(error)
+
+
+def test_expect_masked_false_ignores_require_mask():
+    _, got = feed_all(encode_frame(OP_BINARY, b"ok"), expect_masked=False, require_mask=True)
+    assert got.data == b"ok"
+    expect_error(mask_frame(OP_BINARY, b"no"), ProtocolError, 1002, expect_masked=False,
+                 require_mask=False)

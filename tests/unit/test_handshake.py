@@ -205,3 +205,130 @@ def test_arbitrary_header_blocks_parse_or_refuse_with_400(block):
         assert exc.status == 400
     else:
         assert isinstance(result, Accept)
+
+
+# -- the client side (the tunnel agent's upgrade) ----------------------------------
+
+from websockify.errors import TunnelHandshakeError  # noqa: E402
+from websockify.protocol.handshake import (check_client_response, client_key,  # noqa: E402
+                                           client_request)
+
+SUB = "websockify-tunnel.v1"
+
+
+def answer(*lines: str) -> bytes:
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+GOOD = ("HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
+        "Sec-WebSocket-Accept: " + RFC_ACCEPT, "Sec-WebSocket-Protocol: " + SUB)
+
+
+def test_client_request_head():
+    head = client_request("rendezvous.example:8443", "/tunnel/LKLAFA151NA774655", RFC_KEY, SUB,
+                          [("Authorization", "Bearer a.b.c"), ("User-Agent", "websockify-agent")])
+    assert head == (b"GET /tunnel/LKLAFA151NA774655 HTTP/1.1\r\n"
+                    b"Host: rendezvous.example:8443\r\n"
+                    b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"Sec-WebSocket-Version: 13\r\n"
+                    b"Sec-WebSocket-Protocol: websockify-tunnel.v1\r\n"
+                    b"Authorization: Bearer a.b.c\r\nUser-Agent: websockify-agent\r\n\r\n")
+    assert client_request("h", "/", RFC_KEY, None, []).count(b"Protocol") == 0
+
+
+def test_our_server_accepts_the_client_request():
+    head = client_request("h", "/x?y=1", RFC_KEY, "binary", [])
+    end, size = head_end(head, 0)
+    request_line, _, block = head[:end].partition(b"\r\n")
+    assert is_request_line(request_line + b"\r\n")
+    headers = RequestHeaders.parse(block)
+    assert is_upgrade_request("GET", headers)
+    accept = negotiate(UpgradeRequest("HTTP/1.1", "/x?y=1", headers))
+    check_client_response(accept.response(), RFC_KEY, "binary")
+
+
+@pytest.mark.parametrize("host, path, headers", [
+    ("h\r\nX-Evil: 1", "/", []),
+    ("h", "/a b", []),
+    ("h", "tunnel/ID", []),
+    ("h", "/", [("Authorization", "Bearer x\r\nX-Evil: 1")]),
+    ("h", "/", [("Bad Name", "v")]),
+    ("h", "/", [("X", "nul\x00")]),
+])
+def test_client_request_refuses_injection(host, path, headers):
+    with pytest.raises(ValueError):
+        client_request(host, path, RFC_KEY, SUB, headers)
+
+
+def test_client_key():
+    assert client_key(b"the sample nonce") == RFC_KEY
+    with pytest.raises(ValueError):
+        client_key(b"short")
+
+
+def test_a_valid_101_passes():
+    check_client_response(answer(*GOOD), RFC_KEY, SUB)
+    # Case and spacing of names and values do not matter; LF-only lines are fine.
+    check_client_response(b"HTTP/1.1 101 Switching Protocols\nupgrade:  WebSocket\n"
+                          b"connection: keep-alive, upgrade\nsec-websocket-accept: "
+                          + RFC_ACCEPT.encode() + b"\nSEC-WEBSOCKET-PROTOCOL: " + SUB.encode()
+                          + b"\n\n", RFC_KEY, SUB)
+    check_client_response(answer(*GOOD[:4]), RFC_KEY, None)
+
+
+@pytest.mark.parametrize("status_line, status, reason", [
+    ("HTTP/1.1 401 Unauthorized", 401, "Unauthorized"),
+    ("HTTP/1.1 403 Forbidden", 403, "Forbidden"),
+    ("HTTP/1.1 409 Conflict", 409, "Conflict"),
+    ("HTTP/1.0 503 agent gone fishing", 503, "agent gone fishing"),
+    ("HTTP/1.1 200 OK", 200, "OK"),
+    ("HTTP/1.1 400", 400, ""),
+])
+def test_a_refusal_carries_status_and_reason(status_line, status, reason):
+    head = answer(status_line, "Content-Type: text/plain", "Content-Length: 14")
+    with pytest.raises(TunnelHandshakeError) as info:
+        check_client_response(head, RFC_KEY, SUB)
+    assert (info.value.status, info.value.reason) == (status, reason)
+    assert info.value.problem is None
+    assert str(info.value) == ("%d %s" % (status, reason)).rstrip()
+
+
+@pytest.mark.parametrize("lines, problem", [
+    (GOOD[:1] + GOOD[2:], "Upgrade is ''"),
+    (GOOD[:1] + ("Upgrade: h2c",) + GOOD[2:], "Upgrade is 'h2c'"),
+    (GOOD[:2] + GOOD[3:], "Connection does not say Upgrade"),
+    (GOOD[:3] + GOOD[4:], "missing Sec-WebSocket-Accept"),
+    (GOOD[:3] + ("Sec-WebSocket-Accept: AAAA",) + GOOD[4:], "wrong Sec-WebSocket-Accept"),
+    (GOOD[:4], "the server chose no subprotocol"),
+    (GOOD[:4] + ("Sec-WebSocket-Protocol: binary",), "chose subprotocol 'binary'"),
+    (GOOD + ("Sec-WebSocket-Extensions: permessage-deflate",), "extensions"),
+    (GOOD + ("no colon here",), "malformed header line"),
+])
+def test_a_bad_101_is_refused(lines, problem):
+    with pytest.raises(TunnelHandshakeError) as info:
+        check_client_response(answer(*lines), RFC_KEY, SUB)
+    assert info.value.status == 101 and info.value.reason == "Switching Protocols"
+    assert problem in info.value.problem and problem in str(info.value)
+
+
+def test_a_subprotocol_we_did_not_offer_is_refused():
+    with pytest.raises(TunnelHandshakeError) as info:
+        check_client_response(answer(*GOOD), RFC_KEY, None)
+    assert "offered none" in info.value.problem
+
+
+@pytest.mark.parametrize("head", [b"", b"SSH-2.0-OpenSSH_9.6\r\n\r\n", b"HTTP/2 101\r\n\r\n",
+                                  b"HTTP/1.1 1O1 Switching\r\n\r\n", b"\x16\x03\x01\x02\x00"])
+def test_an_answer_that_is_not_http(head):
+    with pytest.raises(TunnelHandshakeError) as info:
+        check_client_response(head, RFC_KEY, SUB)
+    assert info.value.status == 0 and "not an HTTP answer" in str(info.value)
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_answers_pass_or_raise_tunnel_handshake_error(head):
+    try:
+        check_client_response(head, RFC_KEY, SUB)
+    except TunnelHandshakeError as error:
+        assert isinstance(error.status, int) and isinstance(error.reason, str)

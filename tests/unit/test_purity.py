@@ -11,8 +11,9 @@ from tests.helpers import ROOT
 
 PACKAGE = os.path.join(ROOT, "websockify", "protocol")
 # What protocol code may import: pure standard-library modules and its own package.
-ALLOWED_STDLIB = {"base64", "binascii", "codecs", "dataclasses", "enum", "hashlib",
-                  "ipaddress", "re", "struct", "sys", "typing", "__future__"}
+ALLOWED_STDLIB = {"base64", "binascii", "codecs", "collections", "dataclasses", "enum",
+                  "hashlib", "ipaddress", "json", "re", "struct", "sys", "typing",
+                  "__future__"}
 FORBIDDEN = {"socket", "_socket", "ssl", "os", "select", "selectors", "fcntl", "subprocess",
              "threading", "gevent", "geventwebsocket", "asyncio", "io", "time", "logging"}
 # Project modules protocol code may use (pure themselves).
@@ -52,7 +53,8 @@ def protocol_files():
 
 def test_the_package_has_the_pure_modules():
     names = {os.path.basename(path) for path in protocol_files()}
-    assert {"frames.py", "handshake.py", "session.py", "codec.py", "legacy.py"} <= names
+    assert {"frames.py", "handshake.py", "session.py", "codec.py", "legacy.py",
+                     "mux.py"} <= names
 
 
 @pytest.mark.parametrize("path", protocol_files(), ids=os.path.basename)
@@ -86,7 +88,8 @@ def test_importing_the_package_loads_no_io_module():
     code = ("import sys; before = set(sys.modules); "
             "import websockify.protocol.frames, websockify.protocol.handshake, "
             "websockify.protocol.session, websockify.protocol.codec, "
-            "websockify.protocol.legacy, websockify.protocol.forwarded; "
+            "websockify.protocol.legacy, websockify.protocol.forwarded, "
+            "websockify.protocol.mux; "
             "print(' '.join(sorted(set(sys.modules) - before)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=True).stdout

@@ -1,4 +1,4 @@
-"""WebSocket frames (RFC 6455): parsing client frames, encoding ours, unmasking.
+"""WebSocket frames (RFC 6455): parsing peers' frames, encoding ours, unmasking.
 
 gevent-websocket's frame path unmasks byte by byte in Python, trusts any
 64-bit length and accepts unmasked client frames, so frames are ours:
@@ -10,7 +10,9 @@ gevent-websocket's frame path unmasks byte by byte in Python, trusts any
   refuses unmasked frames (1002) and frames over the size limit (1009), and
   streams payload to its consumer instead of collecting whole messages;
 * ``encode_frame``/``close_payload``/``parse_close_payload`` for the frames
-  the server sends.
+  the server sends;
+* the client side, for the tunnel agent: ``encode_client_frame`` (masked)
+  and ``FrameParser(..., expect_masked=False)`` for a server's frames.
 """
 
 import codecs
@@ -184,6 +186,27 @@ def encode_frame(opcode: int, payload: bytes = b"") -> bytes:
     return binary_header(len(payload), opcode) + payload
 
 
+def encode_client_frame(opcode: int, payload: bytes, mask_key: bytes) -> bytes:
+    """A complete final frame masked with ``mask_key``, as a client sends it."""
+    if len(mask_key) != 4:
+        raise ValueError("a masking key is 4 bytes")
+    length = len(payload)
+    first = 0x80 | opcode
+    if length < 126:
+        header = bytes((first, 0x80 | length))
+    elif length < 65536:
+        header = _PACK_16(first, 0x80 | 126, length)
+    else:
+        header = _PACK_64(first, 0x80 | 127, length)
+    # XOR is its own inverse: masking is unmasking.
+    out = bytearray(header)
+    out += mask_key
+    start = len(out)
+    out += payload
+    unmask_into(out, start, len(out), mask_key)
+    return bytes(out)
+
+
 def close_payload(code: Optional[int], reason: str = "") -> bytes:
     """Body of a close frame; ``None`` gives an empty body (no status)."""
     if code is None:
@@ -223,7 +246,11 @@ _PAYLOAD = 1
 
 
 class FrameParser:
-    """Incremental parser for frames sent by a WebSocket client.
+    """Incremental parser for the frames a WebSocket peer sends.
+
+    By default the peer is a client: its frames must be masked
+    (``require_mask=False`` accepts both).  ``expect_masked=False`` parses a
+    server's frames: they must not be masked (a masked one is a 1002).
 
     ``feed(data)`` consumes any amount of bytes.  Data payload is passed on
     as it arrives, unmasked, through ``on_data(chunk, opcode)`` (chunk is a
@@ -234,19 +261,24 @@ class FrameParser:
     """
 
     __slots__ = ("on_data", "on_control", "on_message_end", "max_frame_size", "require_mask",
-                 "_state", "_pending", "_opcode", "_fin", "_key", "_offset",
+                 "expect_masked", "_mask_want", "_state", "_pending", "_opcode", "_fin", "_key", "_offset",
                  "_remaining", "_message_opcode", "_control", "_text")
 
     def __init__(self, on_data: Callable[[bytes, int], None],
                  on_control: Callable[[int, bytes], None],
                  max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
                  require_mask: bool = True,
-                 on_message_end: Optional[Callable[[int], None]] = None):
+                 on_message_end: Optional[Callable[[int], None]] = None,
+                 expect_masked: bool = True):
         self.on_data = on_data
         self.on_control = on_control
         self.on_message_end = on_message_end
         self.max_frame_size = max_frame_size
         self.require_mask = require_mask
+        self.expect_masked = expect_masked
+        # The mask bit every frame must carry (None: either): one comparison
+        # on the header path.
+        self._mask_want = (0x80 if require_mask else None) if expect_masked else 0
         self._state = _HEADER
         self._pending = b""          # bytes of an incomplete header
         self._opcode = 0             # opcode of the current frame
@@ -329,8 +361,9 @@ class FrameParser:
                 raise ProtocolError("control frame payload over 125 bytes")
         elif opcode > OP_BINARY:
             raise ProtocolError("unknown data opcode %d" % opcode)
-        if not masked and self.require_mask:
-            raise ProtocolError("client frame is not masked")
+        if masked != self._mask_want and self._mask_want is not None:
+            raise ProtocolError("server frame is masked" if masked
+                                else "client frame is not masked")
         if end - pos < size:
             return 0
         if length == 126:

@@ -10,7 +10,10 @@ value) and returns bytes, values or raises an ``HTTPError``:
   HyBi 7, 8 and 13 are answered with Sec-WebSocket-Accept; a request with
   neither Sec-WebSocket-Version nor Sec-WebSocket-Key is a Hixie one (draft
   76 with Sec-WebSocket-Key1/2 and 8 bytes after the head, else draft 75);
-- ``refusal_bytes``: an HTTP answer with a short text body.
+- ``refusal_bytes``: an HTTP answer with a short text body;
+- ``client_request`` / ``check_client_response``: the client side (the
+  tunnel agent's upgrade), a request head to send and the check of the
+  answer, raising ``TunnelHandshakeError`` with the server's status.
 
 server.http reads the bytes from the socket and calls these.
 """
@@ -21,7 +24,7 @@ import hashlib
 import re
 from typing import Iterable, Optional, Tuple
 
-from websockify.errors import BadRequest
+from websockify.errors import BadRequest, TunnelHandshakeError
 from websockify.protocol import legacy
 from websockify.protocol.codec import HYBI, Codec
 
@@ -291,3 +294,84 @@ def _negotiate_hixie(request: UpgradeRequest, legacy_clients: bool) -> Accept:
 def _check_codec(codec: Codec, legacy_clients: bool) -> None:
     if not codec.binary and not legacy_clients:
         raise BadRequest("%s WebSocket clients are not supported by this service" % codec.name)
+
+
+# -- the client side: the tunnel agent's upgrade ---------------------------------
+
+_STATUS_LINE = re.compile(r"HTTP/1\.[01] ([0-9]{3})(?: ([^\r\n]*))?")
+_FORBIDDEN_IN_HEAD = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def client_key(raw: bytes) -> str:
+    """Sec-WebSocket-Key from 16 random bytes (the caller draws them)."""
+    if len(raw) != 16:
+        raise ValueError("a Sec-WebSocket-Key is 16 bytes")
+    return base64.b64encode(raw).decode("ascii")
+
+
+def client_request(host: str, path: str, key: str, subprotocol: Optional[str],
+                   headers: Iterable[Tuple[str, str]] = ()) -> bytes:
+    """The head of a client's upgrade request (HyBi 13)."""
+    if not path.startswith("/") or " " in path:
+        raise ValueError("request target must start with / and hold no space: %r" % path)
+    lines = ["GET %s HTTP/1.1" % path,
+             "Host: %s" % host,
+             "Upgrade: websocket",
+             "Connection: Upgrade",
+             "Sec-WebSocket-Key: %s" % key,
+             "Sec-WebSocket-Version: 13"]
+    if subprotocol:
+        lines.append("Sec-WebSocket-Protocol: %s" % subprotocol)
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name):
+            raise ValueError("invalid header name %r" % name)
+        lines.append("%s: %s" % (name, value))
+    for line in lines:
+        # No header injection through a value (a host, a token from a file).
+        if _FORBIDDEN_IN_HEAD.search(line.replace("\t", " ")):
+            raise ValueError("control character in request line %r" % line[:100])
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def check_client_response(head: bytes, key: str, subprotocol: Optional[str]) -> None:
+    """Check a server's answer head to ``client_request``.
+
+    Returns when it is a valid 101 with the right Sec-WebSocket-Accept and
+    subprotocol; otherwise raises ``TunnelHandshakeError`` carrying the
+    status and reason text (the body, if any, is the caller's to read).
+    """
+    text = head.decode("latin-1")
+    status_line, _, block = text.partition("\n")
+    match = _STATUS_LINE.fullmatch(status_line.rstrip("\r"))
+    if match is None:
+        raise TunnelHandshakeError(0, "", "not an HTTP answer: %r" % status_line[:100])
+    status = int(match.group(1))
+    reason = (match.group(2) or "").strip()
+    if status != 101:
+        raise TunnelHandshakeError(status, reason)
+    try:
+        headers = RequestHeaders.parse(block.encode("latin-1"))
+    except BadRequest as error:
+        raise TunnelHandshakeError(status, reason, error.text) from None
+
+    def refuse(problem: str):
+        return TunnelHandshakeError(status, reason, problem)
+
+    if headers.get("upgrade", "").strip().lower() != "websocket":
+        raise refuse("Upgrade is %r, not websocket" % headers.get("upgrade", ""))
+    tokens = [t.strip().lower() for t in headers.get("connection", "").split(",")]
+    if "upgrade" not in tokens:
+        raise refuse("Connection does not say Upgrade")
+    answer = headers.get("sec-websocket-accept", "").strip()
+    if answer != accept_key(key):
+        raise refuse("wrong Sec-WebSocket-Accept %r" % answer[:40] if answer
+                     else "missing Sec-WebSocket-Accept")
+    chosen = headers.get("sec-websocket-protocol")
+    chosen = chosen.strip() if chosen is not None else None
+    if chosen != subprotocol:
+        if chosen is None:
+            raise refuse("the server chose no subprotocol (offered %s)" % subprotocol)
+        raise refuse("the server chose subprotocol %r, offered %s"
+                     % (chosen[:60], subprotocol or "none"))
+    if headers.get("sec-websocket-extensions"):
+        raise refuse("the server chose extensions, none offered")
