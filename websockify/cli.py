@@ -16,7 +16,8 @@ USAGE = """
     %(prog)s [options] --token-plugin=CLASS [source_addr:]source_port
     %(prog)s [options] --unix-target=FILE [source_addr:]source_port
     %(prog)s [options] [source_addr:]source_port -- WRAP_COMMAND_LINE
-    %(prog)s [options] --echo [source_addr:]source_port"""
+    %(prog)s [options] --echo [source_addr:]source_port
+    %(prog)s [options] --tunnel-config=FILE [source_addr:]source_port [target_addr:target_port]"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +112,8 @@ def parse_args(argv: List[str]) -> Config:
         where["listen_fds"] = listen_fds = systemd_listen_fds()
         # Under socket activation the listen address may be left out (one
         # command line serves both ways); when given, it is not used.
-        targets = 0 if (values["echo"] or values["unix_target"] or tokens) else 1
+        targets = 0 if (values["echo"] or values["unix_target"] or tokens
+                        or values["tunnel_config"]) else 1
         if not (listen_fds and len(args) <= targets):
             if not args:
                 raise UsageError("Too few arguments")
@@ -134,7 +136,8 @@ def parse_args(argv: List[str]) -> Config:
         if args:
             raise UsageError("a target (%s) cannot be given with a token plugin: the "
                              "token picks the target" % args[0])
-    else:
+    elif args or not values["tunnel_config"]:
+        # --tunnel-config alone needs no target: users reach the tunnel agents.
         if not args:
             raise UsageError("Too few arguments")
         where["target_host"], where["target_port"] = _split_address(args.pop(0), "target")

@@ -236,6 +236,12 @@ OPTIONS: List[Option] = [
            "listening socket; from anyone else these headers are ignored",
            kind="str", metavar="CIDR[,CIDR...]",
            parse=_parse_trusted),
+    Option(("--tunnel-config",), "tunnel_config",
+           "reverse tunnels: agents (websockify-agent) behind NAT connect to this server "
+           "and users reach their services through it; FILE is TOML (ours, or "
+           "reverse_websockify's config.toml); re-read on SIGHUP. With it, a target "
+           "is optional", kind="str", metavar="FILE",
+           path=True),
     Option(("--max-frame-size",), "max_frame_size",
            "largest WebSocket frame accepted from a client; larger ones are closed "
            "with 1009", kind="int", default=16 * 1024 * 1024, metavar="BYTES",
@@ -362,6 +368,8 @@ class Config:
             return "targets from --token-plugin %s" % (self.token_plugin or "TokenFile")
         if self.unix_target:
             return "unix:%s" % self.unix_target
+        if self.tunnel_config and self.target_port is None:
+            return "tunnel agents only (no target)"
         return format_host_port(self.target_host or "", self.target_port)
 
     @property

@@ -1,4 +1,4 @@
-"""What the master loads for a configuration: plugins and TLS contexts.
+"""What the master loads for a configuration: plugins, TLS contexts, the tunnel configuration.
 
 Built by the master before the workers fork (so a bad plugin or certificate
 stops the start, exit 5) and again on SIGHUP for the new workers; the
@@ -8,7 +8,7 @@ it built itself and a request handler class with hooks: the workers are
 forked, so they inherit those objects as they are.
 """
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 
 class HandlerHooks:
@@ -26,13 +26,15 @@ class HandlerHooks:
 
 
 class Runtime:
-    """The loaded token and auth plugins and the TLS contexts of one generation."""
+    """The loaded token and auth plugins, TLS contexts and tunnel configuration of one generation."""
 
-    __slots__ = ("tokens", "auth", "tls", "target_tls", "token_object", "auth_object", "hooks")
+    __slots__ = ("tokens", "auth", "tls", "target_tls", "token_object", "auth_object", "hooks",
+                 "tunnels", "tunnel_listeners")
 
     def __init__(self, tokens: Any = None, auth: Any = None, tls: Any = None,
                  target_tls: Any = None, token_object: Any = None, auth_object: Any = None,
-                 hooks: Optional[HandlerHooks] = None):
+                 hooks: Optional[HandlerHooks] = None, tunnels: Any = None,
+                 tunnel_listeners: Optional[Dict[Tuple[str, int], Any]] = None):
         #: plugins.tokens.TokenResolver, or None without a token plugin.
         self.tokens = tokens
         #: plugins.auth.Authenticator, or None without an auth plugin.
@@ -46,10 +48,16 @@ class Runtime:
         self.auth_object = auth_object
         #: A handler class with hooks (server.hooks runs its sessions), or None.
         self.hooks = hooks
+        #: tunnel.config.TunnelConfig from --tunnel-config, or None.
+        self.tunnels = tunnels
+        #: The agents' TCP faces, bound by the master: listening socket by (host, port).
+        self.tunnel_listeners = tunnel_listeners if tunnel_listeners is not None else {}
 
-    def snapshot(self) -> Tuple[Any, Any, Any, Any]:
-        return self.tokens, self.auth, self.tls, self.target_tls
+    def snapshot(self) -> Tuple[Any, ...]:
+        return (self.tokens, self.auth, self.tls, self.target_tls, self.tunnels,
+                self.tunnel_listeners)
 
-    def restore(self, snapshot: Optional[Tuple[Any, Any, Any, Any]]) -> None:
+    def restore(self, snapshot: Optional[Tuple[Any, ...]]) -> None:
         if snapshot is not None:
-            self.tokens, self.auth, self.tls, self.target_tls = snapshot
+            (self.tokens, self.auth, self.tls, self.target_tls, self.tunnels,
+             self.tunnel_listeners) = snapshot

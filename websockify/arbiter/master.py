@@ -32,8 +32,9 @@ from websockify.config import Config
 from websockify.errors import ConfigError, EXIT_CONFIG, EXIT_FAILURE, EXIT_LISTEN, EXIT_WORKER_BOOT
 from websockify.log import library_logging, log_streams, reopen_log_files, setup_logging
 from websockify.net.sockets import (ListenError, describe_listener, open_listener,
-                                    raise_nofile_limit, unlink_unix_listener)
+                                    raise_nofile_limit, tcp_listener, unlink_unix_listener)
 from websockify.runtime import Runtime
+from websockify.tunnel.config import TunnelConfigError, load_tunnel_config
 
 log = logging.getLogger("websockify")
 
@@ -176,14 +177,17 @@ class Master:
             if config.record:
                 from websockify.record import check_destination
                 check_destination(config.record)
+            self._load_tunnels()
         except ConfigError as exc:
             log.error("%s", exc)
+            self._close_tunnel_listeners()
             return EXIT_CONFIG
         nofile = raise_nofile_limit()
         try:
             self.listener = open_listener(config)
         except ListenError as exc:
             log.error("%s", exc)
+            self._close_tunnel_listeners()
             return EXIT_LISTEN
         if config.wrap_cmd:
             try:
@@ -266,7 +270,13 @@ class Master:
         previous = self.runtime.snapshot()
         self._reload_token_plugin()
         self._reload_auth_and_tls()
-        return lambda: self.runtime.restore(previous)
+        self._reload_tunnels()
+
+        def undo() -> None:
+            newer = self.runtime.tunnel_listeners
+            self.runtime.restore(previous)
+            self._undo_tunnel_listeners(newer)
+        return undo
 
     def _reload_token_plugin(self) -> None:
         """On SIGHUP: re-read the token source for the new workers, or keep the old one."""
@@ -278,6 +288,83 @@ class Master:
             log.error("%s; new workers keep the previous token configuration", exc)
             return
         log.info("token plugin %s reloaded", self.runtime.tokens.name)
+
+    # -- reverse tunnels (--tunnel-config) ------------------------------------------
+
+    def _load_tunnels(self) -> None:
+        """The tunnel configuration and its agents' TCP faces, before any fork (exit 5)."""
+        if not self.config.tunnel_config:
+            return
+        tunnels = load_tunnel_config(self.config.tunnel_config)
+        self.runtime.tunnel_listeners = self._bind_tunnel_listeners(tunnels, {})
+        self.runtime.tunnels = tunnels
+
+    def _bind_tunnel_listeners(self, tunnels, bound: dict) -> dict:
+        """A listening socket for each agent's listen address: kept from ``bound`` when
+        there, else bound now.  TunnelConfigError if one cannot be (none left open)."""
+        listeners: dict = {}
+        new = []
+        try:
+            for agent in tunnels.agents.values():
+                if agent.listen is None:
+                    continue
+                sock = bound.get(agent.listen)
+                if sock is None or sock.fileno() < 0:
+                    try:
+                        sock = tcp_listener(agent.listen[0], agent.listen[1],
+                                            self.config.prefer_ipv6)
+                    except ListenError as exc:
+                        raise TunnelConfigError("agent %s: %s" % (agent.agent_id, exc),
+                                                tunnels.source) from None
+                    new.append(sock)
+                listeners[agent.listen] = sock
+        except TunnelConfigError:
+            for sock in new:
+                sock.close()
+            raise
+        return listeners
+
+    def _reload_tunnels(self) -> None:
+        """On SIGHUP: the tunnel file read again and the TCP faces matched to it, or
+        everything kept as it was (one log line)."""
+        runtime = self.runtime
+        if runtime.tunnels is None:
+            return
+        try:
+            tunnels = load_tunnel_config(self.config.tunnel_config)
+            listeners = self._bind_tunnel_listeners(tunnels, runtime.tunnel_listeners)
+        except ConfigError as exc:
+            log.error("%s; new workers keep the previous tunnel configuration", exc)
+            return
+        for address, sock in runtime.tunnel_listeners.items():
+            if listeners.get(address) is not sock:
+                # The old workers keep their copies until they have drained.
+                sock.close()
+        runtime.tunnels, runtime.tunnel_listeners = tunnels, listeners
+        log.info("tunnel configuration reloaded: %s", tunnels.describe())
+
+    def _undo_tunnel_listeners(self, newer: dict) -> None:
+        """A reload was undone: the previous TCP faces back (bound again where it closed
+        them), and the ones only the reload opened closed."""
+        runtime = self.runtime
+        if runtime.tunnels is not None:
+            reusable = dict(runtime.tunnel_listeners)
+            reusable.update(newer)
+            try:
+                runtime.tunnel_listeners = self._bind_tunnel_listeners(runtime.tunnels, reusable)
+            except TunnelConfigError as exc:
+                log.error("%s; that agent has no TCP face until the next reload", exc)
+        kept = {id(sock) for sock in runtime.tunnel_listeners.values()}
+        for sock in newer.values():
+            if id(sock) not in kept:
+                sock.close()
+
+    def _close_tunnel_listeners(self) -> None:
+        for sock in self.runtime.tunnel_listeners.values():
+            try:
+                sock.close()
+            except OSError:
+                pass
 
     def _banner(self, nofile: int) -> None:
         config, runtime = self.config, self.runtime
@@ -329,6 +416,13 @@ class Master:
                      ", token from the Host header" if config.host_token else "")
         if self.wrapped is not None:
             log.info("  - %s", self.wrapped.describe())
+        tunnels = runtime.tunnels
+        if tunnels is not None:
+            log.info("  - Reverse tunnels: %s", tunnels.describe())
+            if tunnels.http_server_endpoint is not None:
+                log.info("  - http_server_endpoint %s in %s is not used: websockify listens "
+                         "on %s", format_host_port(*tunnels.http_server_endpoint),
+                         tunnels.source, config.listen_description)
         target = config.target_description
         if runtime.hooks is not None and target == format_host_port("", None):
             target = "the targets the request handler picks"
@@ -339,7 +433,8 @@ class Master:
         streams = log_streams()
         log_stream = next((s for s in streams if getattr(s, "name", "") == config.log_file),
                           None) if config.log_file else None
-        daemonize([self.listener.fileno()] + [s.fileno() for s in streams], log_stream,
+        daemonize([self.listener.fileno()] + [s.fileno() for s in streams]
+                  + [s.fileno() for s in self.runtime.tunnel_listeners.values()], log_stream,
                   config.web or "/")
 
     def _title(self) -> None:
@@ -431,6 +526,7 @@ class Master:
                 self.listener.close()
             except OSError:
                 pass
+        self._close_tunnel_listeners()
 
     def _other_exited(self, pid: int, status: int) -> None:
         if self.wrapped is not None and self.wrapped.owns(pid):
@@ -493,6 +589,7 @@ class Master:
                 self.listener.close()
             except OSError:
                 pass
+        self._close_tunnel_listeners()
         if not self.config.inetd:
             unlink_unix_listener(self.config.unix_listen)
         self.pid_file.remove()

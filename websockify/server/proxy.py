@@ -17,7 +17,7 @@ from gevent import socket as gsocket
 from gevent.socket import wait_write
 
 from websockify.addr import format_host_port
-from websockify.errors import BadGateway, GatewayTimeout
+from websockify.errors import BadGateway, GatewayTimeout, HTTPError
 from websockify.plugins.tokens import UNIX, BackendUnavailable
 from websockify.protocol.codec import Codec
 from websockify.protocol.handshake import redact_uri
@@ -137,6 +137,9 @@ class ProxyService:
             return self._token_target(handler)
         if config.unix_target:
             return Target(unix_path=config.unix_target)
+        if config.tunnel_config and config.target_port is None:
+            # --tunnel-config alone: a WebSocket has nowhere to go but a tunnel.
+            raise HTTPError(404, "no target: this server carries reverse tunnels only")
         return Target(config.target_host, config.target_port)
 
     def _token_target(self, handler) -> Target:
