@@ -36,13 +36,14 @@ conformance: venv
 	$(VPY) scripts/conformance reports/conformance
 
 ## make install: the package with its rebind library (needs a C compiler for
-## wrapping), and the man page in $(DESTDIR)$(MANDIR)/man1
+## wrapping), and the man pages in $(DESTDIR)$(MANDIR)/man1
 PREFIX ?= /usr/local
 MANDIR ?= $(PREFIX)/share/man
 install:
 	$(PYTHON) -m pip install .
 	install -d $(DESTDIR)$(MANDIR)/man1
 	install -m 0644 man/websockify.1 $(DESTDIR)$(MANDIR)/man1/websockify.1
+	install -m 0644 man/websockify-agent.1 $(DESTDIR)$(MANDIR)/man1/websockify-agent.1
 
 clean:
 	rm -rf $(VENV) .bench build dist *.egg-info .pytest_cache websockify/_rebind*.so

@@ -29,7 +29,7 @@ class Runtime:
     """The loaded token and auth plugins, TLS contexts and tunnel configuration of one generation."""
 
     __slots__ = ("tokens", "auth", "tls", "target_tls", "token_object", "auth_object", "hooks",
-                 "tunnels", "tunnel_listeners")
+                 "tunnels", "tunnel_listeners", "tunnel_host")
 
     def __init__(self, tokens: Any = None, auth: Any = None, tls: Any = None,
                  target_tls: Any = None, token_object: Any = None, auth_object: Any = None,
@@ -52,6 +52,9 @@ class Runtime:
         self.tunnels = tunnels
         #: The agents' TCP faces, bound by the master: listening socket by (host, port).
         self.tunnel_listeners = tunnel_listeners if tunnel_listeners is not None else {}
+        #: tunnel/host.py's TunnelHost (the agents' registry, the hand-off
+        #: directory), made by the master; it lives through reloads.
+        self.tunnel_host = None
 
     def snapshot(self) -> Tuple[Any, ...]:
         return (self.tokens, self.auth, self.tls, self.target_tls, self.tunnels,

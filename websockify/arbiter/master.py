@@ -100,6 +100,7 @@ class ForkedWorkers(Processes):
             if pid == 0:
                 break
             exited.append((pid, status))
+        self.master.workers_exited(exited)
         return exited
 
     def _reap_own(self) -> List[Tuple[int, int]]:
@@ -115,6 +116,7 @@ class ForkedWorkers(Processes):
                 continue
             if done:
                 exited.append((done, status))
+        self.master.workers_exited(exited)
         return exited
 
 
@@ -178,6 +180,7 @@ class Master:
                 from websockify.record import check_destination
                 check_destination(config.record)
             self._load_tunnels()
+            self._start_tunnel_host()
         except ConfigError as exc:
             log.error("%s", exc)
             self._close_tunnel_listeners()
@@ -242,6 +245,27 @@ class Master:
         auth = load_authenticator(config, runtime.auth_object)
         runtime.tls, runtime.target_tls, runtime.auth = tls, target_tls, auth
 
+    def _start_tunnel_host(self) -> None:
+        """--tunnel-config: the agents' registry and the hand-off directory, before any fork."""
+        if self.runtime.tunnels is None:
+            return
+        from websockify.tunnel.host import TunnelHost
+        self.runtime.tunnel_host = TunnelHost(self.runtime.tunnels)
+
+    def _sync_tunnel_host(self) -> None:
+        """After a reload (or its undo): the registry follows the configuration's agents."""
+        host = self.runtime.tunnel_host
+        if host is not None and self.runtime.tunnels is not None \
+                and self.runtime.tunnels is not host.config:
+            host.reload(self.runtime.tunnels)
+
+    def workers_exited(self, exited) -> None:
+        """Reaped processes: a worker's agents are nobody's any more."""
+        host = self.runtime.tunnel_host
+        if host is not None:
+            for pid, _ in exited:
+                host.worker_exited(pid)
+
     def _reload_auth_and_tls(self) -> None:
         """On SIGHUP: certificates and the auth plugin are read again for the new workers."""
         runtime = self.runtime
@@ -271,11 +295,13 @@ class Master:
         self._reload_token_plugin()
         self._reload_auth_and_tls()
         self._reload_tunnels()
+        self._sync_tunnel_host()
 
         def undo() -> None:
             newer = self.runtime.tunnel_listeners
             self.runtime.restore(previous)
             self._undo_tunnel_listeners(newer)
+            self._sync_tunnel_host()
         return undo
 
     def _reload_token_plugin(self) -> None:
@@ -592,6 +618,8 @@ class Master:
         self._close_tunnel_listeners()
         if not self.config.inetd:
             unlink_unix_listener(self.config.unix_listen)
+        if self.runtime.tunnel_host is not None:
+            self.runtime.tunnel_host.close()
         self.pid_file.remove()
         self._restore_signals()
         fds, (self._wake_r, self._wake_w) = (self._wake_r, self._wake_w), (-1, -1)

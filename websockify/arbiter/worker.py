@@ -51,6 +51,7 @@ class Worker:
         self.command = sb.RUN
         self.server = None
         self.service = None
+        self.tunnels = None
 
     def boot(self) -> None:
         import gevent
@@ -95,6 +96,11 @@ class Worker:
                                    web_auth=runtime.auth if config.web_auth else None,
                                    web_auth_target=(config.target_host, config.target_port),
                                    trusted_proxy=config.trusted_proxy)
+        if runtime.tunnel_host is not None:
+            from websockify.tunnel.hub import TunnelHub
+            self.tunnels = TunnelHub(runtime.tunnel_host, config, runtime, self.server, loop,
+                                     self.number)
+            self.server.tunnels = self.tunnels
         # TERM/INT from an operator (or a terminal's Ctrl-C reaching the whole
         # process group) mean the same as the master's graceful command.
         gevent.signal_handler(signal.SIGTERM, self._signalled, sb.GRACEFUL)
@@ -125,7 +131,11 @@ class Worker:
         self._report()
 
     def _report(self) -> None:
-        self.board.report(self.slot, len(self.service.relays), self.service.sessions_done)
+        live = len(self.service.relays)
+        if self.tunnels is not None:
+            # Agents and their TCP users keep the server busy too (--idle-timeout).
+            live += len(self.tunnels.links) + len(self.tunnels.users)
+        self.board.report(self.slot, live, self.service.sessions_done)
 
     def _obey(self, command: int) -> None:
         if command > self.command:
@@ -157,6 +167,9 @@ class Worker:
         server, service = self.server, self.service
         server.stop_accepting_for_good()
         server.close_listener()
+        tunnels = self.tunnels
+        if tunnels is not None:
+            tunnels.drain()
         if self.command == sb.DRAIN:
             # --timeout: open sessions carry on until they end, unless the
             # master escalates to a graceful or fast stop meanwhile.
@@ -169,11 +182,20 @@ class Worker:
                 self._stop_event.clear()
                 self._stop_event.wait(min(0.2, max(0.0, deadline - time.time())))
         server.kill_handshakes()
+        if tunnels is not None and tunnels.busy:
+            log.info("worker %d: closing %d agent tunnel(s)", self.number, len(tunnels.links))
+            tunnels.shutdown(1001, "Server shutting down")
+            deadline = time.time() + 3.0
+            while tunnels.links and time.time() < deadline:
+                self._stop_event.clear()
+                self._stop_event.wait(0.05)
         if service.relays:
             log.info("worker %d: closing %d open session(s)", self.number, len(service.relays))
             service.shutdown_all(1001, "Server shutting down")
             service.wait_empty(2.0 if self.command == sb.FAST else 6.0)
         server.close()
+        if tunnels is not None:
+            tunnels.close()
         service.finish_recordings(2.0 if self.command == sb.FAST else 10.0)
 
 

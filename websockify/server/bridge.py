@@ -24,7 +24,7 @@ class BridgeServer(WSGIServer):
     def __init__(self, listener, application, service, *, max_connections: int,
                  run_once: bool = False, tls_context=None, ssl_only: bool = False,
                  handshake_timeout: float = 10.0, web_auth=None, web_auth_target=(None, None),
-                 trusted_proxy=None):
+                 trusted_proxy=None, tunnels=None):
         super().__init__(listener, application, log=None, error_log=log)
         self.service = service
         self.max_connections = max_connections
@@ -39,6 +39,8 @@ class BridgeServer(WSGIServer):
         self.web_auth_target = web_auth_target
         #: --trusted-proxy: whose X-Forwarded-For names the client in log lines.
         self.trusted_proxy = trusted_proxy
+        #: The worker's tunnel/hub.py TunnelHub (None without --tunnel-config).
+        self.tunnels = tunnels
         self.handshakes = set()
         self._accepting_for_good = True
 

@@ -140,6 +140,9 @@ class Handler(WebSocketHandler):
         #: The TLS stream when the client opened with a TLS hello.
         self.tls: Optional[TLSStream] = None
         self.detached = False
+        #: What another worker said about a connection it handed over
+        #: (tunnel/handoff.py): its TLS and client certificate stayed there.
+        self.handoff: Optional[dict] = None
         self._header_block = b""
         self._logged_refusal = False
         self._deadline = 0.0
@@ -211,10 +214,13 @@ class Handler(WebSocketHandler):
         dropped = headers.remove_prefix("SSL_")
         if dropped:
             log.info("%s: dropped client-supplied header(s) %s", self.peer, ", ".join(dropped))
+        common_name = None
         if self.tls is not None:
             common_name = self.tls.peer_common_name()
-            if common_name is not None:
-                headers["SSL_CLIENT_S_DN_CN"] = common_name
+        elif self.handoff is not None:
+            common_name = self.handoff.get("cn")
+        if common_name is not None:
+            headers["SSL_CLIENT_S_DN_CN"] = common_name
         if headers.get("transfer-encoding", "").lower() == "chunked":
             headers.remove("content-length")
         content_length = headers.get("content-length")
@@ -235,7 +241,7 @@ class Handler(WebSocketHandler):
     def get_environ(self):
         environ = WSGIHandler.get_environ(self)
         environ["RAW_URI"] = self.path
-        if self.tls is not None:
+        if self.tls is not None or (self.handoff is not None and self.handoff.get("tls")):
             environ["wsgi.url_scheme"] = "https"
             environ["HTTPS"] = "on"
         return environ
@@ -278,6 +284,8 @@ class Handler(WebSocketHandler):
         """
         server = self.server
         self._deadline = time.monotonic() + server.handshake_timeout
+        if self.handoff is not None:
+            return True           # the worker that accepted it did the TLS
         context = server.tls_context
         if context is None and not server.ssl_only:
             return True
@@ -351,9 +359,18 @@ class Handler(WebSocketHandler):
 
     def run_application(self):
         server = self.server
+        tunnels = server.tunnels
         try:
             if is_upgrade_request(self.command, self.headers):
-                self._upgrade()
+                if tunnels is not None and tunnels.is_agent_request(self):
+                    tunnels.accept_agent(self)
+                else:
+                    self._upgrade()
+                return
+            if tunnels is not None and tunnels.is_status_request(self):
+                self.status = "200 OK"
+                self._send_and_close(tunnels.status(self))
+                self._log_status()
                 return
             if server.web_auth is not None:
                 server.web_auth.check(self.headers, *server.web_auth_target)
@@ -363,8 +380,14 @@ class Handler(WebSocketHandler):
             return
         WSGIHandler.run_application(self)
 
+    def _log_status(self) -> None:
+        log.info("%s: \"%s\" 200 (tunnel status)", self.peer, redact_uri(self.requestline))
+        self._logged_refusal = True
+
     def _upgrade(self) -> None:
         service = self.server.service
+        tunnels = self.server.tunnels
+        agent_id = tunnels.bridge_agent(self) if tunnels is not None else None
         accept = negotiate(UpgradeRequest(self.request_version, self.path, self.headers,
                                           secure=self.tls is not None),
                            legacy_clients=service.legacy_clients)
@@ -373,7 +396,14 @@ class Handler(WebSocketHandler):
             key3 = self._read_key3()
             if key3 is None:
                 return
-        session = service.open_target(self)          # may raise 502/504
+            # Read past the head: a hand-off to another worker sends it along.
+            self.rfile.buffer = key3 + self.rfile.buffer
+        if agent_id is not None:
+            session = tunnels.bridge_target(self, agent_id)   # may raise 502/503/504
+            if session is tunnels.handed_off:
+                return
+        else:
+            session = service.open_target(self)          # may raise 502/504
         self._accept(session, accept, accept.response(key3))
 
     def _read_key3(self) -> Optional[bytes]:
@@ -418,6 +448,8 @@ class Handler(WebSocketHandler):
         self.headers_sent = True
         self.close_connection = True
         early = self.rfile.take_buffer()
+        if accept.needs_key3:
+            early = early[8:]       # key3, answered in the 101
         client = self._detach()
         self.server.service.start_session(session, client, early, self, accept.codec)
 

@@ -1,0 +1,700 @@
+"""The agent's I/O (gevent): dial the server, carry the mux over its WebSocket, one service connection per stream.
+
+``Agent.run`` loops forever: take a token, dial (TCP, TLS verified against
+the system CAs or --ca-cert, the opening handshake with subprotocol
+``websockify-tunnel.v1``), run a ``Tunnel`` until it ends, wait what
+``Backoff`` says, dial again.
+
+A ``Tunnel`` is one WebSocket to the server and four kinds of greenlets:
+
+* the reader: WebSocket frames from the server (``FrameParser`` expecting
+  them unmasked) -> whole messages -> ``Connection.receive_message`` ->
+  events, handled at once (nothing in it blocks);
+* the writer: the mux's ``data_to_send`` as masked binary frames (a fresh
+  ``os.urandom`` key per frame), with pongs and the close frame first;
+* the timer: ``Liveness`` pings, and the end of a server silent too long;
+* per stream, once the service is connected: one greenlet reads the
+  service only while the stream has credit (``send_window > 0``; a
+  ``SendWindowOpened`` wakes it) and another writes what the server sent,
+  then calls ``consumed`` so credit goes back.  A stream thus holds at most
+  its window in each direction, whatever the service or the user does.
+"""
+
+import logging
+import os
+import re
+import socket
+import ssl
+import struct
+import time
+from collections import deque
+from typing import Deque, Dict, List, Optional, Tuple
+
+import gevent
+from gevent import socket as gsocket
+from gevent import ssl as gssl
+from gevent.event import Event
+
+from websockify import __version__
+from websockify.agent.backoff import Backoff
+from websockify.agent.tokens import TokenError, TokenFile, TokenStdin
+from websockify.errors import EXIT_CONFIG, EXIT_OK, TunnelHandshakeError, WebSocketError
+from websockify.net.tls import describe_error
+from websockify.protocol import mux
+from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT,
+                                        FrameParser, close_payload, encode_client_frame,
+                                        parse_close_payload, unmask_into)
+from websockify.protocol.handshake import (HEADER_LIMIT, check_client_response, client_key,
+                                           client_request, head_end)
+
+log = logging.getLogger("websockify.agent")
+
+#: Most bytes read from a service socket at once (and never more than the credit).
+READ_CHUNK = 256 * 1024
+#: Bytes of mux messages framed per write to the server, so that control
+#: frames queued meanwhile go out before the rest of a bulk transfer.
+WRITE_BATCH = 512 * 1024
+#: The largest message the server may send (its Connection packs at most 64 KiB + headers).
+MAX_MESSAGE = 1024 * 1024
+_RECV = 256 * 1024
+_CLOSE_WAIT = 1.0           # seconds the close frame gets to go out at the end
+_BODY_LIMIT = 2048          # bytes of a refusal's body read for the log
+
+#: Close codes from the server after which the agent waits the back-off cap:
+#: 1000 (the server's "replaced by a new connection" for this ID) and 1008
+#: (the agent was removed from the configuration).  1001 (the server
+#: restarting) and the others are retried as any lost connection.
+SENT_AWAY = (1000, 1008)
+
+_CONTENT_LENGTH = re.compile(rb"\r?\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+
+
+_HEADER_16 = struct.Struct("!BBH4s").pack_into
+_HEADER_64 = struct.Struct("!BBQ4s").pack_into
+
+
+def mask_messages(messages: List[bytes]) -> bytearray:
+    """Binary messages as masked client frames, all in one buffer.
+
+    Each message gets its own random key (one os.urandom call for all of
+    them) and is masked in place: one copy of the payload, no per-frame
+    bytes objects to join (encode_client_frame's result, for the bulk path).
+    """
+    keys = os.urandom(4 * len(messages))
+    out = bytearray()
+    for index, message in enumerate(messages):
+        length = len(message)
+        key = keys[4 * index:4 * index + 4]
+        start = len(out)
+        if length < 126:
+            out += bytes((0x80 | OP_BINARY, 0x80 | length))
+            out += key
+        elif length < 65536:
+            out += bytes(8)
+            _HEADER_16(out, start, 0x80 | OP_BINARY, 0x80 | 126, length, key)
+        else:
+            out += bytes(14)
+            _HEADER_64(out, start, 0x80 | OP_BINARY, 0x80 | 127, length, key)
+        begin = len(out)
+        out += message
+        unmask_into(out, begin, begin + length, key)
+    return out
+
+
+class AgentSetupError(Exception):
+    """Something named on the command line cannot be used: exit EXIT_CONFIG."""
+
+
+def build_tls_context(config) -> Optional[ssl.SSLContext]:
+    """The client context for wss://: certificate and host name verified."""
+    if not config.server.secure:
+        return None
+    # ssl.create_default_context's settings, on gevent's SSLContext: the
+    # stdlib's (which gevent.ssl.create_default_context returns) makes
+    # sockets whose reads block the whole process.
+    context = gssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)      # verifies cert and host name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION
+    try:
+        if config.ca_cert:
+            context.load_verify_locations(cafile=config.ca_cert)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    except (OSError, ssl.SSLError) as exc:
+        raise AgentSetupError("cannot load the CA certificates %s: %s"
+                              % (config.ca_cert, describe_error(exc))) from None
+    if config.client_cert:
+        try:
+            context.load_cert_chain(config.client_cert, config.client_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise AgentSetupError("cannot load the client certificate %s: %s"
+                                  % (config.client_cert, describe_error(exc))) from None
+    return context
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
+        return "TLS: %s" % describe_error(exc)
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return "cannot resolve the host: %s" % (exc.strerror or exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
+class Agent:
+    """Keeps one tunnel to the server up, forever."""
+
+    def __init__(self, config, backoff: Optional[Backoff] = None):
+        self.config = config
+        self.tls = build_tls_context(config)
+        cap = config.max_retry_delay
+        self.backoff = backoff or Backoff(base=min(0.5, cap), cap=cap)
+        self.tokens = None
+        if config.token_file:
+            self.tokens = TokenFile(config.token_file)
+            try:
+                self.tokens.current()
+            except TokenError as exc:
+                raise AgentSetupError(str(exc)) from None
+        elif config.token_stdin:
+            self.tokens = TokenStdin()
+        self.tunnel: Optional["Tunnel"] = None
+        self.stopping = False
+        self.connections = 0        # tunnels that came up
+        self._loop = None
+
+    # -- the reconnect loop -------------------------------------------------
+
+    def run(self) -> int:
+        cfg = self.config
+        log.info("websockify-agent %s: service %s, server %s", __version__,
+                 "%s:%d" % cfg.service if ":" not in cfg.service[0] else "[%s]:%d" % cfg.service,
+                 cfg.server)
+        if not cfg.server.secure:
+            log.warning("the server URL is ws://: the tunnel is not encrypted and the "
+                        "server is not authenticated")
+        if isinstance(self.tokens, TokenStdin):
+            self.tokens.start()
+        self._loop = gevent.spawn(self._run_loop)
+        try:
+            status = self._loop.get()
+            # A loop killed by stop() ends with GreenletExit as its value.
+            return status if isinstance(status, int) else EXIT_OK
+        finally:
+            if isinstance(self.tokens, TokenStdin):
+                self.tokens.stop()
+
+    def stop(self, signame: str = "stop") -> None:
+        """Stop now: the open tunnel is closed with 1001, then run() returns."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("%s: stopping", signame)
+        if self.tunnel is not None:
+            self.tunnel.close(1001, "agent stopping")
+        elif self._loop is not None:
+            self._loop.kill(block=False)
+
+    def _run_loop(self) -> int:
+        server = self.config.server
+        while not self.stopping:
+            try:
+                token = self._token()
+            except TokenError as exc:
+                if isinstance(self.tokens, TokenStdin) and self.tokens.closed:
+                    log.error("%s", exc)
+                    return EXIT_CONFIG
+                delay = self.backoff.failed()
+                log.error("%s; retrying in %.1f s", exc, delay)
+                gevent.sleep(delay)
+                continue
+            try:
+                sock, rest = self.dial(token)
+            except TunnelHandshakeError as exc:
+                text = str(exc)
+                body = getattr(exc, "body", "")
+                if body:
+                    text = "%s: %s" % (text, body)
+                if exc.status in (401, 403):
+                    delay = self.backoff.refused()
+                    log.error("the server refused the agent: %s; retrying in %.1f s",
+                              text, delay)
+                else:
+                    delay = self.backoff.failed()
+                    log.error("handshake with %s failed: %s; retrying in %.1f s",
+                              server, text, delay)
+                gevent.sleep(delay)
+                continue
+            except (OSError, ssl.CertificateError) as exc:
+                delay = self.backoff.failed()
+                log.error("cannot connect to %s: %s; retrying in %.1f s",
+                          server, _reason(exc), delay)
+                gevent.sleep(delay)
+                continue
+            self.connections += 1
+            connected_at = time.monotonic()
+            log.info("connected to %s: tunnel up", server)
+            tunnel = self.tunnel = Tunnel(self, sock, rest)
+            try:
+                reason = tunnel.run()
+            finally:
+                self.tunnel = None
+            if self.stopping:
+                break
+            connected_for = time.monotonic() - connected_at
+            if tunnel.server_close_code in SENT_AWAY:
+                # Replaced by another agent with this ID, or removed from the
+                # configuration: coming straight back would only flap.
+                self.backoff.disconnected(connected_for)
+                delay = self.backoff.refused()
+            else:
+                delay = self.backoff.disconnected(connected_for)
+            log.warning("tunnel closed: %s; reconnecting in %.1f s", reason, delay)
+            gevent.sleep(delay)
+        return EXIT_OK
+
+    def _token(self) -> Optional[str]:
+        if self.tokens is None:
+            return None
+        self.tokens.wait()
+        return self.tokens.current()
+
+    # -- one connection -----------------------------------------------------
+
+    def dial(self, token: Optional[str]) -> Tuple[socket.socket, bytes]:
+        """TCP, TLS and the opening handshake, within --connect-timeout.
+
+        Returns the socket and the bytes read past the 101's head; raises
+        OSError (TLS errors included) or TunnelHandshakeError.
+        """
+        cfg = self.config
+        server = cfg.server
+        deadline = time.monotonic() + cfg.connect_timeout
+        sock = gsocket.create_connection((server.host, server.port),
+                                         timeout=cfg.connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_hostname=server.host)
+            key = client_key(os.urandom(16))
+            headers = [("User-Agent", "websockify-agent/%s" % __version__)]
+            if token:
+                headers.append(("Authorization", "Bearer %s" % token))
+            sock.sendall(client_request(server.host_header, server.target, key,
+                                        mux.SUBPROTOCOL, headers))
+            head, rest = _read_head(sock, deadline)
+            try:
+                check_client_response(head, key, mux.SUBPROTOCOL)
+            except TunnelHandshakeError as exc:
+                exc.body = _read_body(sock, head, rest, deadline)
+                raise
+            sock.settimeout(None)
+            return sock, rest
+        except BaseException:
+            sock.close()
+            raise
+
+
+def _read_head(sock, deadline: float) -> Tuple[bytes, bytes]:
+    data = b""
+    while True:
+        end, size = head_end(data, 0)
+        if end >= 0:
+            return data[:end + size], data[end + size:]
+        if len(data) > HEADER_LIMIT:
+            raise TunnelHandshakeError(0, "", "the server's answer has no end of head "
+                                              "within %d bytes" % HEADER_LIMIT)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        sock.settimeout(left)
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise TunnelHandshakeError(0, "", "the server closed the connection before "
+                                              "answering the upgrade" if not data else
+                                              "the server closed the connection in its answer")
+        data += chunk
+
+
+def _read_body(sock, head: bytes, rest: bytes, deadline: float) -> str:
+    """The first line of a refusal's text body, for the log (best effort)."""
+    match = _CONTENT_LENGTH.search(head)
+    want = min(int(match.group(1)), _BODY_LIMIT) if match else _BODY_LIMIT
+    body = rest
+    try:
+        while len(body) < want:
+            left = min(deadline - time.monotonic(), 2.0)
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            chunk = sock.recv(want - len(body))
+            if not chunk:
+                break
+            body += chunk
+    except OSError:
+        pass
+    text = body[:want].decode("utf-8", "replace").strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+class _Stream:
+    """A stream whose service connection is up."""
+
+    __slots__ = ("id", "sock", "peer", "out", "out_wake", "window_wake", "reader", "writer",
+                 "reader_done", "writer_done", "closed")
+
+    def __init__(self, stream_id: int, sock, peer: str):
+        self.id = stream_id
+        self.sock = sock
+        self.peer = peer
+        self.out: Deque[Optional[bytes]] = deque()   # for the service; None: the server's FIN
+        self.out_wake = Event()
+        self.window_wake = Event()
+        self.reader = None
+        self.writer = None
+        self.reader_done = False    # the service's EOF was passed on as FIN
+        self.writer_done = False    # the server's FIN was passed on as shutdown(SHUT_WR)
+        self.closed = False
+
+
+class _Ended(Exception):
+    pass
+
+
+class Tunnel:
+    """One WebSocket to the server carrying the mux, until it ends."""
+
+    def __init__(self, agent: Agent, sock, rest: bytes = b""):
+        cfg = agent.config
+        self.agent = agent
+        self.config = cfg
+        self.sock = sock
+        self._rest = rest
+        self.conn = mux.Connection("agent")
+        self.live = mux.Liveness(cfg.ping_interval, cfg.dead_after, now=time.monotonic())
+        self.parser = FrameParser(self._on_data, self._on_control, max_frame_size=MAX_MESSAGE,
+                                  expect_masked=False, on_message_end=self._on_message_end)
+        self.streams: Dict[int, _Stream] = {}
+        self._message = bytearray()     # a message arriving over several chunks
+        self._view = None               # or its first chunk, still in the read buffer
+        self._ws_out: list = []       # pongs and the close frame, sent before mux data
+        self._wake = Event()
+        self._done = Event()
+        self._close_queued = False
+        self.server_close_code: Optional[int] = None   # the code of the server's close frame
+        self.reason = ""
+        self._greenlets: list = []
+
+    # -- life --------------------------------------------------------------
+
+    def run(self) -> str:
+        """Carry the tunnel until it ends; returns why it ended."""
+        self._greenlets = [gevent.spawn(self._read_loop), gevent.spawn(self._write_loop),
+                           gevent.spawn(self._timer_loop)]
+        try:
+            self._done.wait()
+        finally:
+            self._teardown()
+        return self.reason
+
+    def close(self, code: int, reason: str) -> None:
+        """End the tunnel with a close frame (code, reason)."""
+        self._send_close(code, reason)
+        self._end(reason)
+
+    def _end(self, reason: str) -> None:
+        if not self._done.is_set():
+            self.reason = reason
+            self._done.set()
+
+    def _send_close(self, code: int, reason: str) -> None:
+        if not self._close_queued:
+            self._close_queued = True
+            self._ws_out.append(encode_client_frame(OP_CLOSE, close_payload(code, reason),
+                                                    os.urandom(4)))
+            self._wake.set()
+
+    def _teardown(self) -> None:
+        reader, writer, timer = self._greenlets
+        if self._close_queued and writer and not writer.dead:
+            writer.join(_CLOSE_WAIT)
+        gevent.killall([reader, writer, timer], block=True, timeout=1.0)
+        streams = list(self.streams.values())
+        for stream in streams:
+            self._close_stream(stream)
+        if streams:
+            log.info("%d stream(s) closed with the tunnel", len(streams))
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # -- reading from the server ------------------------------------------
+
+    def _read_loop(self) -> None:
+        sock = self.sock
+        try:
+            if self._rest:
+                self.live.heard(time.monotonic())
+                self.parser.feed(self._rest)
+                self._keep_partial()
+                self._rest = b""
+            buf = bytearray(_RECV)
+            parser = self.parser
+            live = self.live
+            monotonic = time.monotonic
+            while not self._done.is_set():
+                n = sock.recv_into(buf)
+                if not n:
+                    self._end("the server closed the connection")
+                    return
+                live.heard(monotonic())
+                parser.feed_buffer(buf, n)
+                if self._view is not None:
+                    self._keep_partial()
+        except WebSocketError as exc:
+            log.error("protocol error from the server: %s (closing with %d)",
+                      exc.reason, exc.close_code)
+            self.close(exc.close_code, exc.reason)
+        except _Ended:
+            pass
+        except OSError as exc:
+            self._end("connection lost: %s" % _reason(exc))
+
+    def _on_data(self, chunk, opcode: int) -> None:
+        if opcode == OP_TEXT:
+            raise mux.MuxProtocolError("a text message (the mux is binary messages only)")
+        if self._view is None and not self._message:
+            # Most messages are one chunk of the read buffer: no copy of it.
+            self._view = chunk
+            return
+        if self._view is not None:
+            self._message += self._view
+            self._view = None
+        self._message += chunk
+        if len(self._message) > MAX_MESSAGE:
+            raise mux.MuxProtocolError("a message over %d bytes" % MAX_MESSAGE)
+
+    def _keep_partial(self) -> None:
+        """The read buffer is about to be reused: copy a message's first chunk out of it."""
+        if self._view is not None:
+            self._message += self._view
+            self._view = None
+
+    def _on_control(self, opcode: int, payload: bytes) -> None:
+        if opcode == OP_PING:
+            self._ws_out.append(encode_client_frame(OP_PONG, payload, os.urandom(4)))
+            self._wake.set()
+        elif opcode == OP_CLOSE:
+            code, reason = parse_close_payload(payload)
+            self.server_close_code = code
+            self._send_close(code if code is not None else 1000, "")
+            self._end("the server closed the tunnel (%s%s)"
+                      % (code if code is not None else "no code",
+                         ": %s" % reason if reason else ""))
+            raise _Ended()
+
+    def _on_message_end(self, opcode: int) -> None:
+        if self._view is not None:
+            message = self._view
+            self._view = None
+        else:
+            message = self._message
+            self._message = bytearray()
+        for event in self.conn.receive_message(message):
+            kind = type(event)
+            if kind is mux.DataReceived:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.out.append(event.data)
+                    stream.out_wake.set()
+            elif kind is mux.SendWindowOpened:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.window_wake.set()
+            elif kind is mux.StreamOpened:
+                gevent.spawn(self._open_stream, event.stream_id, event.meta)
+            elif kind is mux.StreamEnded:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.out.append(None)
+                    stream.out_wake.set()
+            elif kind is mux.StreamReset:
+                stream = self.streams.get(event.stream_id)
+                log.debug("stream %d reset by the server: %s %s", event.stream_id,
+                          event.code.name, event.reason)
+                if stream is not None:
+                    self._close_stream(stream)
+            elif kind is mux.GoAwayReceived:
+                log.info("the server is going away (%d%s): no new streams",
+                         event.code, ": %s" % event.reason if event.reason else "")
+        if self.conn.has_data_to_send():
+            self._wake.set()
+
+    # -- writing to the server --------------------------------------------
+
+    def _write_loop(self) -> None:
+        sock = self.sock
+        conn = self.conn
+        wake = self._wake
+        try:
+            while True:
+                wake.wait()
+                wake.clear()
+                while True:
+                    frames = self._ws_out
+                    self._ws_out = []
+                    closing = self._close_queued
+                    messages = [] if closing else conn.data_to_send(WRITE_BATCH)
+                    if not frames and not messages:
+                        break
+                    if messages:
+                        frames.append(mask_messages(messages))
+                    sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
+                    if closing:
+                        return
+        except OSError as exc:
+            self._end("connection lost: %s" % _reason(exc))
+
+    # -- liveness ------------------------------------------------------------
+
+    def _timer_loop(self) -> None:
+        live = self.live
+        while not self._done.is_set():
+            now = time.monotonic()
+            verdict = live.poll(now)
+            if verdict == "dead":
+                log.warning("the server has been silent for %g s: it is dead",
+                            self.config.dead_after)
+                self.close(1011, "peer silent for %g s" % self.config.dead_after)
+                return
+            if verdict == "ping":
+                self.conn.ping(os.urandom(mux.PING_SIZE))
+                self._wake.set()
+            gevent.sleep(max(0.005, live.next_deadline(now) - now))
+
+    # -- streams -------------------------------------------------------------
+
+    def _open_stream(self, stream_id: int, meta: dict) -> None:
+        cfg = self.config
+        conn = self.conn
+        peer = str(meta.get("peer", "?"))[:100]
+        host, port = cfg.service
+        try:
+            sock = gsocket.create_connection((host, port), timeout=cfg.connect_timeout)
+        except socket.timeout:
+            self._refuse(stream_id, peer, mux.ResetCode.TIMEOUT,
+                         "service did not answer within %g s" % cfg.connect_timeout)
+            return
+        except OSError as exc:
+            self._refuse(stream_id, peer, mux.ResetCode.REFUSED,
+                         "service: %s" % _reason(exc))
+            return
+        if self._done.is_set() or not conn.is_open(stream_id):
+            sock.close()        # the server reset the stream, or the tunnel ended, meanwhile
+            return
+        sock.settimeout(None)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        stream = _Stream(stream_id, sock, peer)
+        self.streams[stream_id] = stream
+        conn.accept_stream(stream_id)
+        self._wake.set()
+        log.debug("stream %d for %s: connected to the service", stream_id, peer)
+        stream.reader = gevent.spawn(self._service_to_server, stream)
+        stream.writer = gevent.spawn(self._server_to_service, stream)
+
+    def _refuse(self, stream_id: int, peer: str, code: mux.ResetCode, reason: str) -> None:
+        log.info("stream %d for %s: %s", stream_id, peer, reason)
+        if not self._done.is_set() and self.conn.is_open(stream_id):
+            self.conn.reset_stream(stream_id, code, reason)
+            self._wake.set()
+
+    def _service_to_server(self, stream: _Stream) -> None:
+        conn = self.conn
+        sid = stream.id
+        recv = stream.sock.recv
+        wake = self._wake
+        try:
+            while True:
+                window = conn.send_window(sid)
+                if window <= 0:
+                    if not conn.is_open(sid):
+                        return
+                    stream.window_wake.clear()
+                    stream.window_wake.wait()
+                    continue
+                data = recv(READ_CHUNK if window > READ_CHUNK else window)
+                if not data:
+                    break
+                if not conn.is_open(sid):
+                    return
+                conn.send_data(sid, data)
+                wake.set()
+        except OSError as exc:
+            self._abort(stream, "service connection: %s" % _reason(exc))
+            return
+        conn.end_stream(sid)
+        wake.set()
+        stream.reader_done = True
+        if stream.writer_done:
+            self._close_stream(stream)
+
+    def _server_to_service(self, stream: _Stream) -> None:
+        conn = self.conn
+        sid = stream.id
+        out = stream.out
+        sock = stream.sock
+        try:
+            while True:
+                while not out:
+                    stream.out_wake.clear()
+                    stream.out_wake.wait()
+                data = out.popleft()
+                if data is None:
+                    sock.shutdown(socket.SHUT_WR)
+                    break
+                # What else is queued goes in the same write (at most the window).
+                if out and out[0] is not None:
+                    pieces = [data]
+                    while out and out[0] is not None:
+                        pieces.append(out.popleft())
+                    data = b"".join(pieces)
+                sock.sendall(data)
+                conn.consumed(sid, len(data))
+                if conn.has_data_to_send():
+                    self._wake.set()
+        except OSError as exc:
+            self._abort(stream, "service connection: %s" % _reason(exc))
+            return
+        stream.writer_done = True
+        if stream.reader_done:
+            self._close_stream(stream)
+
+    def _abort(self, stream: _Stream, reason: str) -> None:
+        """The service side failed: RESET CANCEL to the server, close the stream."""
+        log.debug("stream %d for %s: %s", stream.id, stream.peer, reason)
+        if self.conn.is_open(stream.id):
+            self.conn.reset_stream(stream.id, mux.ResetCode.CANCEL, reason)
+            self._wake.set()
+        self._close_stream(stream)
+
+    def _close_stream(self, stream: _Stream) -> None:
+        if stream.closed:
+            return
+        stream.closed = True
+        self.streams.pop(stream.id, None)
+        current = gevent.getcurrent()
+        for greenlet in (stream.reader, stream.writer):
+            if greenlet is not None and greenlet is not current:
+                greenlet.kill(block=False)
+        try:
+            stream.sock.close()
+        except OSError:
+            pass
+        log.debug("stream %d for %s: closed", stream.id, stream.peer)

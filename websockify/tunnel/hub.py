@@ -1,0 +1,500 @@
+"""One worker's tunnels: its agents' links, their users, hand-offs from other workers.
+
+The handshake handler (server/http.py) asks the hub about three kinds of
+request: an agent's upgrade at ``<path><ID>`` (authenticated here, then a
+tunnel/link.py Link), a browser's ``?token=<ID>`` for an agent with
+``token = true`` (the bridge face, tunnel/faces.py) and ``GET <path>`` (the
+status page).  Users of the TCP faces come from the faces' acceptors.  A
+user for an agent another worker holds goes there through
+tunnel/handoff.py; a user for an absent agent is refused at once.  A timer
+publishes each link's figures to the registry and closes the links of
+agents a reload removed.
+"""
+
+import logging
+import os
+import socket
+import time
+import _socket
+from typing import Dict, Optional, Set
+from urllib.parse import urlsplit
+
+import gevent
+
+from websockify.addr import format_host_port
+from websockify.errors import BadRequest, HTTPError
+from websockify.net.sockets import tune_stream
+from websockify.protocol.handshake import UpgradeRequest, accept_key, negotiate
+from websockify.protocol.codec import HYBI
+from websockify.protocol.mux import SUBPROTOCOL, StreamLimitError
+from websockify.tunnel.faces import (AgentUnavailable, FaceAcceptor, StreamUser,
+                                     status_allowed, status_response, wait_for_open)
+from websockify.tunnel.handoff import HandoffListener, HandoffSender, Pipe
+from websockify.tunnel.link import Link, liveness_settings
+
+log = logging.getLogger("websockify")
+
+PUBLISH_INTERVAL = 0.2
+#: What ``bridge_target`` returns when the connection went to another worker.
+HANDED_OFF = object()
+
+
+class Conflict(HTTPError):
+    def __init__(self, text: str):
+        super().__init__(409, text)
+
+
+def agent_response(key: str) -> bytes:
+    """The 101 for an agent: the tunnel subprotocol answered."""
+    lines = ["HTTP/1.1 101 Switching Protocols",
+             "Upgrade: websocket",
+             "Connection: Upgrade",
+             "Sec-WebSocket-Accept: %s" % accept_key(key),
+             "Sec-WebSocket-Protocol: %s" % SUBPROTOCOL]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _raw(sock) -> _socket.socket:
+    """A plain non-blocking socket object for a descriptor (the loop drives it)."""
+    fd = sock.detach() if hasattr(sock, "detach") else sock
+    raw = _socket.socket(fileno=fd)
+    raw.setblocking(False)
+    return raw
+
+
+class TunnelHub:
+    """The tunnels of one worker process."""
+
+    def __init__(self, host, config, runtime, server, loop, worker_number: int):
+        self.host = host
+        #: This generation's file (the registry, shared, is what a reload changed since).
+        self.tunnels = runtime.tunnels
+        self.registry = host.registry
+        self.config = config
+        self.runtime = runtime
+        self.server = server
+        self.loop = loop
+        self.worker_number = worker_number
+        self.pid = os.getpid()
+        self.links: Dict[str, Link] = {}
+        self.users: Set[StreamUser] = set()
+        self.pipes: Set[Pipe] = set()
+        self.ping_interval, self.dead_after = liveness_settings()
+        # An OPEN waits for the shorter of --connect-timeout and the file's connect_timeout.
+        self.connect_timeout = min(config.connect_timeout,
+                                   getattr(self.tunnels, "connect_timeout", None)
+                                   or config.connect_timeout)
+        self.sender = HandoffSender(host.directory)
+        self.listener = HandoffListener(host.directory, self._on_handoff)
+        self.acceptors = {}
+        for agent_id, entry in self.tunnels.agents.items():
+            sock = runtime.tunnel_listeners.get(entry.listen) if entry.listen else None
+            if sock is not None:
+                sock.setblocking(False)
+                self.acceptors[agent_id] = FaceAcceptor(loop, agent_id, sock, self._tcp_user,
+                                                        self._may_accept)
+        self.draining = False
+        self._timer = loop.timer(PUBLISH_INTERVAL, PUBLISH_INTERVAL)
+        self._timer.start(self._on_timer)
+
+    handed_off = HANDED_OFF
+
+    @property
+    def path(self) -> str:
+        return self.tunnels.path
+
+    # -- routing (the handshake handler asks) -----------------------------------
+
+    def is_agent_request(self, handler) -> bool:
+        """An upgrade under the tunnels' path that offers the tunnel subprotocol or
+        names a configured agent (a browser's session elsewhere under a short
+        path such as "/" stays a bridge session)."""
+        path = urlsplit(handler.path).path
+        if not path.startswith(self.path) or len(path) == len(self.path):
+            return False
+        offered = handler.headers.get("sec-websocket-protocol", "")
+        return (SUBPROTOCOL in [p.strip() for p in offered.split(",")]
+                or self.registry.configured(path[len(self.path):]))
+
+    def is_status_request(self, handler) -> bool:
+        return handler.command in ("GET", "HEAD") and urlsplit(handler.path).path == self.path
+
+    def bridge_agent(self, handler) -> Optional[str]:
+        """The agent a browser's token names, if that agent has a bridge face.
+
+        The token is found as the token plugins find it (``?token=``, also
+        inside noVNC's ``?path=``, or a ``token`` cookie).
+        """
+        from websockify.plugins.tokens import token_from_request
+        agent_id = token_from_request(handler.environ, False)
+        if not agent_id:
+            return None
+        entry = self.tunnels.agents.get(agent_id)
+        if entry is None or not entry.token:
+            return None
+        if self.runtime.tokens is not None:
+            # A token plugin that knows the token wins (asked as for any session,
+            # under --connect-timeout).
+            try:
+                self.server.service.pick_target(handler)
+                return None
+            except HTTPError:
+                pass
+        return agent_id
+
+    # -- agents --------------------------------------------------------------------
+
+    def accept_agent(self, handler) -> None:
+        """An agent's upgrade: check, authenticate, answer 101 and start its link."""
+        headers = handler.headers
+        offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
+        if SUBPROTOCOL not in offered:
+            raise BadRequest("an agent must offer the WebSocket subprotocol %s" % SUBPROTOCOL)
+        accept = negotiate(UpgradeRequest(handler.request_version, handler.path, headers,
+                                          secure=handler.tls is not None),
+                           legacy_clients=False)
+        if accept.codec is not HYBI:
+            raise BadRequest("an agent must use RFC 6455 WebSocket framing")
+        # The ID is the path segment as sent: IDs are made of characters a URL
+        # carries as they are (%-escapes included, compared undecoded).
+        agent_id = urlsplit(handler.path).path[len(self.path):]
+        # The registry, not this worker's copy of the file: a reload may have
+        # added or removed the ID since this worker was forked.
+        if not self.registry.configured(agent_id):
+            raise HTTPError(403, "agent ID %r is not in the tunnel configuration" % agent_id)
+        expiry = self._authenticate(handler, agent_id)
+        peer = handler.peer
+        claim = self.registry.claim(agent_id, self.pid, self.worker_number, peer,
+                                    expiry or 0.0,
+                                    refuse=self.tunnels.on_duplicate == "refuse")
+        if not claim.taken:
+            if claim.previous_pid:
+                raise Conflict("agent %s is already connected (from %s)"
+                               % (agent_id, claim.previous_peer or "?"))
+            raise HTTPError(403, "agent ID %r is not in the tunnel configuration" % agent_id)
+        if claim.previous_pid:
+            log.info("agent %s: new connection from %s replaces the one from %s",
+                     agent_id, peer, claim.previous_peer or "?")
+            self._drop_previous(agent_id, claim.previous_pid)
+        try:
+            handler.socket.sendall(agent_response(headers.get("sec-websocket-key", "").strip()))
+        except OSError as exc:
+            self.registry.release(agent_id, self.pid, claim.serial)
+            log.info("%s: agent %s disconnected during the handshake: %s", peer, agent_id,
+                     exc.strerror or exc)
+            handler.close_connection = True
+            return
+        handler.status = "101 Switching Protocols"
+        handler.headers_sent = True
+        handler.close_connection = True
+        early = handler.rfile.take_buffer()
+        sock = handler._detach()
+        link = Link(self.loop, sock, agent_id=agent_id, peer=peer, serial=claim.serial,
+                    on_finish=self._link_finished, ping_interval=self.ping_interval,
+                    dead_after=self.dead_after, token_expiry=expiry)
+        self.links[agent_id] = link
+        log.info("agent %s connected from %s (worker %d)", agent_id, peer, self.worker_number)
+        link.start(early)
+
+    def _authenticate(self, handler, agent_id: str) -> Optional[float]:
+        """The token's expiry (None for a client certificate); raises 401."""
+        authorization = handler.headers.get("authorization")
+        if authorization:
+            scheme, _, token = authorization.strip().partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise HTTPError(401, "agent %s: Authorization must be 'Bearer <token>'"
+                                % agent_id, [("WWW-Authenticate", "Bearer")])
+            from websockify.tunnel.agent_token import verify_agent_token
+            try:
+                claims = verify_agent_token(token.strip(), agent_id, self.tunnels.secrets,
+                                            self.tunnels.audience, time.time())
+            except HTTPError as exc:
+                raise HTTPError(401, "agent %s: %s" % (agent_id, exc.text),
+                                [("WWW-Authenticate", "Bearer")]) from None
+            except Exception as exc:
+                if getattr(exc, "status", None) != 401:
+                    raise
+                reason = getattr(exc, "reason", None) or str(exc)
+                raise HTTPError(401, "agent %s: %s" % (agent_id, reason),
+                                [("WWW-Authenticate", "Bearer")]) from None
+            expiry = claims.get("exp") if isinstance(claims, dict) else getattr(claims, "exp",
+                                                                                  None)
+            return float(expiry) if expiry is not None else None
+        if self.config.verify_client and handler.tls is not None:
+            common_name = handler.tls.peer_common_name()
+            if common_name == agent_id:
+                return None
+            raise HTTPError(401, "agent %s: client certificate CN %r is not the agent ID"
+                            % (agent_id, common_name))
+        raise HTTPError(401, "agent %s: no credentials (send Authorization: Bearer <token>)"
+                        % agent_id, [("WWW-Authenticate", "Bearer")])
+
+    def _drop_previous(self, agent_id: str, pid: int) -> None:
+        if pid == self.pid:
+            old = self.links.pop(agent_id, None)
+            if old is not None:
+                self._close_link(old, 1000, "replaced by a new connection")
+            return
+        if not self.sender.send(pid, {"kind": "drop", "agent": agent_id}):
+            log.info("agent %s: worker pid %d that held it cannot be reached", agent_id, pid)
+
+    def _close_link(self, link: Link, code: int, reason: str) -> None:
+        link.go_away(code, reason)
+        link.close(code, reason)
+
+    def _link_finished(self, link: Link) -> None:
+        if self.links.get(link.agent_id) is link:
+            del self.links[link.agent_id]
+        self.registry.release(link.agent_id, self.pid, link.serial)
+        log.info("agent %s (%s): tunnel closed (%s%s) after %.1fs, %d bytes to the agent, "
+                 "%d from it", link.agent_id, link.peer,
+                 link.close_code if link.close_code is not None else "-",
+                 " " + link.close_reason if link.close_reason else "",
+                 time.time() - link.connected_since, link.bytes_out, link.bytes_in)
+        self.server.release()
+
+    def _on_timer(self) -> None:
+        try:
+            for agent_id, link in list(self.links.items()):
+                if self.registry.removed(agent_id):
+                    log.info("agent %s: removed from the configuration; closing its tunnel",
+                             agent_id)
+                    self.links.pop(agent_id, None)
+                    self._close_link(link, 1008, "agent removed from the configuration")
+                    continue
+                if self.registry.serial(agent_id) != link.serial or \
+                        self.registry.holder(agent_id) != self.pid:
+                    # Another worker took it over and its message is still on its way.
+                    continue
+                self.registry.publish(agent_id, link.serial, link.open_streams,
+                                      link.bytes_out, link.bytes_in)
+                if self.draining and not link.open_streams:
+                    # Another generation serves from now on: an agent without
+                    # streams goes there now, one with streams when they end.
+                    log.info("agent %s: no open streams while this worker stops; closing "
+                             "its tunnel so it reconnects", agent_id)
+                    self.links.pop(agent_id, None)
+                    self._close_link(link, 1001, "server restarting")
+            for agent_id, acceptor in list(self.acceptors.items()):
+                if self.registry.removed(agent_id):
+                    acceptor.close()
+                    del self.acceptors[agent_id]
+        except Exception:
+            log.exception("tunnel bookkeeping failed")
+
+    # -- users ---------------------------------------------------------------------
+
+    def _may_accept(self) -> bool:
+        return not self.draining and not self.server.full()
+
+    def _tcp_user(self, agent_id: str, sock, address) -> None:
+        raw = _raw(sock)
+        peer = format_host_port(address[0], address[1]) if isinstance(address, tuple) else "?"
+        link = self.links.get(agent_id)
+        if link is not None:
+            self._serve_tcp(link, raw, peer)
+            return
+        pid = self.registry.holder(agent_id)
+        if pid and pid != self.pid:
+            gevent.spawn(self._hand_off, pid, {"kind": "tcp", "agent": agent_id, "peer": peer},
+                         b"", raw)
+            return
+        log.info("%s: agent %s is not connected; TCP user closed", peer, agent_id)
+        raw.close()
+
+    def _hand_off(self, pid: int, header: dict, data: bytes, sock) -> None:
+        try:
+            if not self.sender.send(pid, header, data, sock.fileno()):
+                log.info("%s: agent %s: its worker (pid %d) cannot be reached; user closed",
+                         header.get("peer"), header.get("agent"), pid)
+            else:
+                log.debug("%s: agent %s: user handed to worker pid %d", header.get("peer"),
+                          header.get("agent"), pid)
+        finally:
+            sock.close()
+
+    def _serve_tcp(self, link: Link, sock, peer: str) -> None:
+        tune_stream(sock)
+        self.server.connections += 1
+        try:
+            user = StreamUser(self.loop, sock, link, {"face": "tcp", "peer": peer},
+                              label="%s -> agent %s" % (peer, link.agent_id),
+                              on_finish=self._user_finished, open_timeout=self.connect_timeout)
+        except StreamLimitError as exc:
+            log.info("%s: agent %s: stream refused (%s); user closed", peer, link.agent_id, exc)
+            sock.close()
+            self.server.release()
+            return
+        self.users.add(user)
+        log.debug("%s: TCP user for agent %s (worker %d, stream %d)", peer, link.agent_id,
+                  self.worker_number, user.stream_id)
+
+    def _user_finished(self, user: StreamUser) -> None:
+        if user in self.users:
+            self.users.discard(user)
+            log.info("%s: closed after %d bytes to the agent, %d from it", user.label,
+                     user.bytes_up, user.bytes_down)
+            self.server.release()
+
+    # -- the bridge face ------------------------------------------------------------
+
+    def bridge_target(self, handler, agent_id: str):
+        """Before the 101: a Target whose socket is the stream, or HANDED_OFF; raises 5xx."""
+        from websockify.server.proxy import Target
+        target = Target(host="agent %s" % agent_id, port=None)
+        # --auth-plugin judges a bridge-face session as any other.
+        self.server.service.authenticate(handler, target)
+        link = self.links.get(agent_id)
+        if link is None:
+            pid = self.registry.holder(agent_id)
+            if pid and pid != self.pid and getattr(handler, "handoff", None) is None:
+                self._hand_off_request(handler, pid, agent_id)
+                return HANDED_OFF
+            raise AgentUnavailable("agent %s is not connected" % agent_id)
+        ours, theirs = socket.socketpair()
+        ours, theirs = _raw(ours), _raw(theirs)
+        try:
+            user = StreamUser(self.loop, theirs, link, {"face": "bridge", "peer": handler.peer},
+                              label="%s -> agent %s (bridge)" % (handler.peer, agent_id),
+                              open_timeout=self.connect_timeout)
+        except StreamLimitError as exc:
+            ours.close()
+            theirs.close()
+            raise AgentUnavailable("agent %s: %s" % (agent_id, exc)) from None
+        try:
+            wait_for_open(user, agent_id, self.connect_timeout)
+        except BaseException:
+            user.abandon()
+            ours.close()
+            raise
+        user.start()
+        target.sock = ours
+        return target
+
+    def _hand_off_request(self, handler, pid: int, agent_id: str) -> None:
+        """Send a browser's connection (and the request read so far) to the holder."""
+        raw = (handler.requestline.encode("latin-1") + b"\r\n" + handler._header_block
+               + b"\r\n\r\n" + handler.rfile.take_buffer())
+        address = handler.client_address
+        header = {"kind": "bridge", "agent": agent_id,
+                  "address": list(address[:2]) if isinstance(address, tuple) else None,
+                  "tls": handler.tls is not None}
+        if handler.tls is not None:
+            # TLS state cannot move: keep the stream, hand over a socketpair end.
+            header["cn"] = handler.tls.peer_common_name()
+            ours, theirs = socket.socketpair()
+            ours, theirs = _raw(ours), _raw(theirs)
+            stream = handler._detach()
+            pipe = Pipe(self.loop, stream, ours, on_finish=self._pipe_finished)
+            self.pipes.add(pipe)
+            if self.sender.send(pid, header, raw, theirs.fileno()):
+                log.debug("%s: agent %s: TLS request handed to worker pid %d through a "
+                          "socketpair", handler.peer, agent_id, pid)
+                pipe.start()
+            else:
+                log.info("%s: agent %s: its worker (pid %d) cannot be reached", handler.peer,
+                         agent_id, pid)
+                pipe.close()
+            theirs.close()
+            return
+        sock = handler._detach()
+        try:
+            if self.sender.send(pid, header, raw, sock.fileno()):
+                log.debug("%s: agent %s: request handed to worker pid %d", handler.peer,
+                          agent_id, pid)
+            else:
+                log.info("%s: agent %s: its worker (pid %d) cannot be reached", handler.peer,
+                         agent_id, pid)
+        finally:
+            sock.close()
+            self.server.release()
+
+    def _pipe_finished(self, pipe: Pipe) -> None:
+        if pipe in self.pipes:
+            self.pipes.discard(pipe)
+            self.server.release()
+
+    # -- hand-offs from other workers -----------------------------------------------
+
+    def _on_handoff(self, header: dict, data: bytes, fd: int) -> None:
+        kind = header.get("kind")
+        agent_id = header.get("agent", "")
+        if kind == "drop":
+            link = self.links.get(agent_id)
+            if link is not None and (self.registry.holder(agent_id) != self.pid
+                                     or self.registry.serial(agent_id) != link.serial):
+                self.links.pop(agent_id, None)
+                self._close_link(link, 1000, "replaced by a new connection")
+            return
+        if fd < 0:
+            return
+        sock = _socket.socket(fileno=fd)
+        sock.setblocking(False)
+        if kind == "tcp":
+            link = self.links.get(agent_id)
+            if link is None:
+                log.info("%s: agent %s is not connected here any more; TCP user closed",
+                         header.get("peer"), agent_id)
+                sock.close()
+                return
+            self._serve_tcp(link, sock, header.get("peer", "?"))
+        elif kind == "bridge":
+            gevent.spawn(self._serve_handed_request, sock, header, data)
+        else:
+            sock.close()
+
+    def _serve_handed_request(self, sock, header: dict, data: bytes) -> None:
+        """A browser's request another worker read: handled here as if accepted here."""
+        from gevent import socket as gsocket
+        server = self.server
+        gsock = gsocket.socket(fileno=sock.detach())
+        address = tuple(header.get("address") or ("?", 0))
+        server.connections += 1
+        handler = None
+        try:
+            handler = server.handler_class(gsock, address, server)
+            handler.handoff = header
+            handler.rfile.buffer = data
+            handler.handle()
+        finally:
+            if handler is None or not handler.detached:
+                server.release()
+
+    # -- the status page --------------------------------------------------------------
+
+    def status(self, handler) -> bytes:
+        """The status page's whole response (403 from outside status_allow)."""
+        from websockify.tunnel.status import build_document
+        address = handler.client_address[0] if isinstance(handler.client_address, tuple) \
+            else ""
+        if not status_allowed(address, self.tunnels.status_allow):
+            raise HTTPError(403, "the tunnel status is not shown to %s" % address)
+        document = build_document(self.tunnels, self.registry.snapshot(), time.time())
+        content_type, body = status_response(document, handler.headers.get("accept", ""))
+        head = ("HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+                % (content_type, len(body))).encode("latin-1")
+        return head + (body if handler.command != "HEAD" else b"")
+
+    # -- stopping -------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Stop accepting users on the TCP faces (another generation serves them)."""
+        self.draining = True
+        for acceptor in self.acceptors.values():
+            acceptor.close()
+        self.acceptors = {}
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.links or self.users or self.pipes)
+
+    def shutdown(self, code: int = 1001, reason: str = "Server shutting down") -> None:
+        self.drain()
+        for link in list(self.links.values()):
+            self._close_link(link, code, reason)
+
+    def close(self) -> None:
+        self._timer.stop()
+        self.listener.close()
+        self.sender.close()

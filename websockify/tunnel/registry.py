@@ -1,0 +1,269 @@
+"""Which worker holds which agent: entries in shared memory every worker reads.
+
+The master maps the region before it forks (as arbiter/scoreboard.py) and
+writes one entry per configured agent ID; a worker that accepts an agent's
+WebSocket claims the entry (its pid), publishes the link's figures there
+for the status page, and clears it when the link ends.  A worker that
+accepts a user for an agent looks the holder up here and hands the user to
+it (tunnel/handoff.py).  The master clears the entries of a worker that
+died, and marks the entries of agents a reload removed, which their holders
+then close.
+
+Every field is one aligned 8-byte word (or a byte string only its writer
+changes), so readers never need a lock; claims, which must not race (two
+WebSockets of one agent arriving at two workers at once), take an flock on
+a file in the master's private directory.
+"""
+
+import fcntl
+import mmap
+import os
+import struct
+import time
+from typing import Dict, Iterable, List, Optional, Tuple
+
+# state, holder pid, holder worker number, link serial, connected since,
+# connects, open streams, bytes to the agent, bytes from the agent, token expiry,
+# id length, peer length, id, peer
+_ENTRY = struct.Struct("<qqqqdqqqqdqq128s64s")
+ENTRY_SIZE = _ENTRY.size
+_HEADER = struct.Struct("<qq")          # version (bumped by the master), entries used
+_HEADER_SIZE = 64
+
+FREE = 0
+CONFIGURED = 1
+REMOVED = 2
+
+_STATE, _PID, _WORKER, _SERIAL, _SINCE, _CONNECTS, _STREAMS, _OUT, _IN, _EXPIRY = range(10)
+_FLOAT_FIELDS = (_SINCE, _EXPIRY)
+MAX_ID = 128
+MAX_PEER = 64
+
+
+class Claim:
+    """What claiming an entry found: whether it is ours now, and who held it."""
+
+    __slots__ = ("taken", "serial", "previous_pid", "previous_peer")
+
+    def __init__(self, taken: bool, serial: int, previous_pid: int, previous_peer: str):
+        self.taken = taken
+        self.serial = serial
+        self.previous_pid = previous_pid
+        self.previous_peer = previous_peer
+
+
+class Registry:
+    """Agent ID -> holding worker, in a region shared by the master and its workers."""
+
+    def __init__(self, capacity: int, lock_path: Optional[str] = None):
+        self.capacity = max(1, capacity)
+        self._map = mmap.mmap(-1, _HEADER_SIZE + ENTRY_SIZE * self.capacity)
+        self.lock_path = lock_path
+        self._lock_fd = -1
+        self._lock_pid = 0
+        self._index: Dict[str, int] = {}
+        self._version = -1
+
+    # -- raw access --------------------------------------------------------
+
+    def _offset(self, index: int, field: int = 0) -> int:
+        return _HEADER_SIZE + index * ENTRY_SIZE + field * 8
+
+    def _get(self, index: int, field: int):
+        fmt = "<d" if field in _FLOAT_FIELDS else "<q"
+        return struct.unpack_from(fmt, self._map, self._offset(index, field))[0]
+
+    def _set(self, index: int, field: int, value) -> None:
+        fmt = "<d" if field in _FLOAT_FIELDS else "<q"
+        struct.pack_into(fmt, self._map, self._offset(index, field), value)
+
+    def _header(self) -> Tuple[int, int]:
+        return _HEADER.unpack_from(self._map, 0)
+
+    def _entry(self, index: int) -> tuple:
+        return _ENTRY.unpack_from(self._map, self._offset(index))
+
+    def _entry_id(self, index: int) -> str:
+        fields = self._entry(index)
+        return fields[12][:fields[10]].decode("utf-8")
+
+    # -- the master ----------------------------------------------------------
+
+    def configure(self, agent_ids: Iterable[str]) -> List[str]:
+        """Make the configured IDs exactly ``agent_ids``; returns those that did not fit.
+
+        An ID kept keeps its entry (holder, counters); a removed one is
+        marked REMOVED, so its holder closes the link; a new one takes a free
+        or released entry.
+        """
+        wanted = list(dict.fromkeys(agent_ids))
+        version, used = self._header()
+        known = {}
+        for index in range(used):
+            if self._get(index, _STATE) != FREE:
+                known[self._entry_id(index)] = index
+        for agent_id, index in known.items():
+            if agent_id not in wanted:
+                self._set(index, _STATE, REMOVED)
+        left_out = []
+        for agent_id in wanted:
+            index = known.get(agent_id)
+            if index is None:
+                index = self._free_entry(used)
+                if index is None:
+                    left_out.append(agent_id)
+                    continue
+                used = max(used, index + 1)
+                raw = agent_id.encode("utf-8")[:MAX_ID]
+                _ENTRY.pack_into(self._map, self._offset(index), FREE, 0, 0, 0, 0.0, 0, 0, 0,
+                                 0, 0.0, len(raw), 0, raw, b"")
+            self._set(index, _STATE, CONFIGURED)
+        _HEADER.pack_into(self._map, 0, version + 1, used)
+        return left_out
+
+    def _free_entry(self, used: int) -> Optional[int]:
+        for index in range(used):
+            state = self._get(index, _STATE)
+            if state == FREE or (state == REMOVED and not self._get(index, _PID)):
+                return index
+        return used if used < self.capacity else None
+
+    def worker_exited(self, pid: int) -> List[str]:
+        """Clear the entries a dead worker held; returns their IDs."""
+        cleared = []
+        for index in range(self._header()[1]):
+            if self._get(index, _PID) == pid:
+                self._clear(index)
+                cleared.append(self._entry_id(index))
+        return cleared
+
+    def _clear(self, index: int) -> None:
+        self._set(index, _PID, 0)
+        self._set(index, _WORKER, 0)
+        self._set(index, _STREAMS, 0)
+
+    # -- workers ---------------------------------------------------------------
+
+    def index_of(self, agent_id: str) -> Optional[int]:
+        version = self._header()[0]
+        if version != self._version:
+            used = self._header()[1]
+            self._index = {self._entry_id(i): i for i in range(used)
+                           if self._get(i, _STATE) != FREE}
+            self._version = version
+        return self._index.get(agent_id)
+
+    def configured(self, agent_id: str) -> bool:
+        index = self.index_of(agent_id)
+        return index is not None and self._get(index, _STATE) == CONFIGURED
+
+    def removed(self, agent_id: str) -> bool:
+        index = self.index_of(agent_id)
+        return index is None or self._get(index, _STATE) != CONFIGURED
+
+    def holder(self, agent_id: str) -> int:
+        """The pid of the worker holding ``agent_id``'s link, 0 for none."""
+        index = self.index_of(agent_id)
+        if index is None:
+            return 0
+        return self._get(index, _PID)
+
+    def holder_peer(self, agent_id: str) -> str:
+        index = self.index_of(agent_id)
+        if index is None:
+            return ""
+        fields = self._entry(index)
+        return fields[13][:fields[11]].decode("utf-8", "replace")
+
+    def serial(self, agent_id: str) -> int:
+        index = self.index_of(agent_id)
+        return 0 if index is None else self._get(index, _SERIAL)
+
+    def _lock(self) -> int:
+        # Opened after fork: an flock shared through an inherited descriptor
+        # would not exclude anyone.
+        if self.lock_path is None:
+            return -1
+        if self._lock_pid != os.getpid():
+            self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lock_pid = os.getpid()
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        return self._lock_fd
+
+    def _unlock(self, fd: int) -> None:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def claim(self, agent_id: str, pid: int, worker: int, peer: str, expiry: float,
+              refuse: bool, now: Optional[float] = None) -> Claim:
+        """Take ``agent_id``'s entry for a new link (unless ``refuse`` and it is held)."""
+        index = self.index_of(agent_id)
+        if index is None or self._get(index, _STATE) != CONFIGURED:
+            return Claim(False, 0, 0, "")
+        fd = self._lock()
+        try:
+            previous = self._get(index, _PID)
+            previous_peer = self.holder_peer(agent_id) if previous else ""
+            if previous and refuse:
+                return Claim(False, 0, previous, previous_peer)
+            serial = self._get(index, _SERIAL) + 1
+            raw_peer = peer.encode("utf-8")[:MAX_PEER]
+            struct.pack_into("<q", self._map, self._offset(index, 11), len(raw_peer))
+            struct.pack_into("64s", self._map, self._offset(index) + _ENTRY.size - 64, raw_peer)
+            self._set(index, _SERIAL, serial)
+            self._set(index, _SINCE, time.time() if now is None else now)
+            self._set(index, _CONNECTS, self._get(index, _CONNECTS) + 1)
+            self._set(index, _STREAMS, 0)
+            self._set(index, _EXPIRY, expiry)
+            self._set(index, _WORKER, worker)
+            self._set(index, _PID, pid)
+            return Claim(True, serial, previous, previous_peer)
+        finally:
+            self._unlock(fd)
+
+    def release(self, agent_id: str, pid: int, serial: int) -> bool:
+        """Clear the entry if it is still this link's (a replacement may own it now)."""
+        index = self.index_of(agent_id)
+        if index is None:
+            return False
+        fd = self._lock()
+        try:
+            if self._get(index, _PID) != pid or self._get(index, _SERIAL) != serial:
+                return False
+            self._clear(index)
+            return True
+        finally:
+            self._unlock(fd)
+
+    def publish(self, agent_id: str, serial: int, streams: int, bytes_out: int,
+                bytes_in: int) -> None:
+        """The link's figures, for the status page (written by the holder only)."""
+        index = self.index_of(agent_id)
+        if index is None or self._get(index, _SERIAL) != serial:
+            return
+        self._set(index, _STREAMS, streams)
+        self._set(index, _OUT, bytes_out)
+        self._set(index, _IN, bytes_in)
+
+    def snapshot(self) -> List[dict]:
+        """Every configured agent's entry as plain values (the status page's input)."""
+        rows = []
+        for index in range(self._header()[1]):
+            fields = self._entry(index)
+            if fields[_STATE] != CONFIGURED:
+                continue
+            rows.append({
+                "id": fields[12][:fields[10]].decode("utf-8"),
+                "connected": bool(fields[_PID]),
+                "worker_pid": fields[_PID],
+                "worker": fields[_WORKER],
+                "peer": fields[13][:fields[11]].decode("utf-8", "replace") if fields[_PID]
+                else None,
+                "connected_since": fields[_SINCE] if fields[_PID] else None,
+                "connects": fields[_CONNECTS],
+                "open_streams": fields[_STREAMS] if fields[_PID] else 0,
+                "bytes_to_agent": fields[_OUT],
+                "bytes_from_agent": fields[_IN],
+                "token_expires": fields[_EXPIRY] if fields[_PID] and fields[_EXPIRY] else None,
+            })
+        return rows
