@@ -73,6 +73,26 @@ def _buffered(obj: Any) -> bool:
         return False
 
 
+def _recv_ready(target: Any, size: int) -> Optional[bytes]:
+    """What a target reported readable has; None if that was not application data.
+
+    A TLS socket is readable for records that carry none (a TLS 1.3 session
+    ticket after the handshake): a blocking recv() would then wait for the
+    target while the client's bytes wait for us, so such a socket is read
+    without blocking.
+    """
+    if not isinstance(target, ssl.SSLSocket):
+        return target.recv(size)
+    timeout = target.gettimeout()
+    target.settimeout(0.0)
+    try:
+        return target.recv(size)
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+        return None
+    finally:
+        target.settimeout(timeout)
+
+
 def _close_target(target: Any) -> None:
     for step in (lambda: target.shutdown(socket.SHUT_RDWR), target.close):
         try:
@@ -213,7 +233,9 @@ class ProxyRequestHandler(WebSockifyRequestHandler):
                                          self.server.target_host, self.server.target_port)
                     raise self.CClose(closed["code"], closed["reason"])
             if target in readable:
-                data = target.recv(self.buffer_size)
+                data = _recv_ready(target, self.buffer_size)
+                if data is None:
+                    continue
                 if not data:
                     while self.send_frames():
                         select.select([], [client], [], 1.0)

@@ -599,3 +599,178 @@ def test_hooked_session_over_tls(processes, connect_target, pki):
     worker_of(plain)
     assert echoes(plain, b"and ws on the same port")
     close(plain)
+
+
+# -- 0.13's keyword arguments, one by one, with the default and a hooked handler ---------
+
+def keywords(processes, port, kwargs, hooked=False, name="keywords", **popen):
+    argv = embedder("keywords.py") + [json.dumps(kwargs)] + (["hooked"] if hooked else [])
+    return start(processes, argv, port, name, **popen)
+
+
+def greeted(ws, hooked):
+    """A hooked session starts with the handler's greeting frame."""
+    if hooked:
+        assert ws.recv_frame()[2].startswith(b"hooked "), "no greeting"
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["default", "hooked"])
+def test_listen_fd_serves_on_the_descriptor_given(processes, echo4, hooked):
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        proc = keywords(processes, port, {"listen_fd": 0, "target_host": "127.0.0.1",
+                                          "target_port": echo4.port}, hooked,
+                        stdin=listener.fileno())
+    finally:
+        listener.close()
+    ws = session(port)
+    greeted(ws, hooked)
+    assert echoes(ws, b"on an inherited listener")
+    assert close(ws) == (1000, "")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert "start_server returned 0" in proc.log()
+
+
+def master_listening_on(port):
+    """The pid of the process that holds ``port``'s listening socket and forked workers."""
+    from tests.helpers import LISTEN, socket_inodes, tcp_sockets
+    inodes = {inode for inode, state, _ in tcp_sockets(port) if state == LISTEN}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and socket_inodes(int(name)) & inodes and children_of(int(name)):
+            with open("/proc/%s/stat" % name) as handle:
+                parent = int(handle.read().split(") ", 1)[1].split()[1])
+            if parent not in [int(n) for n in os.listdir("/proc") if n.isdigit()
+                              and socket_inodes(int(n)) & inodes]:
+                return int(name)
+    return None
+
+
+def test_daemon_true_detaches_and_serves_until_terminated(processes, echo4):
+    from tests.helpers import pid_alive
+    port = free_port()
+    launcher = processes(embedder("keywords.py") + [json.dumps({
+        "listen_host": "127.0.0.1", "listen_port": port, "target_host": "127.0.0.1",
+        "target_port": echo4.port, "daemon": True})], name="daemon")
+    assert launcher.wait(20) == 0, launcher.log()
+    assert "start_server returned" not in launcher.log()   # the caller's process left
+    wait_for(lambda: port_open(port), what="the daemon's listener")
+    master = wait_for(lambda: master_listening_on(port), what="the daemon's master")
+    assert master != launcher.pid
+    assert os.getsid(master) != os.getsid(0)        # detached from the caller's session
+    try:
+        ws = session(port)
+        assert echoes(ws, b"from the daemon")
+        assert close(ws) == (1000, "")
+    finally:
+        os.kill(master, signal.SIGTERM)
+    wait_for(lambda: not pid_alive(master), timeout=20, what="the daemon's exit")
+    assert not port_open(port)
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["default", "hooked"])
+def test_wrap_cmd_starts_the_program_and_reaches_it(processes, hooked, tmp_path):
+    from tests.e2e.test_wrap import ECHO_SERVER, find_rebind_lib
+    find_rebind_lib()
+    program = tmp_path / "echo_server.py"
+    program.write_text(ECHO_SERVER)
+    port = free_port()
+    proc = keywords(processes, port, {"listen_host": "127.0.0.1", "listen_port": port,
+                                      "wrap_cmd": [PYTHON, str(program), str(port), "serve"],
+                                      "wrap_mode": "ignore"}, hooked)
+    proc.wait_log(r"pid (\d+) listening on 127\.0\.0\.1:\d+")
+    ws = session(port)
+    greeted(ws, hooked)
+    assert echoes(ws, b"to the wrapped program")
+    assert close(ws) == (1000, "")
+    program_pid = int(proc.wait_log(r"wrapped program \S+ started \(pid (\d+)\)").group(1))
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    from tests.helpers import pid_alive
+    wait_for(lambda: not pid_alive(program_pid), what="the wrapped program stopped")
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["default", "hooked"])
+def test_ssl_target_verifies_with_the_system_cas(processes, pki, hooked):
+    from tests.e2e.test_tls import start_tls_target
+    target_port, _ = start_tls_target(processes, pki)
+    kwargs = {"listen_host": "127.0.0.1", "target_host": "localhost",
+              "target_port": target_port, "ssl_target": True}
+    # Trusted: the target's CA is the process's system CA file.
+    port = free_port()
+    keywords(processes, port, dict(kwargs, listen_port=port), hooked, name="trusting",
+             env=dict(os.environ, SSL_CERT_FILE=pki.other_ca.cert))
+    ws = session(port)
+    greeted(ws, hooked)
+    assert echoes(ws, b"through TLS to the target" * 100)
+    assert close(ws) == (1000, "")
+    # Not trusted: the target's certificate does not verify, a 502 before any 101.
+    port = free_port()
+    proc = keywords(processes, port, dict(kwargs, listen_port=port), hooked, name="strict")
+    refused = RawWebSocket(port)
+    if hooked:
+        # 0.13's order: the hook runs after the 101, so the failure is a close.
+        assert refused.status == 101
+        greeted(refused, hooked)
+        assert refused.expect_close() == (1011, "Failed to connect to downstream server")
+    else:
+        assert refused.status == 502, (refused.status, refused.buffer)
+    proc.wait_log(r"certificate verify failed")
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["default", "hooked"])
+def test_unix_target_reaches_the_unix_socket(processes, tmp_path, hooked):
+    path = str(tmp_path / "target.sock")
+    target = EchoServer(socket.AF_UNIX, path)
+    try:
+        port = free_port()
+        keywords(processes, port, {"listen_host": "127.0.0.1", "listen_port": port,
+                                   "unix_target": path}, hooked)
+        ws = session(port)
+        greeted(ws, hooked)
+        assert echoes(ws, b"over a unix socket")
+        assert close(ws) == (1000, "")
+    finally:
+        target.close()
+
+
+def test_idle_timeout_ends_start_server(processes, echo4):
+    port = free_port()
+    proc = keywords(processes, port, {"listen_host": "127.0.0.1", "listen_port": port,
+                                      "target_host": "127.0.0.1", "target_port": echo4.port,
+                                      "idle_timeout": 1})
+    ws = session(port)
+    assert echoes(ws, b"before going idle")
+    assert close(ws) == (1000, "")
+    assert proc.wait(30) == 0
+    assert "start_server returned 0" in proc.log()
+    assert not port_open(port)
+
+
+def test_legacy_clients_on_a_hooked_session(processes, echo4):
+    import base64
+    from tests.e2e.test_legacy import open_hixie76, open_hybi, recv_base64
+    port = free_port()
+    keywords(processes, port, {"listen_host": "127.0.0.1", "listen_port": port,
+                               "target_host": "127.0.0.1", "target_port": echo4.port},
+             hooked=True)
+    # The base64 subprotocol: the greeting and the target's bytes as base64 text.
+    ws = open_hybi(port, "base64")
+    assert ws.headers.get("sec-websocket-protocol") == "base64"
+    fin, opcode, payload = ws.recv_frame()
+    assert (fin, opcode) == (True, 0x1)
+    assert base64.b64decode(payload, validate=True).startswith(b"hooked ")
+    message = b"base64 through a hook" * 50
+    ws.send(0x1, base64.b64encode(message))
+    assert recv_base64(ws, len(message)) == message
+    assert close(ws) == (1000, "")
+    # Hixie-76: 0x00 base64 0xFF frames both ways.
+    hixie = open_hixie76(port)
+    kind, greeting = hixie.recv_frame()
+    assert kind == "text" and greeting.startswith(b"hooked ")
+    hixie.send(b"hixie through a hook")
+    assert hixie.recv_data(len(b"hixie through a hook")) == b"hixie through a hook"
+    hixie.close()

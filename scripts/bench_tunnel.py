@@ -1,0 +1,596 @@
+"""Tunnel phases of scripts/bench: our reverse tunnel against the direct bridge and
+reverse_websockify, side by side on 127.0.0.1.
+
+Sides (each phase on freshly started processes):
+  ours     websockify --workers 2 --tunnel-config F + websockify-agent; users
+           reach the agent's service through the agent's TCP `listen` port
+  bridge   websockify --workers 2 LISTEN TARGET, the direct bridge (no tunnel),
+           measured with a WebSocket client as scripts/bench does
+  rw       reverse_websockify_server + its agent, built from the tarballs in
+           ../shared/peers with their build.sh (needs golang-go; skipped with
+           the reason when it cannot be built)
+
+Phases:
+  one stream   download and upload through one stream
+  100 streams  100 users download at once through one agent: aggregate MB/s
+               and the slowest stream's share of the mean
+  stalled      a user who never reads beside a bulk download on the same
+               agent: the bulk stream's MB/s against its solo run, and the
+               server's memory before and after
+  idle agents  1,000 agents held by one server (lightweight agents run by this
+               script over the same protocol, websockify.protocol.mux): PSS per
+               agent, and every one of them answering through the bridge face
+
+The script is loaded by scripts/bench (--tunnel); it uses its helpers (B).
+"""
+
+import json
+import os
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+PEERS_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "..", "shared", "peers")
+AGENT_ID = "bench"
+SECRET = b"tunnel bench secret, not for production"
+
+
+def _token(agent_id):
+    from websockify.tunnel.agent_token import make_agent_token
+    return make_agent_token(agent_id, SECRET, 3600, time.time())
+
+
+def _write(path, text):
+    with open(path, "w") as handle:
+        handle.write(text)
+    return path
+
+
+def _http_json(port, path):
+    with socket.create_connection((B.HOST, port), timeout=5) as conn:
+        conn.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/json\r\n"
+                      "Connection: close\r\n\r\n" % path).encode())
+        data = b""
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if b" 200 " not in head.split(b"\r\n")[0]:
+        return None
+    return json.loads(body.decode())
+
+
+def _wait(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except (OSError, ValueError):
+            value = None
+        if value:
+            return value
+        time.sleep(0.05)
+    raise B.BenchError("timed out waiting for %s" % what)
+
+
+# -- the sides ----------------------------------------------------------------------------
+
+class OursTunnel:
+    label = "ours (tunnel)"
+    key = "ours"
+
+    def __init__(self, workdir, python, env):
+        self.workdir = workdir
+        self.python = python
+        self.env = env
+
+    def config(self, agents, listen=None, token=False):
+        secret = _write(os.path.join(self.workdir, "tunnel.key"), SECRET.decode())
+        lines = ['[tunnels]', 'path = "/tunnel/"', 'secrets = [%s]' % json.dumps(secret), ""]
+        for agent_id in agents:
+            lines.append("[tunnels.agent.%s]" % agent_id)
+            if listen:
+                lines.append('listen = "127.0.0.1:%d"' % listen)
+            if token:
+                lines.append("token = true")
+        return _write(os.path.join(self.workdir, "tunnels.toml"), "\n".join(lines) + "\n")
+
+    def start_server(self, config, name, workers=2):
+        port = B.free_port()
+        srv = B.Proc([self.python, "-m", "websockify", "--workers", str(workers),
+                      "--tunnel-config", config, "127.0.0.1:%d" % port], name, env=self.env)
+        _wait(lambda: B.is_listening(port) or not srv.alive(), 60, "the tunnel server")
+        if not srv.alive():
+            raise B.BenchError("tunnel server exited:\n%s" % srv.log_tail())
+        return srv, port
+
+    def connected(self, port, count):
+        doc = _http_json(port, "/tunnel/")
+        return doc is not None and sum(a["connected"] for a in doc["agents"]) >= count
+
+    def start(self, tport, name):
+        """Server + one agent for the service at tport; the user port."""
+        listen = B.free_port()
+        srv, port = self.start_server(self.config([AGENT_ID], listen=listen), name + "-server")
+        token = _write(os.path.join(self.workdir, "agent.token"), _token(AGENT_ID))
+        agent = B.Proc([self.python, "-m", "websockify.agent", "--service",
+                        "127.0.0.1:%d" % tport, "--server",
+                        "ws://127.0.0.1:%d/tunnel/%s" % (port, AGENT_ID),
+                        "--token-file", token], name + "-agent", env=self.env)
+        _wait(lambda: self.connected(port, 1) or not agent.alive(), 60, "the agent")
+        if not agent.alive():
+            raise B.BenchError("agent exited:\n%s" % agent.log_tail())
+        return [agent, srv], listen, srv.pid
+
+
+class ReverseWebsockify:
+    label = "reverse_websockify"
+    key = "rw"
+
+    def __init__(self, workdir, bindir):
+        self.workdir = workdir
+        self.bindir = bindir
+
+    def start(self, tport, name):
+        port, listen = B.free_port(), B.free_port()
+        config = _write(os.path.join(self.workdir, "rw.toml"),
+                        'http_server_endpoint = "127.0.0.1:%d"\n\n[remote_service.%s]\n'
+                        'nickname = "bench"\nlocal_listen_endpoint = "127.0.0.1:%d"\n'
+                        % (port, AGENT_ID, listen))
+        srv = B.Proc([os.path.join(self.bindir, "reverse_websockify_server"), config],
+                     name + "-server", cwd=self.workdir)
+        _wait(lambda: B.is_listening(port) or not srv.alive(), 30, "reverse_websockify_server")
+        agent = B.Proc([os.path.join(self.bindir, "reverse_websockify_agent_service_side"),
+                        "--service", "127.0.0.1:%d" % tport, "--reverse-websockify",
+                        "ws://127.0.0.1:%d/forward_to_me/%s" % (port, AGENT_ID)],
+                       name + "-agent", cwd=self.workdir)
+
+        def connected():
+            doc = _http_json(port, "/")
+            return doc and doc[AGENT_ID]["service_connection_info"]
+        _wait(lambda: connected() or not agent.alive(), 30, "the reverse_websockify agent")
+        if not agent.alive():
+            raise B.BenchError("reverse_websockify agent exited:\n%s" % agent.log_tail())
+        return [agent, srv], listen, srv.pid
+
+
+def build_peers(bench_dir):
+    """The directory of reverse_websockify's binaries, or (None, why not)."""
+    out = os.path.join(bench_dir, "peers")
+    wanted = ("reverse_websockify_server", "reverse_websockify_agent_service_side")
+    if all(os.path.exists(os.path.join(out, name)) for name in wanted):
+        return out, None
+    script = os.path.join(PEERS_SRC, "build.sh")
+    if not os.path.exists(script):
+        return None, "no ../shared/peers/build.sh beside the repository"
+    if shutil.which("go") is None:
+        return None, "go not found (apt-get install golang-go)"
+    B.note("building reverse_websockify from ../shared/peers")
+    done = subprocess.run(["bash", script, out], capture_output=True, text=True)
+    if done.returncode != 0 or not all(os.path.exists(os.path.join(out, n)) for n in wanted):
+        return None, "build.sh failed: %s" % (done.stderr.strip().splitlines() or ["?"])[-1]
+    return out, None
+
+
+# -- the measurements ---------------------------------------------------------------------
+
+def tcp_download(port, total, timeout=120):
+    """MB/s of reading ``total`` bytes from a TCP user port."""
+    sock = socket.create_connection((B.HOST, port), timeout=timeout)
+    buf = bytearray(1 << 20)
+    got = 0
+    try:
+        t0 = time.perf_counter()
+        while got < total:
+            n = sock.recv_into(buf)
+            if not n:
+                break
+            got += n
+        elapsed = time.perf_counter() - t0
+    finally:
+        sock.close()
+    if got < total:
+        raise B.BenchError("download: got %d of %d bytes" % (got, total))
+    return total / elapsed / 1e6
+
+
+def tcp_upload(port, total, timeout=120):
+    """MB/s of sending ``total`` bytes to a sink service (it answers b"D" at the end)."""
+    sock = socket.create_connection((B.HOST, port), timeout=timeout)
+    block = os.urandom(1 << 20)
+    try:
+        t0 = time.perf_counter()
+        left = total
+        while left > 0:
+            sent = sock.send(block[:min(left, len(block))])
+            left -= sent
+        if sock.recv(1) != b"D":
+            raise B.BenchError("upload: the service never confirmed")
+        elapsed = time.perf_counter() - t0
+    finally:
+        sock.close()
+    return total / elapsed / 1e6
+
+
+def many_downloads(port, streams, each, timeout=120):
+    """(aggregate MB/s, slowest stream's MB/s / mean stream MB/s) for ``streams`` at once."""
+    sel = selectors.DefaultSelector()
+    socks = []
+    for _ in range(streams):
+        sock = socket.create_connection((B.HOST, port), timeout=30)
+        sock.setblocking(False)
+        socks.append(sock)
+    got = {sock: 0 for sock in socks}
+    start = time.perf_counter()
+    finished = {}
+    for sock in socks:
+        sel.register(sock, selectors.EVENT_READ)
+    buf = bytearray(1 << 18)
+    deadline = time.monotonic() + timeout
+    try:
+        while len(finished) < streams:
+            if time.monotonic() > deadline:
+                raise B.BenchError("100 streams: %d of %d finished" % (len(finished), streams))
+            for key, _ in sel.select(1.0):
+                sock = key.fileobj
+                try:
+                    n = sock.recv_into(buf)
+                except BlockingIOError:
+                    continue
+                got[sock] += n
+                if not n or got[sock] >= each:
+                    if got[sock] < each:
+                        raise B.BenchError("a stream ended after %d of %d bytes"
+                                           % (got[sock], each))
+                    finished[sock] = time.perf_counter()
+                    sel.unregister(sock)
+    finally:
+        for sock in socks:
+            sock.close()
+    elapsed = max(finished.values()) - start
+    rates = [each / (finished[sock] - start) for sock in socks]
+    mean = sum(rates) / len(rates)
+    return streams * each / elapsed / 1e6, min(rates) / mean
+
+
+def stalled_beside_bulk(port, server_pid, total, timeout=60):
+    """(solo MB/s, bulk MB/s beside a stalled user, PSS KiB before, after)."""
+    solo = tcp_download(port, total)
+    pss_before = B.tree_pss_kib(server_pid)
+    stalled = socket.create_connection((B.HOST, port), timeout=30)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        time.sleep(1.0)     # the stalled stream fills every buffer it is allowed
+        try:
+            bulk = tcp_download(port, total, timeout=timeout)
+        except (socket.timeout, B.BenchError) as exc:
+            B.note("  bulk beside a stalled user did not finish: %s" % exc)
+            bulk = 0.0
+        pss_after = B.tree_pss_kib(server_pid)
+    finally:
+        stalled.close()
+    return solo, bulk, pss_before, pss_after
+
+
+class IdleAgents:
+    """Many lightweight agents in this process, over the tunnel protocol (pure parts)."""
+
+    def __init__(self, port, ids):
+        from websockify.protocol import frames, handshake, mux
+        self.frames, self.handshake, self.mux = frames, handshake, mux
+        self.port = port
+        self.ids = ids
+        self.sel = selectors.DefaultSelector()
+        self.agents = {}
+
+    def connect_all(self, window=64):
+        pending = list(self.ids)
+        opening = {}
+        while pending or opening:
+            while pending and len(opening) < window:
+                agent_id = pending.pop()
+                sock = socket.create_connection((B.HOST, self.port), timeout=30)
+                key = self.handshake.client_key(os.urandom(16))
+                sock.sendall(self.handshake.client_request(
+                    "127.0.0.1:%d" % self.port, "/tunnel/" + agent_id, key,
+                    self.mux.SUBPROTOCOL, [("Authorization", "Bearer " + _token(agent_id))]))
+                opening[sock] = (agent_id, key, b"")
+            for sock in list(opening):
+                agent_id, key, head = opening.pop(sock)
+                while b"\r\n\r\n" not in head:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise B.BenchError("agent %s: connection closed in the handshake"
+                                           % agent_id)
+                    head += chunk
+                head, _, rest = head.partition(b"\r\n\r\n")
+                self.handshake.check_client_response(head + b"\r\n\r\n", key,
+                                                     self.mux.SUBPROTOCOL)
+                self._add(agent_id, sock, rest)
+
+    def _add(self, agent_id, sock, rest):
+        conn = self.mux.Connection("agent")
+        state = {"id": agent_id, "sock": sock, "conn": conn, "message": bytearray()}
+
+        def on_data(chunk, opcode):
+            state["message"] += chunk
+
+        def on_control(opcode, payload):
+            if opcode == self.frames.OP_PING:
+                sock.sendall(self.frames.encode_client_frame(self.frames.OP_PONG, payload,
+                                                             os.urandom(4)))
+
+        def on_end(opcode):
+            message, state["message"] = bytes(state["message"]), bytearray()
+            for event in conn.receive_message(message):
+                if isinstance(event, self.mux.StreamOpened):
+                    conn.accept_stream(event.stream_id)
+                elif isinstance(event, self.mux.DataReceived):
+                    conn.send_data(event.stream_id, event.data)      # an echo service
+                    conn.consumed(event.stream_id, len(event.data))
+            for payload in conn.data_to_send():
+                sock.sendall(self.frames.encode_client_frame(self.frames.OP_BINARY, payload,
+                                                             os.urandom(4)))
+
+        state["parser"] = self.frames.FrameParser(on_data, on_control, on_message_end=on_end,
+                                                  expect_masked=False)
+        sock.setblocking(False)
+        self.sel.register(sock, selectors.EVENT_READ, state)
+        self.agents[agent_id] = state
+        if rest:
+            state["parser"].feed(rest)
+
+    def pump(self, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for key, _ in self.sel.select(0.05):
+                try:
+                    data = key.fileobj.recv(65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    self.sel.unregister(key.fileobj)
+                    continue
+                key.fileobj.setblocking(True)
+                key.data["parser"].feed(data)
+                key.fileobj.setblocking(False)
+
+    def close(self):
+        for state in self.agents.values():
+            state["sock"].close()
+
+
+def bridge_echo(port, agent_id, agents, payload=b"are you there?"):
+    """A WebSocket user through the bridge face (?token=ID), echoed by that agent."""
+    sock = socket.create_connection((B.HOST, port), timeout=10)
+    try:
+        sock.sendall(B.handshake_request(port).replace(
+            b"GET / ", ("GET /?token=%s " % agent_id).encode(), 1))
+        head = b""
+        sock.setblocking(False)
+        deadline = time.monotonic() + 10
+        while b"\r\n\r\n" not in head:
+            agents.pump(0.01)
+            try:
+                chunk = sock.recv(65536)
+            except BlockingIOError:
+                chunk = None
+            if chunk == b"":
+                return False
+            head += chunk or b""
+            if time.monotonic() > deadline:
+                return False
+        head, _, rest = head.partition(b"\r\n\r\n")
+        if b" 101 " not in head.split(b"\r\n")[0]:
+            return False
+        sock.setblocking(True)
+        sock.sendall(B.client_frame(payload))
+        sock.setblocking(False)
+        data = rest
+        while payload not in data:
+            agents.pump(0.01)
+            try:
+                data += sock.recv(65536)
+            except BlockingIOError:
+                pass
+            if time.monotonic() > deadline:
+                return False
+        return True
+    finally:
+        sock.close()
+
+
+def idle_agents(side, count):
+    """(KiB of PSS per agent, answering agents) for ``count`` agents on one server."""
+    ids = ["a%04d" % number for number in range(count)]
+    srv, port = side.start_server(side.config(ids, token=True), "tunnel-idle-server")
+    agents = None
+    try:
+        time.sleep(1.0)
+        idle = B.tree_pss_kib(srv.pid)
+        agents = IdleAgents(port, ids)
+        agents.connect_all()
+        _wait(lambda: (agents.pump(0.1), side.connected(port, count))[1], 120,
+              "%d agents connected" % count)
+        agents.pump(1.0)
+        loaded = B.tree_pss_kib(srv.pid)
+        answering = sum(bridge_echo(port, agent_id, agents) for agent_id in ids)
+        return (loaded - idle) / count, answering
+    finally:
+        if agents is not None:
+            agents.close()
+        srv.stop()
+
+
+# -- the run -------------------------------------------------------------------------------
+
+def run(bench, opts, cfg):
+    """Run the tunnel phases; the Markdown report and the list of errors."""
+    global B
+    B = bench
+    workdir = os.path.join(B.BENCH_DIR, "tunnel")
+    os.makedirs(workdir, exist_ok=True)
+    # Every byte an agent sends is masked by it and unmasked by the server
+    # (RFC 6455 makes the agent, a WebSocket client, mask): the tunnel and
+    # the bridge it is compared with run on the interpreter running this
+    # script, with numpy when it has it (make bench's virtualenv does: the
+    # numpy extra), and the report says which.
+    python = sys.executable
+    env = dict(os.environ, PYTHONPATH=B.ROOT)
+    has_numpy = subprocess.call([python, "-c", "import numpy"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) == 0
+    opts.tunnel_numpy = has_numpy
+    ours = OursTunnel(workdir, python, env)
+    bindir, why = build_peers(B.BENCH_DIR)
+    rw = ReverseWebsockify(workdir, bindir) if bindir else None
+    if rw is None:
+        B.note("reverse_websockify column skipped: %s" % why)
+    volume = cfg["volume"]
+    results = {"ours": {}, "rw": {}, "bridge": {}}
+    errors = []
+
+    def with_side(side, mode, total, name, fn):
+        target = procs = None
+        try:
+            target, tport = B.start_target(python, mode, total, "tunnel")
+            procs, port, server_pid = side.start(tport, "tunnel-%s-%s" % (side.key, name))
+            fn(port, server_pid)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            msg = "%s / %s: %s" % (side.label, name, exc)
+            B.note("ERROR " + msg)
+            errors.append(msg)
+        finally:
+            for proc in procs or ():
+                proc.stop()
+            if target:
+                target.stop()
+
+    def direct(mode, total, fn):
+        target = srv = None
+        try:
+            target, tport = B.start_target(python, mode, total, "tunnel")
+            port = B.free_port()
+            srv = B.Proc([python, "-m", "websockify", "--workers", "2",
+                          "127.0.0.1:%d" % port, "127.0.0.1:%d" % tport], "tunnel-bridge",
+                         env=env)
+            _wait(lambda: B.is_listening(port), 30, "the bridge")
+            fn(port)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            B.note("ERROR bridge: %s" % exc)
+            errors.append("bridge: %s" % exc)
+        finally:
+            if srv:
+                srv.stop()
+            if target:
+                target.stop()
+
+    sides = [ours] + ([rw] if rw else [])
+    rounds = {"ours": {"down": [], "up": []}, "rw": {"down": [], "up": []},
+              "bridge": {"down": [], "up": []}}
+    for number in range(opts.rounds):
+        B.note("tunnel round %d of %d" % (number + 1, opts.rounds))
+        for side in sides:
+            rv = volume if side.key == "ours" else min(volume, 64 << 20)
+            with_side(side, "source", rv, "down", lambda port, pid, s=side, v=rv:
+                      rounds[s.key]["down"].append(tcp_download(port, v)))
+            with_side(side, "sink", rv, "up", lambda port, pid, s=side, v=rv:
+                      rounds[s.key]["up"].append(tcp_upload(port, v)))
+        direct("source", volume, lambda port: rounds["bridge"]["down"].append(
+            B.measure_downstream(port, volume)))
+        direct("sink", (volume // 65536) * 65536, lambda port: rounds["bridge"]["up"].append(
+            B.measure_upstream(port, (volume // 65536) * 65536)))
+    for key in rounds:
+        for phase, values in rounds[key].items():
+            if values:
+                results[key][phase] = sorted(values)[len(values) // 2]
+                B.note("  %s %s: %s MB/s (median %.1f)" % (
+                    key, phase, ", ".join("%.1f" % v for v in values), results[key][phase]))
+
+    each = max(1 << 20, volume // 64)
+    for side in sides:
+        with_side(side, "source", each, "streams", lambda port, pid, s=side: results[s.key]
+                  .update(zip(("agg", "fair"), many_downloads(port, 100, each))))
+        with_side(side, "source", volume if side.key == "ours" else min(volume, 64 << 20),
+                  "stalled", lambda port, pid, s=side, v=volume: results[s.key].update(
+                      zip(("solo", "bulk", "pss0", "pss1"), stalled_beside_bulk(
+                          port, pid, v if s.key == "ours" else min(v, 64 << 20),
+                          timeout=30 if s.key == "rw" else 120))))
+    try:
+        results["ours"]["idle_kib"], results["ours"]["answering"] = idle_agents(
+            ours, opts.tunnel_agents)
+    except Exception as exc:
+        B.note("ERROR idle agents: %s" % exc)
+        errors.append("idle agents: %s" % exc)
+    return report(results, rw is not None, why, volume, each, opts), results, errors
+
+
+def report(results, have_rw, why, volume, each, opts):
+    ours, rw, bridge = results["ours"], results["rw"], results["bridge"]
+
+    def num(value, fmt="%.1f"):
+        return fmt % value if value is not None else "-"
+
+    def ratio(a, b):
+        return "%.2f" % (a / b) if a and b else "-"
+
+    lines = ["| tunnel metric | ours (tunnel) | direct bridge | reverse_websockify | "
+             "ours / bridge | ours / reverse_websockify |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for key, name in (("down", "one stream download MB/s"), ("up", "one stream upload MB/s")):
+        lines.append("| %s | %s | %s | %s | %s | %s |" % (
+            name, num(ours.get(key)), num(bridge.get(key)), num(rw.get(key)),
+            ratio(ours.get(key), bridge.get(key)), ratio(ours.get(key), rw.get(key))))
+    lines.append("| 100 streams aggregate MB/s | %s | | %s | | %s |" % (
+        num(ours.get("agg")), num(rw.get("agg")), ratio(ours.get("agg"), rw.get("agg"))))
+    lines.append("| 100 streams: slowest / mean | %s | | %s | | |" % (
+        num(ours.get("fair"), "%.2f"), num(rw.get("fair"), "%.2f")))
+    for side in (ours, rw):
+        if side.get("solo"):
+            side["keep"] = side["bulk"] / side["solo"]
+    lines.append("| bulk beside a stalled user / solo | %s | | %s | | |" % (
+        num(ours.get("keep"), "%.2f"), num(rw.get("keep"), "%.2f")))
+    lines.append("| server PSS KiB before / after the stalled test | %s / %s | | %s / %s | | |"
+                 % (num(ours.get("pss0"), "%d"), num(ours.get("pss1"), "%d"),
+                    num(rw.get("pss0"), "%d"), num(rw.get("pss1"), "%d")))
+    lines.append("| %d idle agents: PSS KiB per agent | %s | | | | |" % (
+        opts.tunnel_agents, num(ours.get("idle_kib"))))
+    lines.append("| %d idle agents: answering through the bridge face | %s | | | | |" % (
+        opts.tunnel_agents, num(ours.get("answering"), "%d")))
+    lines.append("")
+    lines.append("Tunnel: one stream = %d MiB (reverse_websockify: %d MiB), median of %d rounds; "
+                 "100 streams x %d MiB; the tunnel's server has --workers 2, the agent is "
+                 "websockify-agent (python) or reverse_websockify's Go agent; the users are TCP "
+                 "clients of the agent's listen port; %s." % (
+                     volume >> 20, min(volume, 64 << 20) >> 20, opts.rounds, each >> 20,
+                     "unmasking with numpy (the numpy extra)" if opts.tunnel_numpy else
+                     "pure-Python unmasking (no numpy)"))
+    if not have_rw:
+        lines.append("reverse_websockify column skipped: %s." % why)
+    targets = [
+        ("one stream >= 10x reverse_websockify", ours.get("down") and rw.get("down") and
+         ours["down"] >= 10 * rw["down"]),
+        ("one stream >= 0.5x the direct bridge", ours.get("down") and bridge.get("down") and
+         ours["down"] >= 0.5 * bridge["down"]),
+        ("100 streams: no stream below half the mean", ours.get("fair") is not None and
+         ours["fair"] >= 0.5),
+        ("bulk beside a stalled user keeps >= 80 %", ours.get("keep") is not None and
+         ours["keep"] >= 0.8),
+        ("idle agents <= 32 KiB each, all answering", ours.get("idle_kib") is not None and
+         ours["idle_kib"] <= 32 and ours.get("answering") == opts.tunnel_agents),
+    ]
+    lines.append("")
+    lines.append("### Tunnel targets")
+    lines.append("")
+    for name, ok in targets:
+        lines.append("- %s: %s" % (name, "PASS" if ok else "FAIL"))
+    return "\n".join(lines) + "\n"
