@@ -12,6 +12,7 @@ the X tools or nginx) is missing; under CI=true those fail instead.
 
 import os
 import re
+import subprocess
 
 import pytest
 
@@ -71,3 +72,136 @@ def test_demo_page_echoes_a_typed_message(page, processes):
                          ".map(d => d.textContent).join('\\n')") == \
         "\u2192 19 bytes: Hi from chromium 42"
     assert page.errors() == []
+
+
+# -- TigerVNC desktops and noVNC -------------------------------------------------------
+
+NOVNC = "/usr/share/novnc"
+ALICE, BOB = (0x33, 0x66, 0x99), (0x99, 0x33, 0x66)     # their root windows' colours
+
+
+class Desktop:
+    """An Xvnc display (no authentication, loopback only) with its root window
+    painted ``colour``."""
+
+    def __init__(self, processes, colour, name):
+        xvnc = require_program("Xvnc", "tigervnc-standalone-server")
+        xsetroot = require_program("xsetroot", "x11-xserver-utils")
+        self.colour = colour
+        self.display = ":%d" % free_display()
+        self.port = free_port()
+        self.proc = processes([xvnc, self.display, "-geometry", "1024x768", "-depth", "24",
+                               "-SecurityTypes", "None", "-rfbport", str(self.port),
+                               "-localhost", "-nolisten", "tcp", "-AlwaysShared",
+                               "-desktop", name], name="xvnc")
+        wait_for(lambda: port_open(self.port) or self.proc.proc.poll() is not None,
+                 what="Xvnc %s on port %d" % (self.display, self.port))
+        assert self.proc.proc.poll() is None, self.proc.log()
+        self.x11(xsetroot, "-solid", "#%02x%02x%02x" % colour)
+
+    def env(self):
+        return dict(os.environ, DISPLAY=self.display)
+
+    def x11(self, *argv, timeout=20):
+        """Run an X client on this display; its standard output."""
+        result = subprocess.run(list(argv), env=self.env(), capture_output=True, text=True,
+                                timeout=timeout)
+        assert result.returncode == 0, (argv, result.stderr)
+        return result.stdout
+
+
+def free_display() -> int:
+    """A display number with neither an X socket nor a lock file."""
+    for number in range(60, 200):
+        if not (os.path.exists("/tmp/.X11-unix/X%d" % number)
+                or os.path.exists("/tmp/.X%d-lock" % number)):
+            return number
+    raise AssertionError("no free X display number")
+
+
+@pytest.fixture(scope="module")
+def novnc():
+    if not os.path.isfile(os.path.join(NOVNC, "vnc.html")):
+        skip_or_fail("noVNC is not installed (Debian package novnc)")
+    return NOVNC
+
+
+@pytest.fixture(scope="module")
+def alice(module_processes):
+    return Desktop(module_processes, ALICE, "alice")
+
+
+@pytest.fixture(scope="module")
+def bob(module_processes):
+    return Desktop(module_processes, BOB, "bob")
+
+
+def connect_novnc(page, url, timeout=TIMEOUT):
+    """Open noVNC's vnc.html at ``url`` and wait until it is connected."""
+    page.navigate(url)
+    page.wait_js("document.documentElement.classList.contains('noVNC_connected')",
+                 timeout=timeout, what="noVNC connected at %s (status: %s)" % (url, ""))
+
+
+# Debian's novnc leaves out the package.json that vnc.html reads its version
+# from: the 404 (websockify's right answer) is logged as a console error.
+DEBIAN_NOVNC_ERRORS = {"Couldn't fetch package.json: Error: 404 Not Found"}
+
+
+def novnc_errors(page) -> list:
+    """The page's errors, less the one Debian's noVNC always has."""
+    return [error for error in page.errors() if error not in DEBIAN_NOVNC_ERRORS]
+
+
+def canvas_point(page, fx=0.75, fy=0.75):
+    """A point of the remote screen's canvas, at fractions of its size."""
+    rect = page.wait_js("(() => { const c = document.querySelector('#noVNC_container canvas');"
+                        " if (!c || !c.width) return null;"
+                        " const r = c.getBoundingClientRect();"
+                        " return [r.x, r.y, r.width, r.height]; })()", what="noVNC's canvas")
+    return int(rect[0] + rect[2] * fx), int(rect[1] + rect[3] * fy)
+
+
+def assert_shows(page, colour, fx=0.75, fy=0.75):
+    """The desktop shows ``colour`` (a screenshot's pixels, exactly)."""
+    x, y = canvas_point(page, fx, fy)
+    wait_for(lambda: page.pixels(x, y) == {colour}, timeout=TIMEOUT,
+             what="colour #%02x%02x%02x at %d,%d (saw %s)" % (colour + (x, y, page.pixels(x, y))))
+
+
+@pytest.fixture(scope="module")
+def direct(module_websockify, novnc, alice):
+    """websockify --web /usr/share/novnc in front of alice's desktop."""
+    proc, port = module_websockify("--web", novnc, "{port}", "127.0.0.1:%d" % alice.port)
+    return proc, port
+
+
+def test_novnc_shows_the_desktop(page, direct, alice):
+    proc, port = direct
+    connect_novnc(page, "http://127.0.0.1:%d/vnc.html?autoconnect=true" % port)
+    assert_shows(page, alice.colour)
+    assert novnc_errors(page) == []
+
+
+def test_novnc_through_a_token_file(page, websockify, novnc, alice, bob, tmp_path):
+    tokens = tmp_path / "tokens"
+    # The seed blog's file: a space after the colon.
+    tokens.write_text("U6F7msdQ: 127.0.0.1:%d\n1oJw2DwG: 127.0.0.1:%d\n"
+                      % (alice.port, bob.port))
+    proc, port = websockify("--web", novnc, "--token-plugin", "TokenFile",
+                            "--token-source", str(tokens), "{port}")
+    connect_novnc(page, "http://127.0.0.1:%d/vnc.html?autoconnect=true"
+                        "&path=websockify?token=1oJw2DwG" % port)
+    assert_shows(page, bob.colour)
+    assert novnc_errors(page) == []
+
+
+def test_novnc_over_wss(page, websockify, novnc, alice, pki):
+    proc, port = websockify("--web", novnc, "--cert", pki.server.cert, "--key",
+                            pki.server.key, "--ssl-only", "{port}",
+                            "127.0.0.1:%d" % alice.port)
+    # The browser trusts the certificate by its key (--ignore-certificate-errors-spki-list).
+    connect_novnc(page, "https://127.0.0.1:%d/vnc.html?autoconnect=true" % port)
+    assert page.evaluate("location.protocol") == "https:"
+    assert_shows(page, alice.colour)
+    assert novnc_errors(page) == []
