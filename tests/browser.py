@@ -185,6 +185,18 @@ class Page:
             self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left",
                       clickCount=1 if kind != "mouseMoved" else 0)
 
+    def click_element(self, selector, navigates=False, timeout=30.0):
+        """A click at the middle of the element ``selector`` matches; with
+        ``navigates``, wait for the page it leads to to load."""
+        rect = self.wait_js("(() => { const e = document.querySelector(%s);"
+                            " if (!e) return null; const r = e.getBoundingClientRect();"
+                            " return r.width ? [r.x, r.y, r.width, r.height] : null; })()"
+                            % json.dumps(selector), what="element %s shown" % selector)
+        since = len(self.browser.events)
+        self.click(int(rect[0] + rect[2] / 2), int(rect[1] + rect[3] / 2))
+        if navigates:
+            self.browser.wait_event("Page.loadEventFired", self.session, timeout, since)
+
     def type_text(self, text):
         """Key presses, one character at a time, as a keyboard sends them."""
         for char in text:

@@ -205,3 +205,125 @@ def test_novnc_over_wss(page, websockify, novnc, alice, pki):
     assert page.evaluate("location.protocol") == "https:"
     assert_shows(page, alice.colour)
     assert novnc_errors(page) == []
+
+
+def test_keyboard_reaches_an_xterm_on_the_desktop(page, direct, alice, processes, tmp_path):
+    xterm = require_program("xterm", "xterm")
+    xdotool = require_program("xdotool", "xdotool")
+    typed = tmp_path / "typed"
+    # The xterm's shell writes the line it reads to a file, then the xterm ends.
+    processes([xterm, "-geometry", "60x4+0+0", "-e", "sh", "-c",
+               'IFS= read -r line; printf "%%s\\n" "$line" > %s.part && mv %s.part %s'
+               % (typed, typed, typed)], name="xterm", env=alice.env())
+    window = alice.x11(xdotool, "search", "--sync", "--onlyvisible", "--class", "xterm")
+    window = window.split()[0]
+    # No window manager: give the xterm the keyboard focus.
+    alice.x11(xdotool, "windowfocus", "--sync", window)
+    proc, port = direct
+    connect_novnc(page, "http://127.0.0.1:%d/vnc.html?autoconnect=true" % port)
+    assert_shows(page, alice.colour)
+    # A click on the remote screen gives noVNC the browser's keyboard focus.
+    page.click(*canvas_point(page, 0.9, 0.9))
+    page.wait_js("document.activeElement && document.activeElement.tagName === 'CANVAS'",
+                 what="noVNC's canvas focused")
+    page.type_text("Typed in Chromium 7")
+    page.press("Enter")
+    wait_for(typed.exists, timeout=TIMEOUT, what="the xterm's line in %s" % typed)
+    assert typed.read_text() == "Typed in Chromium 7\n"
+    assert novnc_errors(page) == []
+
+
+# -- the seed blog: two desktops, one websockify, behind nginx at /novnc/ ------------------
+
+BLOG_INDEX = """\
+<a id="alice" href="/novnc/vnc.html?resize=remote&path=novnc/websockify?token=U6F7msdQ">
+  Alice
+</a>
+<a id="bob" href="/novnc/vnc.html?resize=remote&path=novnc/websockify?token=1oJw2DwG">
+  Bob
+</a>
+"""
+
+BLOG_NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+{user}
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log info;
+events {{
+}}
+http {{
+  access_log {tmp}/nginx-access.log;
+  client_body_temp_path {tmp}/client_body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  server {{
+    # the blog's server block, on a free loopback port instead of 80
+    listen 127.0.0.1:{port} default_server;
+
+    location / {{
+      root {tmp}/www;
+      try_files $uri $uri/ /index-both.html;
+    }}
+
+    location /novnc/ {{
+      proxy_pass http://127.0.0.1:{websockify}/;
+    }}
+    location /novnc/websockify {{
+      proxy_pass http://127.0.0.1:{websockify}/;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection "Upgrade";
+      proxy_set_header Host $host;
+      # Don't disconnect if inactive.
+      proxy_read_timeout 600s;
+      # Disable caching of VNC stream.
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+def test_blog_two_desktops_behind_nginx(browser, websockify, processes, novnc, alice, bob,
+                                        tmp_path):
+    nginx_program = require_program("nginx", "nginx")
+    tokens = tmp_path / "websockify-token.cfg"
+    tokens.write_text("U6F7msdQ: 127.0.0.1:%d\n1oJw2DwG: 127.0.0.1:%d\n"
+                      % (alice.port, bob.port))
+    # The blog's command line, in the foreground (-D would leave the test's control).
+    _, wport = websockify("--verbose", "--web", novnc, "--token-plugin=TokenFile",
+                          "--token-source=%s" % tokens, "{port}")
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "index-both.html").write_text(BLOG_INDEX)
+    nport = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(BLOG_NGINX_CONF.format(
+        tmp=tmp_path, port=nport, websockify=wport,
+        user="user root;" if os.geteuid() == 0 else ""))
+    nginx = processes([nginx_program, "-p", str(tmp_path), "-c", str(conf)], name="nginx")
+    wait_for(lambda: port_open(nport) or nginx.proc.poll() is not None, what="nginx")
+    assert nginx.proc.poll() is None, nginx.log()
+
+    # Two users, each in a browser (context) of their own, connected at once.
+    contexts = [browser.new_context(), browser.new_context()]
+    try:
+        pages = []
+        for context, user in zip(contexts, ("alice", "bob")):
+            page = browser.new_page(context)
+            # (/ itself is the www folder, which has no index.html: 403)
+            page.navigate("http://127.0.0.1:%d/index-both.html" % nport)
+            page.click_element("#" + user, navigates=True)
+            assert page.evaluate("location.pathname") == "/novnc/vnc.html"
+            page.click_element("#noVNC_connect_button")
+            page.wait_js("document.documentElement.classList.contains('noVNC_connected')",
+                         timeout=TIMEOUT, what="%s's noVNC connected" % user)
+            pages.append(page)
+        for page, desktop in zip(pages, (alice, bob)):
+            assert_shows(page, desktop.colour)
+            assert novnc_errors(page) == []
+    finally:
+        for context in contexts:
+            browser.close_context(context)
