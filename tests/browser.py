@@ -186,12 +186,21 @@ class Page:
                       clickCount=1 if kind != "mouseMoved" else 0)
 
     def click_element(self, selector, navigates=False, timeout=30.0):
-        """A click at the middle of the element ``selector`` matches; with
-        ``navigates``, wait for the page it leads to to load."""
-        rect = self.wait_js("(() => { const e = document.querySelector(%s);"
-                            " if (!e) return null; const r = e.getBoundingClientRect();"
-                            " return r.width ? [r.x, r.y, r.width, r.height] : null; })()"
-                            % json.dumps(selector), what="element %s shown" % selector)
+        """A click at the middle of the element ``selector`` matches, once it
+        is shown and stays in place (not sliding in); with ``navigates``, wait
+        for the page it leads to to load."""
+        where = ("(() => { const e = document.querySelector(%s);"
+                 " if (!e) return null; const r = e.getBoundingClientRect();"
+                 " return r.width ? [r.x, r.y, r.width, r.height] : null; })()"
+                 % json.dumps(selector))
+        seen = []
+
+        def settled():
+            seen.append(self.evaluate(where))
+            return seen[-1] if len(seen) > 1 and seen[-1] and seen[-1] == seen[-2] else None
+
+        rect = wait_for(settled, timeout=timeout, interval=0.1,
+                        what="element %s shown and still" % selector)
         since = len(self.browser.events)
         self.click(int(rect[0] + rect[2] / 2), int(rect[1] + rect[3] / 2))
         if navigates:

@@ -12,6 +12,7 @@ the X tools or nginx) is missing; under CI=true those fail instead.
 
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -153,18 +154,18 @@ def novnc_errors(page) -> list:
     return [error for error in page.errors() if error not in DEBIAN_NOVNC_ERRORS]
 
 
-def canvas_point(page, fx=0.75, fy=0.75):
+def canvas_point(page, fx=0.75, fy=0.75, selector="#noVNC_container canvas"):
     """A point of the remote screen's canvas, at fractions of its size."""
-    rect = page.wait_js("(() => { const c = document.querySelector('#noVNC_container canvas');"
+    rect = page.wait_js("(() => { const c = document.querySelector('%s');" % selector +
                         " if (!c || !c.width) return null;"
                         " const r = c.getBoundingClientRect();"
                         " return [r.x, r.y, r.width, r.height]; })()", what="noVNC's canvas")
     return int(rect[0] + rect[2] * fx), int(rect[1] + rect[3] * fy)
 
 
-def assert_shows(page, colour, fx=0.75, fy=0.75):
+def assert_shows(page, colour, fx=0.75, fy=0.75, selector="#noVNC_container canvas"):
     """The desktop shows ``colour`` (a screenshot's pixels, exactly)."""
-    x, y = canvas_point(page, fx, fy)
+    x, y = canvas_point(page, fx, fy, selector)
     wait_for(lambda: page.pixels(x, y) == {colour}, timeout=TIMEOUT,
              what="colour #%02x%02x%02x at %d,%d (saw %s)" % (colour + (x, y, page.pixels(x, y))))
 
@@ -317,6 +318,10 @@ def test_blog_two_desktops_behind_nginx(browser, websockify, processes, novnc, a
             page.navigate("http://127.0.0.1:%d/index-both.html" % nport)
             page.click_element("#" + user, navigates=True)
             assert page.evaluate("location.pathname") == "/novnc/vnc.html"
+            # (the UI is ready once it drops noVNC_loading and opens the dialog)
+            page.wait_js("!document.documentElement.classList.contains('noVNC_loading') &&"
+                         " document.getElementById('noVNC_connect_dlg')"
+                         ".classList.contains('noVNC_open')", what="noVNC's connect dialog")
             page.click_element("#noVNC_connect_button")
             page.wait_js("document.documentElement.classList.contains('noVNC_connected')",
                          timeout=TIMEOUT, what="%s's noVNC connected" % user)
@@ -327,3 +332,107 @@ def test_blog_two_desktops_behind_nginx(browser, websockify, processes, novnc, a
     finally:
         for context in contexts:
             browser.close_context(context)
+
+
+# -- a --record file played back by noVNC ------------------------------------------
+
+# Debian's novnc does not ship noVNC's playback page (upstream's tests/ folder),
+# so this page, written here, does its job: it hands noVNC's own RFB client
+# (core/rfb.js of Debian's package) the bytes the recording says the server
+# sent, in order, through an object shaped like a WebSocket, and drops what
+# the client sends. The recording is loaded as recording.js (it sets
+# VNC_frame_data, as the playback format is made for).
+PLAYBACK_PAGE = """\
+<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>playback</title>
+<style>html, body { margin: 0; } #screen { width: 1100px; height: 800px; }</style>
+</head>
+<body>
+<div id="screen"></div>
+<script src="recording.js"></script>
+<script type="module">
+import RFB from "./core/rfb.js";
+
+const result = { frames: 0, bytes: 0, events: [], done: false };
+window.playback = result;
+
+class RecordedServer {
+  constructor() {
+    this.binaryType = "arraybuffer";
+    this.protocol = "binary";
+    this.readyState = "connecting";
+    this.onopen = null; this.onmessage = null; this.onclose = null; this.onerror = null;
+  }
+  send(data) {}
+  close() { this.readyState = "closed"; }
+}
+
+// '{<ms>{<bytes to the client>' entries, in order; 'EOF' ends the array.
+const toClient = VNC_frame_data.filter(f => f[0] === "{").map(f => {
+  const text = f.slice(f.indexOf("{", 1) + 1);
+  return Uint8Array.from(text, c => c.charCodeAt(0));
+});
+const channel = new RecordedServer();
+const rfb = new RFB(document.getElementById("screen"), channel, { shared: true });
+for (const name of ["connect", "disconnect", "securityfailure", "credentialsrequired"]) {
+  rfb.addEventListener(name, e => result.events.push(
+    name + (name === "disconnect" ? (e.detail.clean ? " clean" : " unclean") : "")));
+}
+channel.readyState = "open";
+channel.onopen(new Event("open"));
+let next = 0;
+function feed() {
+  if (next < toClient.length) {
+    const bytes = toClient[next++];
+    result.frames += 1;
+    result.bytes += bytes.length;
+    channel.onmessage(new MessageEvent("message", { data: bytes.buffer }));
+    setTimeout(feed, 0);
+  } else {
+    // Give the last update time to be drawn, then end as the server did.
+    setTimeout(() => { result.done = true; }, 200);
+  }
+}
+setTimeout(feed, 0);
+</script>
+</body>
+</html>
+"""
+
+
+def test_recorded_session_plays_back_in_novnc(browser, websockify, novnc, alice, tmp_path):
+    from tests.e2e.test_record import complete_recording, directions, parse_recording
+    prefix = tmp_path / "recording"
+    _, port = websockify("--web", novnc, "--record", str(prefix), "{port}",
+                         "127.0.0.1:%d" % alice.port)
+    context = browser.new_context()
+    try:
+        page = browser.new_page(context)
+        connect_novnc(page, "http://127.0.0.1:%d/vnc.html?autoconnect=true" % port)
+        assert_shows(page, alice.colour)
+    finally:
+        browser.close_context(context)      # the session ends: the recording is complete
+    files = wait_for(lambda: sorted(tmp_path.glob("recording.*")), what="the recording")
+    assert len(files) == 1, files
+    data = complete_recording(files[0])
+    to_client, from_client = directions(parse_recording(data))
+    assert to_client.startswith(b"RFB 003.008\n") and from_client.startswith(b"RFB 003.008\n")
+
+    web = tmp_path / "playback"
+    shutil.copytree(novnc, str(web))
+    (web / "playback.html").write_text(PLAYBACK_PAGE)
+    shutil.copy(str(files[0]), str(web / "recording.js"))
+    _, wport = websockify("--web", str(web), "{port}", "127.0.0.1:%d" % free_port())
+    context = browser.new_context()
+    try:
+        page = browser.new_page(context)
+        page.navigate("http://127.0.0.1:%d/playback.html" % wport)
+        result = page.wait_js("window.playback && window.playback.done && window.playback",
+                              what="the playback's end")
+        assert result["events"] == ["connect"], result
+        assert result["bytes"] == len(to_client)
+        assert page.errors() == []
+        assert_shows(page, alice.colour, selector="#screen canvas")
+    finally:
+        browser.close_context(context)
