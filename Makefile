@@ -4,7 +4,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 PORT ?= 6080
 
-.PHONY: run test bench conformance install clean venv
+.PHONY: run test bench conformance install deb clean venv
 
 # The editable install also builds rebind.c in place (websockify/_rebind*.so),
 # the library a wrapped program (websockify PORT -- PROGRAM) is started with.
@@ -42,8 +42,14 @@ MANDIR ?= $(PREFIX)/share/man
 install:
 	$(PYTHON) -m pip install .
 	install -d $(DESTDIR)$(MANDIR)/man1
-	install -m 0644 man/websockify.1 $(DESTDIR)$(MANDIR)/man1/websockify.1
-	install -m 0644 man/websockify-agent.1 $(DESTDIR)$(MANDIR)/man1/websockify-agent.1
+	install -m 0644 man/*.1 $(DESTDIR)$(MANDIR)/man1/
+
+## make deb: the Debian package (debian/) built with dpkg-buildpackage in a
+## temporary copy of the tree, into dist/deb/; where lintian is installed it
+## checks the package, and an error it reports fails the target
+DEB_OUT ?= dist/deb
+deb:
+	$(PYTHON) scripts/build-deb --out $(DEB_OUT) $(if $(shell command -v lintian),--lintian)
 
 clean:
 	rm -rf $(VENV) .bench build dist *.egg-info .pytest_cache websockify/_rebind*.so

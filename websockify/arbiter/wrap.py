@@ -44,13 +44,13 @@ class WrapError(ConfigError):
     """The program cannot be wrapped or started (exit status EXIT_CONFIG)."""
 
 
-def _built_library() -> Optional[str]:
+def _built_library(package_dir: Optional[str] = None) -> Optional[str]:
     """websockify/_rebind<suffix>.so in the websockify package directory, or None.
 
     Looked for in that directory only: an import search could find another
     copy's library (an editable install's finder, say).
     """
-    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package_dir = package_dir or _package_dir()
     name = REBIND_MODULE.rpartition(".")[2]
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = os.path.join(package_dir, name + suffix)
@@ -59,11 +59,37 @@ def _built_library() -> Optional[str]:
     return None
 
 
+def _package_dir() -> str:
+    """The websockify package directory (the one holding arbiter/)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _prefix_library(package_dir: Optional[str] = None) -> Optional[str]:
+    """PREFIX/lib/websockify/rebind.so when this package is installed in
+    PREFIX/lib/python3[.N]/{dist,site}-packages and that file exists, or None.
+
+    The Debian package's place for it (/usr/lib/websockify/rebind.so):
+    Debian keeps a program's private libraries out of the Python directories.
+    Only a websockify installed under that prefix looks there, so a copy run
+    from a source tree or a virtualenv never picks up another install's library.
+    """
+    package_dir = package_dir or _package_dir()
+    site_dir = os.path.dirname(package_dir)
+    python_dir = os.path.dirname(site_dir)
+    if (os.path.basename(site_dir) not in ("dist-packages", "site-packages")
+            or not os.path.basename(python_dir).startswith("python3")):
+        return None
+    path = os.path.join(os.path.dirname(python_dir), "websockify", "rebind.so")
+    return path if os.path.isfile(path) else None
+
+
 def find_rebind_lib(explicit: Optional[str] = None) -> str:
     """The absolute path of the rebind library to preload.
 
     --rebind-lib, else $WEBSOCKIFY_REBIND_LIB, else the library built next to
-    this package's own files (an editable install builds it in place).
+    this package's own files (an editable install builds it in place), else
+    PREFIX/lib/websockify/rebind.so of the prefix this package is installed in
+    (the Debian package's /usr/lib/websockify/rebind.so).
     """
     path = explicit or os.environ.get(REBIND_LIB_ENV)
     if path:
@@ -71,7 +97,7 @@ def find_rebind_lib(explicit: Optional[str] = None) -> str:
         if not (os.path.isfile(path) and os.access(path, os.R_OK)):
             raise WrapError("%s: %s is not a readable file" % (where, path))
     else:
-        path = _built_library()
+        path = _built_library() or _prefix_library()
         if path is None:
             raise WrapError(
                 "cannot wrap a program: the rebind library was not built with this "
