@@ -69,8 +69,8 @@ class ScriptedAgent:
     """An agent connected to the server; ``on_open`` says what to do with new streams.
 
     ``on_open``: "accept" (connect to ``service`` and carry the bytes),
-    "refuse" (RESET REFUSED), "timeout" (RESET TIMEOUT) or "ignore" (no
-    answer).  ``respond`` False: never send anything back (a dead peer).
+    "refuse" (RESET REFUSED), "timeout" (RESET TIMEOUT), "ignore" (no
+    answer) or "hold" (no answer until ``release``).  ``respond`` False: never send anything back (a dead peer).
     """
 
     def __init__(self, port, agent_id, token=None, service=None, on_open="accept",
@@ -89,6 +89,7 @@ class ScriptedAgent:
         self.window_changed = threading.Condition(self.lock)
         self.services = {}
         self.opened = []          # (stream id, meta) in order
+        self.held = []            # "hold": opens not answered yet
         self.resets = []          # (stream id, code, reason)
         self.close_code = None
         self.close_reason = None
@@ -168,6 +169,26 @@ class ScriptedAgent:
 
     # -- streams ------------------------------------------------------------
 
+    def release(self) -> None:
+        """"hold": accept the held opens, and every later one at once."""
+        with self.lock:
+            self.on_open = "accept"
+            held, self.held = self.held, []
+            for stream_id in held:
+                self._accept(stream_id)
+            self._flush()
+
+    def _accept(self, stream_id) -> None:
+        try:
+            service = socket.create_connection(("127.0.0.1", self.service), timeout=5)
+        except OSError:
+            self.conn.reset_stream(stream_id, ResetCode.REFUSED, "refused")
+            return
+        service.settimeout(None)
+        self.services[stream_id] = service
+        self.conn.accept_stream(stream_id)
+        threading.Thread(target=self._pump, args=(stream_id, service), daemon=True).start()
+
     def _event(self, event) -> None:
         kind = type(event)
         if kind is StreamOpened:
@@ -177,16 +198,9 @@ class ScriptedAgent:
             elif self.on_open == "timeout":
                 self.conn.reset_stream(event.stream_id, ResetCode.TIMEOUT, "service timed out")
             elif self.on_open == "accept":
-                try:
-                    service = socket.create_connection(("127.0.0.1", self.service), timeout=5)
-                except OSError:
-                    self.conn.reset_stream(event.stream_id, ResetCode.REFUSED, "refused")
-                    return
-                service.settimeout(None)
-                self.services[event.stream_id] = service
-                self.conn.accept_stream(event.stream_id)
-                threading.Thread(target=self._pump, args=(event.stream_id, service),
-                                 daemon=True).start()
+                self._accept(event.stream_id)
+            elif self.on_open == "hold":
+                self.held.append(event.stream_id)
         elif kind is DataReceived:
             service = self.services.get(event.stream_id)
             if service is not None:

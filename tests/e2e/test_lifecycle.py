@@ -566,7 +566,10 @@ def test_sighup_keeps_1000_sessions_and_new_workers_serve(websockify):
     try:
         sessions.open_all(1000)
         all_ok(sessions.echo())
-        assert sum(held_sessions(pid, port) for pid in old) == 1000
+        # A readiness probe's connection may still be ESTABLISHED until the
+        # worker reads its EOF: wait for exactly the sessions.
+        wait_for(lambda: sum(held_sessions(pid, port) for pid in old) == 1000, 15,
+                 what="the old workers to hold exactly the 1000 sessions")
         hup_at = time.monotonic()
         proc.signal(signal.SIGHUP)
         new = wait_workers(proc, 2, exclude=old, timeout=15)

@@ -67,17 +67,31 @@ def tcp_user(port, timeout=10.0):
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
 
+def send_and_read_to_eof(user, payload: bytes) -> bytes:
+    """Send ``payload``, half-close, and return everything until the peer's EOF."""
+    user.sendall(payload)
+    user.shutdown(socket.SHUT_WR)
+    received = b""
+    while True:
+        chunk = user.recv(65536)
+        if not chunk:
+            return received
+        received += chunk
+
+
 def echo_check(port, payload):
     with tcp_user(port) as user:
-        user.sendall(payload)
-        user.shutdown(socket.SHUT_WR)
-        received = b""
-        while True:
-            chunk = user.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-    assert received == payload
+        assert send_and_read_to_eof(user, payload) == payload
+
+
+def accept_queue(port: int) -> int:
+    """Connections waiting in the kernel's accept queue of the listener on ``port``."""
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError("no listener on port %d" % port)
 
 
 def eof_within(sock, seconds) -> float:
@@ -101,7 +115,7 @@ class Server:
 
 
 AGENTS = ("auth", "dup", "tcp", "gone", "bridge", "refusing", "ignoring", "timing", "absent",
-          "bad", "good", "bulk", "limit", "status")
+          "bad", "good", "bulk", "limit", "burst", "status")
 
 
 @pytest.fixture(scope="module")
@@ -297,14 +311,7 @@ def test_a_thousand_opens_at_once_against_the_stream_limit(server, echo_service)
         served = closed = 0
         for index, user in enumerate(users):
             try:
-                user.sendall(b"%d" % index)
-                user.shutdown(socket.SHUT_WR)
-                data = b""
-                while True:
-                    chunk = user.recv(100)
-                    if not chunk:
-                        break
-                    data += chunk
+                data = send_and_read_to_eof(user, b"%d" % index)
             except OSError:         # refused past the limit: closed, maybe reset
                 data = b""
             if data:
@@ -318,6 +325,33 @@ def test_a_thousand_opens_at_once_against_the_stream_limit(server, echo_service)
         # The agent is untouched and serves the next user.
         assert not agent.closed.is_set()
         echo_check(server.faces["limit"], b"after the storm")
+    finally:
+        for user in users:
+            user.close()
+        agent.close()
+
+
+def test_a_burst_past_the_unanswered_opens_limit_waits_and_is_served(server, echo_service):
+    """200 users at once while the agent answers nothing: 64 OPENs go out (the
+    limit of unanswered opens), the other users wait, none is refused; once the
+    agent answers, every one of them is served, in arrival order."""
+    agent = connect_agent(server, "burst", service=echo_service.port, on_open="hold")
+    users = []
+    try:
+        for _ in range(200):
+            users.append(tcp_user(server.faces["burst"], timeout=20))
+        wait_for(lambda: len(agent.opened) >= 64, what="64 opens at the agent")
+        # Every user has been accepted from the face's listener by now ...
+        wait_for(lambda: accept_queue(server.faces["burst"]) == 0, what="all users accepted")
+        # ... and still no 65th OPEN: the others wait for an answer.
+        with agent.lock:
+            assert len(agent.opened) == 64
+            agent.release()
+        for index, user in enumerate(users):
+            assert send_and_read_to_eof(user, b"user %d" % index) == b"user %d" % index
+        ids = [stream_id for stream_id, _ in agent.opened]
+        assert len(ids) == 200 and ids == sorted(ids)
+        assert "stream refused" not in server.proc.log()
     finally:
         for user in users:
             user.close()

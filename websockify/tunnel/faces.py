@@ -70,8 +70,13 @@ class StreamUser:
         self.bytes_up = 0
         self.bytes_down = 0
         self._timer = loop.timer(open_timeout)
+        # 0 while waiting for a place among the agent's unanswered opens.
         self.stream_id = link.open_stream(meta, self)      # may raise StreamLimitError
         self._timer.start(self._open_timed_out)
+
+    def assigned(self, stream_id: int) -> None:
+        """The link opened our stream after a wait (the open timer kept running)."""
+        self.stream_id = stream_id
 
     # -- the link's events ---------------------------------------------------
 
@@ -113,8 +118,11 @@ class StreamUser:
         if self.outcome is None:
             self.outcome = ("timeout",)
             self.decided.set()
-            self.link.reset(self.stream_id, ResetCode.TIMEOUT, "no answer to OPEN in time")
-            self.link.kick()
+            if self.stream_id:
+                self.link.reset(self.stream_id, ResetCode.TIMEOUT, "no answer to OPEN in time")
+                self.link.kick()
+            else:
+                self.link.cancel_waiting(self)
             self._finish(tell_link=False)
 
     # -- pumping ---------------------------------------------------------------
@@ -210,8 +218,11 @@ class StreamUser:
         self.finished = True
         self._timer.stop()
         if tell_link:
-            self.link.reset(self.stream_id, ResetCode.CANCEL, "user went away")
-            self.link.kick()
+            if self.stream_id:
+                self.link.reset(self.stream_id, ResetCode.CANCEL, "user went away")
+                self.link.kick()
+            else:
+                self.link.cancel_waiting(self)
         for watcher in (self.reader, self.writer):
             watcher.stop()
             watcher.close()

@@ -18,7 +18,8 @@ closed, and the WebSocket closed with 1011.
 import logging
 import os
 import time
-from typing import Callable, Dict, Optional
+from collections import deque
+from typing import Callable, Deque, Dict, Optional
 
 from websockify.errors import ProtocolError, WebSocketError
 from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameParser,
@@ -61,6 +62,7 @@ class StreamSink:
     def ended(self) -> None: ...
     def reset(self, code: int, reason: str) -> None: ...
     def closed(self) -> None: ...
+    def assigned(self, stream_id: int) -> None: ...
 
 
 class Link:
@@ -88,6 +90,10 @@ class Link:
         self._parts = []
         self._size = 0
         self.sinks: Dict[int, StreamSink] = {}
+        # Users past the agent's unanswered-open limit wait here (in arrival
+        # order) for an answer to free a place, instead of being refused: a
+        # burst of users is served, only past max_streams is anyone refused.
+        self.waiting: Deque[tuple] = deque()
         fd = sock.fileno()
         self.reader = loop.io(fd, _READ)
         self.writer = loop.io(fd, _WRITE)
@@ -253,6 +259,8 @@ class Link:
         payload = parts[0] if len(parts) == 1 else b"".join(parts)
         for event in self.conn.receive_message(payload):
             self._dispatch(event)
+        if self.waiting:
+            self._admit_waiting()
 
     def _dispatch(self, event) -> None:
         kind = type(event)
@@ -308,13 +316,45 @@ class Link:
     # -- streams (the faces call these) ------------------------------------------
 
     def open_stream(self, meta: dict, sink: StreamSink) -> int:
-        """Open a stream for a user; raises the mux StreamLimitError past the limits."""
+        """Open a stream for a user: its id, or 0 when the user waits for a place
+        among the unanswered opens (``sink.assigned(id)`` follows); raises the
+        mux StreamLimitError past the stream limit."""
         if self.closing or self.going_away:
             raise StreamLimitError("the agent's tunnel is closing", ResetCode.GOING_AWAY)
-        stream_id = self.conn.open_stream(meta)
+        conn = self.conn
+        if self.waiting or conn.pending_opens >= conn.max_pending_opens:
+            if conn.open_streams + len(self.waiting) >= conn.max_streams:
+                raise StreamLimitError("stream limit (%d) reached" % conn.max_streams)
+            self.waiting.append((meta, sink))
+            return 0
+        stream_id = conn.open_stream(meta)
         self.sinks[stream_id] = sink
         self.kick()
         return stream_id
+
+    def cancel_waiting(self, sink: StreamSink) -> None:
+        """A waiting user left (or timed out) before its stream was opened."""
+        for index, (_, waiting_sink) in enumerate(self.waiting):
+            if waiting_sink is sink:
+                del self.waiting[index]
+                return
+
+    def _admit_waiting(self) -> None:
+        conn = self.conn
+        admitted = False
+        while (self.waiting and conn.pending_opens < conn.max_pending_opens
+               and not (self.closing or self.going_away)):
+            meta, sink = self.waiting.popleft()
+            try:
+                stream_id = conn.open_stream(meta)
+            except StreamLimitError as exc:
+                sink.reset(exc.code, str(exc))
+                continue
+            self.sinks[stream_id] = sink
+            sink.assigned(stream_id)
+            admitted = True
+        if admitted:
+            self.kick()
 
     def send(self, stream_id: int, data) -> int:
         taken = self.conn.send_data(stream_id, data)
@@ -340,6 +380,8 @@ class Link:
             except Exception:       # already closed on the mux side
                 log.debug("%s: reset of stream %d ignored", self.label, stream_id,
                           exc_info=True)
+            if self.waiting:
+                self._admit_waiting()
 
     def forget(self, stream_id: int) -> None:
         self.sinks.pop(stream_id, None)
@@ -376,7 +418,8 @@ class Link:
 
     def _drop_streams(self, why: str) -> None:
         sinks, self.sinks = self.sinks, {}
-        for sink in sinks.values():
+        waiting, self.waiting = self.waiting, deque()
+        for sink in list(sinks.values()) + [sink for _, sink in waiting]:
             try:
                 sink.reset(ResetCode.GOING_AWAY, why)
             except Exception:
