@@ -92,7 +92,13 @@ def test_masked_messages_parse_back_with_a_key_each(sizes):
         got.append(bytes(current))
         current.clear()
     parser = FrameParser(on_data, lambda *a: None, on_message_end=on_end)
-    wire = bytes(mask_messages(messages))
+    # Each message in up to three parts (bytes and views), as message_parts gives them.
+    parts = [[m[:n // 3], memoryview(m)[n // 3:n // 2], m[n // 2:]] for m, n in
+             zip(messages, sizes)]
+    prefix = b"\x8a\x80" + bytes(4)          # an already masked, empty pong first
+    wire = bytes(mask_messages([(p, len(m)) for p, m in zip(parts, messages)], prefix))
+    assert wire.startswith(prefix)
+    wire = wire[len(prefix):]
     parser.feed(wire)
     assert got == messages
     # Every frame is masked, each with a key of its own.

@@ -72,31 +72,43 @@ _HEADER_16 = struct.Struct("!BBH4s").pack_into
 _HEADER_64 = struct.Struct("!BBQ4s").pack_into
 
 
-def mask_messages(messages: List[bytes]) -> bytearray:
-    """Binary messages as masked client frames, all in one buffer.
+def mask_messages(messages: List[tuple], prefix: bytes = b"") -> bytearray:
+    """Binary messages (``Connection.message_parts``: (parts, size) each) as
+    masked client frames, after ``prefix`` (frames already encoded), all in
+    one buffer sized once.
 
     Each message gets its own random key (one os.urandom call for all of
-    them) and is masked in place: one copy of the payload, no per-frame
-    bytes objects to join (encode_client_frame's result, for the bulk path).
+    them); its parts are copied once into place and masked there: no joined
+    payloads, no growing buffer (the bulk path's copies are the kernel's and
+    this one).
     """
+    total = len(prefix)
+    for _, size in messages:
+        total += size + (6 if size < 126 else 8 if size < 65536 else 14)
+    out = bytearray(total)
+    view = memoryview(out)
     keys = os.urandom(4 * len(messages))
-    out = bytearray()
-    for index, message in enumerate(messages):
-        length = len(message)
+    pos = len(prefix)
+    view[:pos] = prefix
+    for index, (parts, size) in enumerate(messages):
         key = keys[4 * index:4 * index + 4]
-        start = len(out)
-        if length < 126:
-            out += bytes((0x80 | OP_BINARY, 0x80 | length))
-            out += key
-        elif length < 65536:
-            out += bytes(8)
-            _HEADER_16(out, start, 0x80 | OP_BINARY, 0x80 | 126, length, key)
+        if size < 126:
+            out[pos] = 0x80 | OP_BINARY
+            out[pos + 1] = 0x80 | size
+            out[pos + 2:pos + 6] = key
+            pos += 6
+        elif size < 65536:
+            _HEADER_16(out, pos, 0x80 | OP_BINARY, 0x80 | 126, size, key)
+            pos += 8
         else:
-            out += bytes(14)
-            _HEADER_64(out, start, 0x80 | OP_BINARY, 0x80 | 127, length, key)
-        begin = len(out)
-        out += message
-        unmask_into(out, begin, begin + length, key)
+            _HEADER_64(out, pos, 0x80 | OP_BINARY, 0x80 | 127, size, key)
+            pos += 14
+        begin = pos
+        for part in parts:
+            end = pos + len(part)
+            view[pos:end] = part
+            pos = end
+        unmask_into(out, begin, pos, key)
     return out
 
 
@@ -574,12 +586,11 @@ class Tunnel:
                     frames = self._ws_out
                     self._ws_out = []
                     closing = self._close_queued
-                    messages = [] if closing else conn.data_to_send(WRITE_BATCH)
+                    messages = [] if closing else conn.message_parts(WRITE_BATCH)
                     if not frames and not messages:
                         break
-                    if messages:
-                        frames.append(mask_messages(messages))
-                    sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
+                    prefix = frames[0] if len(frames) == 1 else b"".join(frames)
+                    sock.sendall(mask_messages(messages, prefix) if messages else prefix)
                     if closing:
                         return
         except OSError as exc:

@@ -613,7 +613,14 @@ class Connection:
         return bool(self._control or self._ready or self._pong)
 
     def data_to_send(self, max_bytes: Optional[int] = None) -> List[bytes]:
-        """WebSocket binary message payloads to send, in order.
+        """WebSocket binary message payloads to send, in order (see ``message_parts``)."""
+        return [b"".join(parts) for parts, _ in self.message_parts(max_bytes)]
+
+    def message_parts(self, max_bytes: Optional[int] = None) -> List[tuple]:
+        """The messages to send as ``(parts, size)``: each message's payload is
+        the concatenation of ``parts`` (bytes and views of queued data, valid
+        until the next call), ``size`` bytes; for a writer that copies them
+        once into its own buffer.
 
         Control frames come first, then DATA (and each stream's FIN behind
         its data) round-robin across streams, one frame of up to ``MAX_DATA``
@@ -622,7 +629,7 @@ class Connection:
         packed (the rest stays queued, so control frames queued meanwhile
         are sent before it).
         """
-        messages: List[bytes] = []
+        messages: List[tuple] = []
         limit = self.max_message
         parts: list = []
         size = 0            # bytes in parts
@@ -633,7 +640,7 @@ class Connection:
         if self._control:
             for frame in self._control:
                 if size + len(frame) > limit:
-                    messages.append(b"".join(parts))
+                    messages.append((parts, size))
                     sent += size
                     parts = []
                     size = 0
@@ -652,7 +659,7 @@ class Connection:
                 room = limit - size - HEADER_SIZE
                 # Rather than a short frame at the end of a message, a new message.
                 if room < frame_max and room < stream.queued:
-                    messages.append(b"".join(parts))
+                    messages.append((parts, size))
                     sent += size
                     parts = []
                     size = 0
@@ -684,7 +691,7 @@ class Connection:
                     continue
             if stream.fin_queued and not stream.fin_sent:
                 if size + HEADER_SIZE > limit:
-                    messages.append(b"".join(parts))
+                    messages.append((parts, size))
                     sent += size
                     parts = []
                     size = 0
@@ -694,7 +701,7 @@ class Connection:
                 if stream.remote_fin:
                     self._forget(stream)
         if parts:
-            messages.append(b"".join(parts))
+            messages.append((parts, size))
         return messages
 
 
