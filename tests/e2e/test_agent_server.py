@@ -7,6 +7,7 @@ are raw sockets (the TCP face) and a raw WebSocket (the bridge face).
 """
 
 import hashlib
+import json
 import os
 import re
 import socket
@@ -383,3 +384,99 @@ def test_one_stream_throughput_through_the_agent(processes, server, capsys):
                   "%.0f MB/s" % (size / down / 1e6, size / up / 1e6))
     finally:
         service.close()
+
+
+# -- reverse_websockify's nginx deployment, with this project at both ends -------------------
+
+NGINX_MTLS = """
+worker_processes 1;
+daemon off;
+{user}
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log info;
+events {{ }}
+http {{
+  access_log {tmp}/nginx-access.log;
+  client_body_temp_path {tmp}/client_body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  # the agents' endpoint: TLS, and only clients with a certificate of our CA
+  server {{
+    listen 127.0.0.1:{tls_port} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_verify_client on;
+    ssl_client_certificate {ca};
+    location /tunnel/ {{
+      proxy_pass http://127.0.0.1:{ws_port};
+      proxy_set_header Host $http_host;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection "upgrade";
+      proxy_buffering off;
+    }}
+  }}
+  # the intranet's status page
+  server {{
+    listen 127.0.0.1:{admin_port};
+    location = /tunnel/ {{
+      proxy_pass http://127.0.0.1:{ws_port};
+      proxy_http_version 1.1;
+    }}
+  }}
+}}
+"""
+
+
+def test_reverse_websockify_nginx_deployment_with_our_agent_and_server(processes, tmp_path,
+                                                                      pki, echo):
+    """The seed's deployment: nginx terminates TLS and checks client certificates
+    (ssl_verify_client on), the rendezvous behind it on plain HTTP; here the
+    rendezvous is websockify and the agent websockify-agent, which presents the
+    certificate to nginx and its token to the server."""
+    from tests.helpers import require_program
+    nginx_program = require_program("nginx", "nginx")
+    faces = {"alice": free_port()}
+    config = write_config(tmp_path, faces)
+    ws_port, tls_port, admin_port = free_port(), free_port(), free_port()
+    processes([PYTHON, "-m", "websockify", "--tunnel-config", config, "--workers", "2",
+               "127.0.0.1:%d" % ws_port], name="websockify")
+    wait_for(lambda: port_open(ws_port), what="websockify up")
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_MTLS.format(
+        tmp=tmp_path, tls_port=tls_port, admin_port=admin_port, ws_port=ws_port,
+        cert=pki.server.cert, key=pki.server.key, ca=pki.ca.cert,
+        user="user root;" if os.geteuid() == 0 else ""))
+    nginx = processes([nginx_program, "-p", str(tmp_path), "-c", str(conf)], name="nginx")
+    wait_for(lambda: port_open(tls_port) or nginx.proc.poll() is not None, what="nginx")
+    assert nginx.proc.poll() is None, nginx.log()
+    token = tmp_path / "alice.token"
+    token.write_text(agent_token("alice", SECRET) + "\n")
+    url = "wss://127.0.0.1:%d/tunnel/alice" % tls_port
+    alice = start_agent(processes, url, echo.port, "--token-file", token, "--ca-cert",
+                        pki.ca.cert, "--client-cert", pki.alice.cert, "--client-key",
+                        pki.alice.key)
+    alice.wait_log(r"tunnel up")
+    payload = pattern(3 * 1024 * 1024 + 7)
+    assert transfer(faces["alice"], payload) == payload
+    # The status page through nginx's intranet server: the agent, connected.
+    with socket.create_connection(("127.0.0.1", admin_port), timeout=10) as conn:
+        conn.sendall(b"GET /tunnel/ HTTP/1.1\r\nHost: admin\r\nAccept: application/json\r\n"
+                     b"Connection: close\r\n\r\n")
+        answer = b""
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    rows = {row["id"]: row for row in json.loads(body)["agents"]}
+    assert rows["alice"]["connected"] is True
+    # Without a client certificate nginx refuses the agent before websockify sees it.
+    stranger = start_agent(processes, url, echo.port, "--token-file", token, "--ca-cert",
+                           pki.ca.cert)
+    stranger.wait_log(r"handshake with %s failed: 400 Bad Request: 400 No required SSL "
+                      r"certificate was sent; retrying" % re.escape(url))

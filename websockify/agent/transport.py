@@ -67,6 +67,7 @@ _BODY_LIMIT = 2048          # bytes of a refusal's body read for the log
 #: restarting) and the others are retried as any lost connection.
 SENT_AWAY = (1000, 1008)
 
+_HTML_TITLE = re.compile(r"<title>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 _CONTENT_LENGTH = re.compile(rb"\r?\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 _HEADER_16 = struct.Struct("!BBH4s").pack_into
 _HEADER_64 = struct.Struct("!BBQ4s").pack_into
@@ -372,6 +373,11 @@ def _read_body(sock, head: bytes, rest: bytes, deadline: float) -> str:
     except OSError:
         pass
     text = body[:want].decode("utf-8", "replace").strip()
+    # A proxy's HTML error page (nginx refusing a missing client certificate)
+    # says why in its title.
+    title = _HTML_TITLE.search(text)
+    if title:
+        return " ".join(title.group(1).split())[:200]
     return text.splitlines()[0][:200] if text else ""
 
 
