@@ -111,3 +111,22 @@ def test_masked_messages_parse_back_with_a_key_each(sizes):
         pos += size + 4 + len(message)
     assert pos == len(wire)
     assert len(set(keys)) == len(keys)
+
+
+def test_masked_messages_reuse_the_writers_buffer():
+    import os
+    from websockify.agent.transport import mask_messages
+    from websockify.protocol.frames import FrameParser
+    buffer = bytearray()
+    for sizes in ([70000], [10, 20], [200000, 5]):
+        messages = [os.urandom(n) for n in sizes]
+        got, current = [], bytearray()
+        parser = FrameParser(lambda chunk, op: current.extend(chunk), lambda *a: None,
+                             on_message_end=lambda op: (got.append(bytes(current)),
+                                                        current.clear()))
+        wire = mask_messages([([m], len(m)) for m in messages], b"", buffer)
+        parser.feed(bytes(wire))
+        wire.release()
+        assert got == messages
+    # The buffer grew to the largest batch and was written in place since.
+    assert len(buffer) == 200000 + 14 + 5 + 6

@@ -73,20 +73,27 @@ _HEADER_16 = struct.Struct("!BBH4s").pack_into
 _HEADER_64 = struct.Struct("!BBQ4s").pack_into
 
 
-def mask_messages(messages: List[tuple], prefix: bytes = b"") -> bytearray:
+def mask_messages(messages: List[tuple], prefix: bytes = b"",
+                  buffer: Optional[bytearray] = None) -> memoryview:
     """Binary messages (``Connection.message_parts``: (parts, size) each) as
     masked client frames, after ``prefix`` (frames already encoded), all in
-    one buffer sized once.
+    one buffer: ``buffer`` (grown when too small) when given, so that a
+    writer reuses one buffer for every batch.
 
     Each message gets its own random key (one os.urandom call for all of
     them); its parts are copied once into place and masked there: no joined
-    payloads, no growing buffer (the bulk path's copies are the kernel's and
-    this one).
+    payloads, and with a reused buffer no fresh pages to fault in and zero
+    (the bulk path's copies are the kernel's and this one).
     """
     total = len(prefix)
     for _, size in messages:
         total += size + (6 if size < 126 else 8 if size < 65536 else 14)
-    out = bytearray(total)
+    if buffer is None:
+        out = bytearray(total)
+    else:
+        out = buffer
+        if len(out) < total:
+            out.extend(bytes(total - len(out)))
     view = memoryview(out)
     keys = os.urandom(4 * len(messages))
     pos = len(prefix)
@@ -110,7 +117,7 @@ def mask_messages(messages: List[tuple], prefix: bytes = b"") -> bytearray:
             view[pos:end] = part
             pos = end
         unmask_into(out, begin, pos, key)
-    return out
+    return view[:total]
 
 
 class AgentSetupError(Exception):
@@ -584,6 +591,7 @@ class Tunnel:
         sock = self.sock
         conn = self.conn
         wake = self._wake
+        out_buffer = bytearray()
         try:
             while True:
                 wake.wait()
@@ -596,7 +604,16 @@ class Tunnel:
                     if not frames and not messages:
                         break
                     prefix = frames[0] if len(frames) == 1 else b"".join(frames)
-                    sock.sendall(mask_messages(messages, prefix) if messages else prefix)
+                    if messages:
+                        # One buffer for every batch: sendall is done with it
+                        # before the next batch is built.
+                        wire = mask_messages(messages, prefix, out_buffer)
+                        try:
+                            sock.sendall(wire)
+                        finally:
+                            wire.release()
+                    else:
+                        sock.sendall(prefix)
                     if closing:
                         return
         except OSError as exc:
