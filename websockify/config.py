@@ -39,6 +39,17 @@ def _parse_syslog(text: str):
     return parse_syslog_server(text)
 
 
+def _parse_metrics(text: str):
+    from websockify.addr import AddressError, parse_host_port
+    text = text.strip()
+    try:
+        if text.isdigit():
+            return "127.0.0.1", parse_host_port(text, listen=True)[1]
+        return parse_host_port(text, listen=True)
+    except AddressError as exc:
+        raise ValueError("--metrics: %s" % exc) from None
+
+
 def _parse_trusted(text: str):
     from websockify.protocol.forwarded import parse_trusted_proxies
     return parse_trusted_proxies(text)
@@ -242,6 +253,11 @@ OPTIONS: List[Option] = [
            "reverse_websockify's config.toml); re-read on SIGHUP. With it, a target "
            "is optional", kind="str", metavar="FILE",
            path=True),
+    Option(("--metrics",), "metrics",
+           "serve Prometheus metrics at http://HOST:PORT/metrics and a health check at "
+           "/healthz, from the master (HOST: 127.0.0.1 unless given; ':PORT' is every "
+           "address)", kind="str", metavar="[HOST:]PORT",
+           parse=_parse_metrics),
     Option(("--max-frame-size",), "max_frame_size",
            "largest WebSocket frame accepted from a client; larger ones are closed "
            "with 1009", kind="int", default=16 * 1024 * 1024, metavar="BYTES",

@@ -58,10 +58,14 @@ class ForkedWorkers(Processes):
     def spawn(self, number: int, slot: sb.Slot) -> int:
         master = self.master
         master_pid = os.getpid()
+        tokens = master.runtime.tokens
+        slot.token_plugin = tokens.name if tokens is not None else ""
         pid = os.fork()
         if pid == 0:
             status = EXIT_WORKER_BOOT
             try:
+                if master.metrics is not None:
+                    master.metrics.close()     # the master's listener, not ours
                 signal.set_wakeup_fd(-1)
                 for signum in SIGNALS:
                     signal.signal(signum, signal.SIG_DFL)
@@ -132,6 +136,9 @@ class Master:
         self._previous_signals: dict = {}
         self._previous_wakeup_fd: Optional[int] = None
         self.listener = None
+        #: The --metrics listener (metrics/endpoint.py), served from the loop.
+        self.metrics = None
+        self.started = time.time()
         self.signal_queue: List[int] = []
         self.worker_count = config.workers or os.cpu_count() or 1
         if config.run_once:
@@ -192,6 +199,14 @@ class Master:
             log.error("%s", exc)
             self._close_tunnel_listeners()
             return EXIT_LISTEN
+        if config.metrics is not None:
+            try:
+                self._open_metrics()
+            except ListenError as exc:
+                log.error("%s", exc)
+                self.listener.close()
+                self._close_tunnel_listeners()
+                return EXIT_LISTEN
         if config.wrap_cmd:
             try:
                 self.wrapped = WrappedProgram.from_config(config, self.listener)
@@ -244,6 +259,39 @@ class Master:
         target_tls = TargetContexts(config) if config.ssl_target else None
         auth = load_authenticator(config, runtime.auth_object)
         runtime.tls, runtime.target_tls, runtime.auth = tls, target_tls, auth
+
+    def _open_metrics(self) -> None:
+        from websockify.metrics.endpoint import MetricsEndpoint
+        host, port = self.config.metrics
+        self.metrics = MetricsEndpoint(host, port, self.serving, self._render_metrics)
+        log.info("metrics on http://%s/metrics (and /healthz)", self.metrics.address)
+
+    def serving(self) -> bool:
+        """Whether at least one booted worker is accepting (/healthz)."""
+        return self.arbiter.stopping is None and any(
+            worker.booted and not worker.retiring for worker in self.arbiter.workers.values())
+
+    def _render_metrics(self) -> bytes:
+        from websockify.metrics.counters import LOOKUP_RESULTS
+        from websockify.metrics.exposition import Snapshot, render
+        arbiter = self.arbiter
+        words, lookups = arbiter.slots.totals.sum(arbiter.slots.live_counters())
+        tokens = self.runtime.tokens
+        if tokens is not None:
+            # The configured plugin is listed from the start, with zeros.
+            lookups.setdefault(tokens.name, [0] * len(LOOKUP_RESULTS))
+        tunnels = None
+        if self.runtime.tunnel_host is not None:
+            rows = self.runtime.tunnel_host.registry.snapshot()
+            tunnels = (sum(1 for row in rows if row["connected"]),
+                       sum(row["open_streams"] for row in rows))
+        return render(Snapshot(
+            words=words, lookups=lookups,
+            workers_serving=sum(1 for worker in arbiter.workers.values()
+                                if worker.booted and not worker.retiring),
+            worker_restarts=arbiter.restarts, reloads=arbiter.reloads,
+            reload_failures=arbiter.failed_reloads, start_time=self.started,
+            tunnels=tunnels))
 
     def _start_tunnel_host(self) -> None:
         """--tunnel-config: the agents' registry and the hand-off directory, before any fork."""
@@ -515,12 +563,18 @@ class Master:
 
     def _loop(self) -> None:
         wrapped = self.wrapped
+        metrics = self.metrics
         while True:
+            readers, writers = metrics.poll_fds() if metrics is not None else ([], [])
+            readable = writable = ()
             try:
-                select.select([self._wake_r] + (wrapped.fds() if wrapped else []), [], [],
-                              TICK)
+                readable, writable, _ = select.select(
+                    [self._wake_r] + (wrapped.fds() if wrapped else []) + readers, writers, [],
+                    TICK)
             except InterruptedError:
                 pass
+            if metrics is not None:
+                metrics.service(readable, writable)
             try:
                 while os.read(self._wake_r, 4096):
                     pass
@@ -616,6 +670,8 @@ class Master:
             except OSError:
                 pass
         self._close_tunnel_listeners()
+        if self.metrics is not None:
+            self.metrics.close()
         if not self.config.inetd:
             unlink_unix_listener(self.config.unix_listen)
         if self.runtime.tunnel_host is not None:

@@ -10,12 +10,19 @@ region it was forked with (it inherited that mapping); a region added later
 only reaches the workers forked after it.  So however many generations of
 workers drain side by side after reloads, the master never runs out of
 bookkeeping.
+
+Beside the slots each region holds one block of --metrics counters per slot
+(metrics/counters.py), written by the slot's worker only; when a slot is
+released its block is folded into the pool's ``totals`` first, so what a
+dead worker counted is never lost.
 """
 
 import mmap
 import struct
 import time
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
+
+from websockify.metrics import counters
 
 _SLOT = struct.Struct("<dqqqq")   # heartbeat, live, done, booted, command
 SLOT_SIZE = _SLOT.size
@@ -35,6 +42,7 @@ class Scoreboard:
     def __init__(self, slots: int):
         self.slots = slots
         self._map = mmap.mmap(-1, max(SLOT_SIZE * slots, mmap.PAGESIZE))
+        self._counters = mmap.mmap(-1, max(counters.BLOCK_SIZE * slots, mmap.PAGESIZE))
 
     def _offset(self, slot: int, field: int) -> int:
         return slot * SLOT_SIZE + field * 8
@@ -51,6 +59,15 @@ class Scoreboard:
     def reset(self, slot: int, now: Optional[float] = None) -> None:
         _SLOT.pack_into(self._map, slot * SLOT_SIZE,
                         time.time() if now is None else now, 0, 0, 0, RUN)
+
+    def counters(self, slot: int) -> memoryview:
+        """The slot's --metrics block, as 8-byte signed words."""
+        start = slot * counters.BLOCK_SIZE
+        return memoryview(self._counters)[start:start + counters.BLOCK_SIZE].cast("q")
+
+    def clear_counters(self, slot: int) -> None:
+        start = slot * counters.BLOCK_SIZE
+        self._counters[start:start + counters.BLOCK_SIZE] = bytes(counters.BLOCK_SIZE)
 
     def command(self, slot: int, command: int) -> None:
         if command > self._get(slot, _COMMAND):
@@ -77,11 +94,16 @@ class Scoreboard:
 class Slot:
     """One worker's place: a region and an index in it."""
 
-    __slots__ = ("board", "index")
+    __slots__ = ("board", "index", "token_plugin")
 
     def __init__(self, board: Scoreboard, index: int):
         self.board = board
         self.index = index
+        #: The token plugin the slot's worker was started with (its lookups' label).
+        self.token_plugin = ""
+
+    def counters(self) -> memoryview:
+        return self.board.counters(self.index)
 
     def read(self) -> tuple:
         return self.board.read(self.index)
@@ -113,6 +135,9 @@ class SlotPool:
         self.region_slots = max(1, region_slots)
         self.regions: List[Scoreboard] = []
         self._free: List[Slot] = []
+        self._used: List[Slot] = []
+        #: What released slots' workers counted (--metrics).
+        self.totals = counters.Totals()
 
     def allocate(self, now: Optional[float] = None) -> Slot:
         if not self._free:
@@ -122,10 +147,21 @@ class SlotPool:
             self._free.extend(Slot(board, index) for index in reversed(range(board.slots)))
         slot = self._free.pop()
         slot.board.reset(slot.index, now)
+        slot.board.clear_counters(slot.index)
+        slot.token_plugin = ""
+        self._used.append(slot)
         return slot
 
     def release(self, slot: Slot) -> None:
+        self.totals.fold(slot.counters(), slot.token_plugin)
+        slot.board.clear_counters(slot.index)
+        self._used.remove(slot)
         self._free.append(slot)
+
+    def live_counters(self) -> Iterator[Tuple[str, memoryview]]:
+        """(token plugin, counters) of every slot in use."""
+        for slot in self._used:
+            yield slot.token_plugin, slot.counters()
 
     @property
     def capacity(self) -> int:

@@ -26,6 +26,8 @@ def run_worker(config, runtime, listener, board, slot: int, number: int,
     try:
         from gevent import monkey
         monkey.patch_all()
+        from websockify.metrics import counters
+        counters.attach(board.counters(slot))
         worker = Worker(config, runtime, listener, board, slot, number, master_pid)
         worker.boot()
     except Exception:

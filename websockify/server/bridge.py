@@ -10,6 +10,7 @@ import logging
 
 from gevent.pywsgi import WSGIServer
 
+from websockify.metrics import counters as metrics
 from websockify.server.http import Handler
 
 log = logging.getLogger("websockify")
@@ -67,6 +68,7 @@ class BridgeServer(WSGIServer):
         current = gevent.getcurrent()
         self.handshakes.add(current)
         handler = None
+        metrics.connection_accepted()
         try:
             handler = self.handler_class(sock, address, self)
             handler.handle()

@@ -11,6 +11,7 @@ about 64 KiB as it arrives when it is long, so memory stays bounded.
 
 from typing import List
 
+from websockify.metrics import counters as metrics
 from websockify.server.proxy import ProxyService, Target
 from websockify.server.relay import READ_CHUNK, Relay
 from websockify.protocol.frames import OP_CONTINUATION
@@ -41,6 +42,7 @@ class EchoSession(Relay):
         if not self.session.is_open:
             return
         self.stats.from_client += len(chunk)
+        metrics.words[metrics.BYTES_FROM_CLIENT] += len(chunk)
         # Copied: the chunk is a view of the shared receive buffer.
         self._chunks.append(bytes(chunk))
         self._chunk_bytes += len(chunk)
@@ -62,6 +64,7 @@ class EchoSession(Relay):
         self._fragmented = not fin
         self._queue_to_client(data, opcode, fin)
         self.stats.to_client += len(data)
+        metrics.words[metrics.BYTES_TO_CLIENT] += len(data)
 
 
 class EchoService(ProxyService):

@@ -32,6 +32,7 @@ from gevent.socket import wait_read, wait_write
 
 from websockify.addr import UNIX
 from websockify.errors import BadGateway
+from websockify.metrics import counters as metrics
 from websockify.net.tls import TargetContexts, TLSStream
 from websockify.plugins.tokens.targets import target_from_result
 from websockify.protocol.handshake import redact_uri
@@ -272,6 +273,7 @@ class HookedService(ProxyService):
             return super().start_session(session.target, client, early, handler, codec)
         session.start(client, early, codec)     # the greenlet runs once we yield
         self.relays.add(session)
+        metrics.session_opened()
         self.on_session_start()
         return session
 
@@ -280,6 +282,7 @@ class HookedService(ProxyService):
         websocket = session.websocket
         code = websocket.close_code if websocket is not None else None
         reason = (websocket.close_reason if websocket is not None else None) or ""
+        metrics.session_closed(code, time.time() - session.started)
         log.info("%s: closed (%s%s) after %.1fs", session.label,
                  code if code is not None else "-", " " + reason if reason else "",
                  time.time() - session.started)

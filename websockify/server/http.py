@@ -20,6 +20,7 @@ from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler
 
 from websockify.errors import BadRequest, HeaderTooLarge, HTTPError
+from websockify.metrics import counters as metrics
 from websockify.net.tls import TLSStream, describe_error, looks_like_tls
 from websockify.protocol import forwarded
 from websockify.protocol.handshake import (HEADER_LIMIT, Accept, RequestHeaders, UpgradeRequest,
@@ -146,6 +147,7 @@ class Handler(WebSocketHandler):
         self._header_block = b""
         self._logged_refusal = False
         self._deadline = 0.0
+        self._accepted_at = time.monotonic()
 
     @property
     def peer(self) -> str:
@@ -251,6 +253,7 @@ class Handler(WebSocketHandler):
                  exc.log_text)
         self._logged_refusal = True
         self.close_connection = True
+        metrics.refused(exc.status)
         return exc.status_line, refusal_bytes(exc.status_line, exc.text, exc.headers)
 
     def handle(self):
@@ -312,12 +315,15 @@ class Handler(WebSocketHandler):
         try:
             stream.handshake(self._deadline)
         except socket.timeout:
+            metrics.tls_handshake(ok=False)
             log.info("%s: TLS handshake not completed within %g s", self.peer,
                      server.handshake_timeout)
             return False
         except OSError as exc:        # ssl.SSLError is an OSError
+            metrics.tls_handshake(ok=False)
             log.info("%s: TLS handshake failed: %s", self.peer, describe_error(exc))
             return False
+        metrics.tls_handshake(ok=True)
         log.debug("%s: TLS %s established", self.peer, stream.version())
         return True
 
@@ -447,6 +453,7 @@ class Handler(WebSocketHandler):
         self.status = accept.status
         self.headers_sent = True
         self.close_connection = True
+        metrics.handshake_done(time.monotonic() - self._accepted_at)
         early = self.rfile.take_buffer()
         if accept.needs_key3:
             early = early[8:]       # key3, answered in the 101
@@ -483,6 +490,8 @@ class Handler(WebSocketHandler):
             return
         if self._logged_refusal:
             return
+        code = status.split(" ", 1)[0]
+        if code[:1] in ("4", "5") and code.isdigit():
+            metrics.refused(int(code))     # the web server's own errors (405, 404 ...)
         length = self.response_length or "-"
-        log.info("%s: \"%s\" %s %s", self.peer, redact_uri(self.requestline),
-                 status.split(" ", 1)[0], length)
+        log.info("%s: \"%s\" %s %s", self.peer, redact_uri(self.requestline), code, length)

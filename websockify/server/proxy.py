@@ -17,6 +17,7 @@ from gevent import socket as gsocket
 from gevent.socket import wait_write
 
 from websockify.addr import format_host_port
+from websockify.metrics import counters as metrics
 from websockify.errors import BadGateway, GatewayTimeout, HTTPError
 from websockify.plugins.tokens import UNIX, BackendUnavailable
 from websockify.protocol.codec import Codec
@@ -226,6 +227,7 @@ class ProxyService:
                       traffic=self.traffic, codec=codec, recorder=recording)
         target.sock = None
         self.relays.add(relay)
+        metrics.session_opened()
         self.on_session_start()
         relay.start(early)
         return relay
@@ -244,6 +246,7 @@ class ProxyService:
         self.forget(relay, relay.recorder)
         stats = relay.stats
         code = relay.session.close_code
+        metrics.session_closed(code, time.time() - stats.started)
         reason = (" %s" % relay.session.close_reason) if relay.session.close_reason else ""
         log.info("%s: closed (%s%s) after %.1fs, %d bytes from client, %d bytes to client",
                  relay.label, code if code is not None else "-", reason,

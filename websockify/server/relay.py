@@ -25,6 +25,7 @@ import time
 from typing import Callable, List, Optional
 
 from websockify.errors import WebSocketError
+from websockify.metrics import counters as metrics
 from websockify.protocol.codec import HYBI, Codec
 from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, binary_header,
                                         encode_frame, frame_header, parse_close_payload)
@@ -413,6 +414,7 @@ class Relay:
         if not self.session.client_readable or not self.target.open:
             return
         self.stats.from_client += len(chunk)
+        metrics.words[metrics.BYTES_FROM_CLIENT] += len(chunk)
         self.target.queue(chunk)
 
     def _record_client_data(self, chunk, opcode: int) -> None:
@@ -457,6 +459,7 @@ class Relay:
             self._update()
             return
         self.stats.to_client += n
+        metrics.words[metrics.BYTES_TO_CLIENT] += n
         if self.traffic:
             self.traffic("{")
         self._update()

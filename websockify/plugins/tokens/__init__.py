@@ -28,6 +28,7 @@ from typing import Dict, Optional, Tuple
 
 from websockify.addr import UNIX, parse_host, parse_port  # noqa: F401
 from websockify.errors import ConfigError, HTTPError
+from websockify.metrics import counters as metrics
 from websockify.plugins.tokens.base import (  # noqa: F401
     BackendUnavailable, BadTarget, BasePlugin, MissingToken, PluginFailed, ResolvingPlugin,
     SourceError, TokenError, TokenNotFound, TokenRefused, answers_by_resolve, need_source)
@@ -95,6 +96,15 @@ class TokenResolver:
 
     def resolve(self, environ: dict) -> Tuple[str, object]:
         """``(host, port)`` or ``('unix_socket', path)`` for the request, or an HTTPError."""
+        try:
+            target = self._resolve(environ)
+        except HTTPError as exc:
+            metrics.token_lookup(lookup_result(exc))
+            raise
+        metrics.token_lookup("found")
+        return target
+
+    def _resolve(self, environ: dict) -> Tuple[str, object]:
         token = token_from_request(environ, self.host_token)
         if token is None:
             raise MissingToken("no token (Host header)" if self.host_token else
@@ -119,6 +129,17 @@ class TokenResolver:
             return target_from_result(result)
         except ValueError as exc:
             raise BadTarget("token plugin %s gave an unusable target: %s" % (self.name, exc)) from None
+
+
+def lookup_result(refusal: HTTPError) -> str:
+    """The --metrics result a refused lookup is counted under."""
+    for kind, result in ((TokenNotFound, "not_found"), (MissingToken, "missing"),
+                         (BadTarget, "bad_target"), (BackendUnavailable, "unavailable"),
+                         (PluginFailed, "failed"), (TokenRefused, "refused")):
+        if isinstance(refusal, kind):
+            return result
+    # A plugin's own HTTPError: by its status.
+    return {404: "not_found", 503: "unavailable", 500: "failed"}.get(refusal.status, "refused")
 
 
 #: Where bare names are looked up: the 0.13 module, whose plugins are PLUGINS.

@@ -1,0 +1,1 @@
+"""--metrics: counters the workers keep in shared memory, served by the master."""
