@@ -42,7 +42,8 @@ class Instance:
 
 
 class Cluster:
-    def __init__(self, processes, tmp_path, redis_program, redis_module, websockify):
+    def __init__(self, processes, tmp_path, redis_program, redis_module, websockify,
+                 on_duplicate="replace"):
         self.processes = processes
         self.tmp_path = tmp_path
         self.redis_program = redis_program
@@ -61,6 +62,7 @@ class Cluster:
                 'registry = "redis://127.0.0.1:%d/0"' % self.redis_port,
                 'node = "127.0.0.1:%d"' % node, 'cluster_secret = "cluster.key"',
                 "registry_ttl = %d" % TTL, "connect_timeout = 2",
+                'on_duplicate = "%s"' % on_duplicate,
                 "[tunnels.agent.%s]" % AGENT, 'listen = "127.0.0.1:%d"' % face, "token = true",
             ]) + "\n")
             # Two workers: internal connections also reach the worker not holding the agent.
@@ -250,6 +252,31 @@ def test_two_instances_claiming_an_agent_the_newer_wins(cluster):
     finally:
         one.close()
         two.close()
+
+
+def test_refuse_holds_across_instances(processes, tmp_path, redis_program, redis, websockify,
+                                       echo_service):
+    cluster = Cluster(processes, tmp_path, redis_program, redis, websockify,
+                      on_duplicate="refuse")
+    first = cluster.connect(cluster.a, echo_service)
+    try:
+        second = ScriptedAgent(cluster.b.port, AGENT, token=agent_token(AGENT, SECRET),
+                               service=echo_service.port)
+        assert second.status == 409, (second.status, second.body)
+        assert b"agent bus02 is already connected (at node %s)" % cluster.a.node.encode() \
+            in second.body
+        second.close()
+        cluster.b.proc.wait_log(r"refused .*/tunnel/bus02.*: 409 agent bus02 is already "
+                                r"connected \(at node %s\)" % re.escape(cluster.a.node))
+        # the first is untouched, and reached from B
+        assert cluster.holder() == cluster.a.node
+        assert exact_echo(cluster.b.face, b"first") == b"first"
+        assert not first.closed.is_set()
+    finally:
+        first.close()
+    # once it left, another copy may come, at either instance
+    wait_for(lambda: cluster.holder() is None, what="record removed")
+    cluster.connect(cluster.b, echo_service).close()
 
 
 def test_redis_restarted_mid_traffic(cluster, echo_service):

@@ -10,7 +10,12 @@ holder's status (502, 503, 504); a node that cannot be reached, does not
 answer within the deadline or is not one of ours is 503.
 
 Holding side: every worker accepts on the node address (the master bound
-it, as the TCP faces); a connection's handshake is read in a short greenlet
+it, as the TCP faces).  Not the master: it does no per-connection I/O (a
+supervisor that a busy link could stall), and a stream accepted there
+would need one more hop to a worker anyway; a worker that accepts for an
+agent another worker holds passes the descriptor on (tunnel/handoff.py),
+after which the bytes flow in the holder alone.  A connection's handshake
+is read in a short greenlet
 under a deadline, then handed to the hub (``on_request``), which opens the
 agent's stream (``NodeStreamUser``) or hands the connection to the worker
 holding the agent.  A forged or malformed opening is refused with one log
