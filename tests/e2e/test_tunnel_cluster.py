@@ -444,3 +444,45 @@ def test_nginx_in_front_of_two_instances(cluster, echo_service, processes, tmp_p
                              instance.proc.log()[mark[name]:]), name
         agent.close()
         wait_for(lambda: cluster.holder() is None, what="record removed")
+
+
+def test_the_registry_scripts_against_redis(processes, tmp_path, redis_program, redis):
+    """tunnel/cluster.py's records, called directly: newest wins, refresh, compare-and-delete."""
+    from websockify.tunnel.cluster import ClusterRegistry
+    from websockify.tunnel.registry import Registry
+    port = free_port()
+    start_redis(processes, redis_program, port, tmp_path)
+    wait_for(lambda: port_open(port), what="redis-server")
+    url = "redis://127.0.0.1:%d/0" % port
+    lost = []
+    a = ClusterRegistry(url, "10.0.0.1:7001", 10, Registry(1),
+                        lambda *args: lost.append(("a",) + args))
+    b = ClusterRegistry(url, "10.0.0.2:7001", 10, Registry(1),
+                        lambda *args: lost.append(("b",) + args))
+    store = redis.Redis(port=port)
+    try:
+        assert a.register("bus", "h1", refuse=False) == (True, "")
+        assert store.get("websockify:tunnel:bus") == b"10.0.0.1:7001 h1"
+        assert 9000 < store.pttl("websockify:tunnel:bus") <= 10000
+        assert b.lookup("bus") == "10.0.0.1:7001"
+        # refuse: another node's record stays
+        assert b.register("bus", "h2", refuse=True) == (False, "10.0.0.1:7001")
+        assert "bus" not in b.held
+        # replace: the newest wins, and says whom it replaced
+        assert b.register("bus", "h2", refuse=False) == (True, "10.0.0.1:7001")
+        a.refresh_all()
+        assert lost == [("a", "bus", "h1", "10.0.0.2:7001")]
+        assert "bus" not in a.held
+        # the stale holder's release leaves the newer record alone
+        a.release("bus", "h1")
+        assert store.get("websockify:tunnel:bus") == b"10.0.0.2:7001 h2"
+        # a record gone (Redis restarted empty) is written again by its holder
+        store.flushall()
+        b.refresh_all()
+        assert store.get("websockify:tunnel:bus") == b"10.0.0.2:7001 h2"
+        b.release("bus", "h2")
+        assert store.get("websockify:tunnel:bus") is None
+        assert a.lookup("bus") is None
+    finally:
+        a.close()
+        b.close()
