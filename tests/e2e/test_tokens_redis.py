@@ -7,7 +7,6 @@ test extra installs redis-py.
 """
 
 import json
-import os
 import socket
 import urllib.request
 

@@ -54,8 +54,13 @@ class Cluster:
         (tmp_path / "tunnel.key").write_bytes(SECRET + b"\n")
         (tmp_path / "cluster.key").write_bytes(CLUSTER_SECRET + b"\n")
         self.instances = {}
+        # Every port chosen before any is bound: free_port alone could repeat one.
+        ports = set()
+        while len(ports) < 6:
+            ports.add(free_port())
+        ports = sorted(ports)
         for name in ("a", "b"):
-            node, face = free_port(), free_port()
+            node, face, listen = ports.pop(), ports.pop(), ports.pop()
             path = tmp_path / ("tunnels-%s.toml" % name)
             path.write_text("\n".join([
                 "[tunnels]", 'secrets = ["tunnel.key"]',
@@ -67,7 +72,8 @@ class Cluster:
             ]) + "\n")
             # Two workers: internal connections also reach the worker not holding the agent.
             proc, port = websockify("--tunnel-config", str(path), "--workers", "2",
-                                    "--connect-timeout", "2", "{port}", env=LIVENESS)
+                                    "--connect-timeout", "2", "{port}", port=listen,
+                                    env=LIVENESS)
             self.instances[name] = Instance(name, proc, port, "127.0.0.1:%d" % node, face)
         self.a, self.b = self.instances["a"], self.instances["b"]
 
@@ -429,12 +435,14 @@ def test_nginx_in_front_of_two_instances(cluster, echo_service, processes, tmp_p
     start_nginx(processes, require_program("nginx", "nginx"), tmp_path,
                 NGINX_HTTP.format(port=nport, a=cluster.a.port, b=cluster.b.port), nport)
     # the agent too comes through nginx, to whichever instance nginx picks
+    holders = []
     for round_ in range(2):
         mark = {name: len(i.proc.log()) for name, i in cluster.instances.items()}
         agent = ScriptedAgent(nport, AGENT, token=agent_token(AGENT, SECRET),
                               service=echo_service.port)
         assert agent.status == 101, (agent.status, agent.body)
         wait_for(lambda: cluster.holder() is not None, what="agent registered")
+        holders.append(cluster.holder())
         # round robin: these sessions reach both instances
         for index in range(4):
             bridge_echo(nport, payloads=(b"round %d session %d" % (round_, index),))
@@ -444,6 +452,8 @@ def test_nginx_in_front_of_two_instances(cluster, echo_service, processes, tmp_p
                              instance.proc.log()[mark[name]:]), name
         agent.close()
         wait_for(lambda: cluster.holder() is None, what="record removed")
+    # five requests a round through round robin: the agent was on each instance once
+    assert sorted(holders) == sorted([cluster.a.node, cluster.b.node])
 
 
 def test_the_registry_scripts_against_redis(processes, tmp_path, redis_program, redis):

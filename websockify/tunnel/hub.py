@@ -456,7 +456,8 @@ class TunnelHub:
             if pid and pid != self.pid and getattr(handler, "handoff", None) is None:
                 self._hand_off_request(handler, pid, agent_id)
                 return HANDED_OFF
-            if not pid and self.cluster is not None:
+            if self.cluster is not None:
+                # Held at another node (or leaving here for one): carried there.
                 target.sock = self.open_remote_stream(agent_id, face="bridge",
                                                       peer=handler.peer)
                 return target
@@ -542,6 +543,10 @@ class TunnelHub:
         sock.setblocking(False)
         if kind == "tcp":
             link = self.links.get(agent_id)
+            if link is None and self.cluster is not None:
+                # It left this worker meanwhile (perhaps for another node).
+                gevent.spawn(self._remote_tcp_user, agent_id, sock, header.get("peer", "?"))
+                return
             if link is None:
                 log.info("%s: agent %s is not connected here any more; TCP user closed",
                          header.get("peer"), agent_id)

@@ -34,7 +34,7 @@ from gevent import socket as gsocket
 from websockify.addr import format_host_port
 from websockify.errors import HTTPError
 from websockify.protocol.nodelink import (OPEN_OK, HolderHandshake, NodeLinkError,
-                                          OpenerHandshake, OpenRequest)
+                                          OpenerHandshake)
 from websockify.tunnel.faces import AgentUnavailable, StreamUser, open_error
 
 log = logging.getLogger("websockify")
