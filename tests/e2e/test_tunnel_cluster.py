@@ -20,8 +20,8 @@ import pytest
 from tests.e2e.test_tokens_redis import redis, redis_program, start_redis  # noqa: F401 (fixtures)
 from tests.e2e.test_tunnel_server import (LIVENESS, SECRET, eof_within, pattern,
                                           send_and_read_to_eof, tcp_user)
-from tests.helpers import (RawWebSocket, children_of, free_port, port_open, require_program,
-                           start_nginx, wait_for)
+from tests.helpers import (RawWebSocket, children_of, free_port, port_open, read_http_response,
+                           require_program, start_nginx, wait_for)
 from tests.tunnel_agent import ScriptedAgent, Service, agent_token
 
 CLUSTER_SECRET = b"the instances' shared secret"
@@ -164,6 +164,15 @@ def bridge_echo(port, payloads=(b"hello", b"x" * 70000)):
         ws.close()
 
 
+def status_json(port):
+    import json
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"GET /tunnel/ HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n")
+        status, _, body = read_http_response(conn)
+        assert status == 200, body
+        return json.loads(body)
+
+
 def tcp_closed_at_once(port):
     """A TCP user that is closed without a byte (agent unreachable)."""
     with tcp_user(port) as user:
@@ -197,6 +206,12 @@ def test_user_at_b_reaches_the_agent_held_by_a(cluster, echo_service):
         # the agent sees a user as if it had arrived at A
         assert [meta["face"] for _, meta in agent.opened] == ["tcp", "tcp"]
         assert all(re.fullmatch(r"127\.0\.0\.1:\d+", meta["peer"]) for _, meta in agent.opened)
+        # the status page of each instance names the holding node
+        for instance in (cluster.a, cluster.b):
+            document = status_json(instance.port)
+            assert document["node"] == instance.node
+            assert [(a["id"], a["connected"], a["node"]) for a in document["agents"]] == [
+                (AGENT, instance is cluster.a, cluster.a.node)]
         # bridge face at B
         bridge_echo(cluster.b.port)
         assert agent.opened[-1][1]["face"] == "bridge"

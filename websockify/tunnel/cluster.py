@@ -199,6 +199,20 @@ class ClusterRegistry:
         self._answered()
         return parse_value(value)[0] if value else None
 
+    def nodes_of(self, agent_ids) -> Dict[str, str]:
+        """agent ID -> holding node, for those held anywhere (one MGET); raises
+        RegistryUnavailable."""
+        agent_ids = list(agent_ids)
+        if not agent_ids:
+            return {}
+        try:
+            values = self.client.mget([KEY_PREFIX + agent_id for agent_id in agent_ids])
+        except self._redis_errors as exc:
+            raise self._failed(exc) from None
+        self._answered()
+        return {agent_id: parse_value(value)[0]
+                for agent_id, value in zip(agent_ids, values) if value}
+
     def close(self) -> None:
         self._refresher.kill(block=False)
         try:

@@ -644,11 +644,26 @@ class TunnelHub:
         if not status_allowed(address, self.tunnels.status_allow):
             raise HTTPError(403, "the tunnel status is not shown to %s" % address)
         document = build_document(self.tunnels, self.registry.snapshot(), time.time())
+        if self.cluster is not None:
+            self._add_nodes(document)
         content_type, body = status_response(document, handler.headers.get("accept", ""))
         head = ("HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
                 "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
                 % (content_type, len(body))).encode("latin-1")
         return head + (body if handler.command != "HEAD" else b"")
+
+    def _add_nodes(self, document: dict) -> None:
+        """Many instances: this node, and each agent's holding node (None: nowhere,
+        or unknown while the registry is unreachable)."""
+        from websockify.tunnel.cluster import RegistryUnavailable
+        document["node"] = self.node
+        elsewhere = [agent["id"] for agent in document["agents"] if not agent["connected"]]
+        try:
+            nodes = self.cluster.nodes_of(elsewhere)
+        except RegistryUnavailable:
+            nodes = {}
+        for agent in document["agents"]:
+            agent["node"] = self.node if agent["connected"] else nodes.get(agent["id"])
 
     # -- stopping -------------------------------------------------------------------------
 
