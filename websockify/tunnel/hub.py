@@ -10,11 +10,10 @@ tunnel/handoff.py; a user for an absent agent is refused at once.  A timer
 publishes each link's figures to the registry and closes the links of
 agents a reload removed.
 
-With ``registry`` (many instances, one Redis), the links held here are
-also recorded in Redis (tunnel/cluster.py), a user for an agent no worker
-here holds is carried to the node that holds it (``open_remote_stream``,
-tunnel/nodes.py), and streams opened by the other instances arrive on the
-node address.
+With ``registry`` (many instances, one Redis) a tunnel/member.py
+ClusterMember also records the links held here in Redis and carries users
+of agents no worker here holds to the node that holds them
+(``open_remote_stream``).
 """
 
 import logging
@@ -37,7 +36,6 @@ from websockify.tunnel.faces import (AgentUnavailable, FaceAcceptor, StreamUser,
                                      status_allowed, status_response, wait_for_open)
 from websockify.tunnel.handoff import HandoffListener, HandoffSender, Pipe
 from websockify.tunnel.link import Link, liveness_settings
-from websockify.tunnel.nodes import NodeStreamUser, answer_now, dial_node, read_opening
 
 log = logging.getLogger("websockify")
 
@@ -102,26 +100,13 @@ class TunnelHub:
                                                         self._may_accept)
         self.draining = False
         self.cluster = None
-        self.node: Optional[str] = None
-        self.node_acceptor = None
         if getattr(self.tunnels, "registry", None):
-            self._join_cluster(runtime)
+            from websockify.tunnel.member import ClusterMember
+            self.cluster = ClusterMember(self, runtime)
         self._timer = loop.timer(PUBLISH_INTERVAL, PUBLISH_INTERVAL)
         self._timer.start(self._on_timer)
 
     handed_off = HANDED_OFF
-
-    def _join_cluster(self, runtime) -> None:
-        from websockify.tunnel.cluster import ClusterRegistry
-        tunnels = self.tunnels
-        self.node = tunnels.node_description
-        self.cluster = ClusterRegistry(tunnels.registry, self.node, tunnels.registry_ttl,
-                                       self.registry, self._registration_lost)
-        sock = runtime.tunnel_listeners.get(tunnels.node)
-        if sock is not None:
-            sock.setblocking(False)
-            self.node_acceptor = FaceAcceptor(self.loop, "(internal link)", sock,
-                                              self._node_connection, self._may_accept)
 
     @property
     def path(self) -> str:
@@ -196,7 +181,7 @@ class TunnelHub:
                 raise Conflict("agent %s is already connected (from %s)"
                                % (agent_id, claim.previous_peer or "?"))
             raise HTTPError(403, "agent ID %r is not in the tunnel configuration" % agent_id)
-        holding = self._register(agent_id, claim.serial)
+        holding = self.cluster.register(agent_id, claim.serial) if self.cluster else None
         if claim.previous_pid:
             log.info("agent %s: new connection from %s replaces the one from %s",
                      agent_id, peer, claim.previous_peer or "?")
@@ -206,7 +191,7 @@ class TunnelHub:
         except OSError as exc:
             self.registry.release(agent_id, self.pid, claim.serial)
             if holding is not None:
-                self.cluster.release(agent_id, holding)
+                self.cluster.registry.release(agent_id, holding)
             log.info("%s: agent %s disconnected during the handshake: %s", peer, agent_id,
                      exc.strerror or exc)
             handler.close_connection = True
@@ -219,44 +204,10 @@ class TunnelHub:
         link = Link(self.loop, sock, agent_id=agent_id, peer=peer, serial=claim.serial,
                     on_finish=self._link_finished, ping_interval=self.ping_interval,
                     dead_after=self.dead_after, token_expiry=expiry)
-        link.holding = holding
+        link.holding = holding      # its record in the cluster registry (None: alone)
         self.links[agent_id] = link
         log.info("agent %s connected from %s (worker %d)", agent_id, peer, self.worker_number)
         link.start(early)
-
-    def _register(self, agent_id: str, serial: int) -> Optional[str]:
-        """Record a new link in the cluster registry: its holding string (None alone).
-
-        The newest registration wins; with on_duplicate = "refuse" an agent
-        held at another node is refused (409).  Redis down: the link is held
-        unrecorded, and recorded once Redis answers.
-        """
-        if self.cluster is None:
-            return None
-        from websockify.tunnel.cluster import RegistryUnavailable
-        holding = self.cluster.new_holding()
-        try:
-            taken, previous = self.cluster.register(agent_id, holding,
-                                                    refuse=self.tunnels.on_duplicate == "refuse")
-        except RegistryUnavailable:
-            return holding
-        if not taken:
-            self.registry.release(agent_id, self.pid, serial)
-            raise Conflict("agent %s is already connected (at node %s)" % (agent_id, previous))
-        if previous and previous != self.node:
-            log.info("agent %s: now held at this node; node %s closes its copy", agent_id,
-                     previous)
-        return holding
-
-    def _registration_lost(self, agent_id: str, holding: str, node: str) -> None:
-        """A refresh found the agent registered elsewhere since: this copy is stale."""
-        link = self.links.get(agent_id)
-        if link is None or getattr(link, "holding", None) != holding:
-            return
-        log.info("agent %s (%s): registered at node %s since; closing the copy held here",
-                 agent_id, link.peer, node)
-        self.links.pop(agent_id, None)
-        self._close_link(link, 1000, "replaced by a connection at another instance")
 
     def _authenticate(self, handler, agent_id: str) -> Optional[float]:
         """The token's expiry (None for a client certificate); raises 401."""
@@ -308,8 +259,8 @@ class TunnelHub:
         if self.links.get(link.agent_id) is link:
             del self.links[link.agent_id]
         self.registry.release(link.agent_id, self.pid, link.serial)
-        if self.cluster is not None and getattr(link, "holding", None):
-            gevent.spawn(self.cluster.release, link.agent_id, link.holding)
+        if self.cluster is not None:
+            self.cluster.link_finished(link)
         log.info("agent %s (%s): tunnel closed (%s%s) after %.1fs, %d bytes to the agent, "
                  "%d from it", link.agent_id, link.peer,
                  link.close_code if link.close_code is not None else "-",
@@ -364,49 +315,23 @@ class TunnelHub:
                          b"", raw)
             return
         if self.cluster is not None:
-            gevent.spawn(self._remote_tcp_user, agent_id, raw, peer)
+            gevent.spawn(self.cluster.remote_tcp_user, agent_id, raw, peer)
             return
         log.info("%s: agent %s is not connected; TCP user closed", peer, agent_id)
         raw.close()
 
-    def _remote_tcp_user(self, agent_id: str, sock, peer: str) -> None:
-        """A TCP user for an agent another node holds: piped into a stream opened there."""
-        self.server.connections += 1
-        try:
-            remote = self.open_remote_stream(agent_id, face="tcp", peer=peer)
-        except HTTPError as exc:
-            log.info("%s: %s; TCP user closed", peer, exc.text)
-            sock.close()
-            self.server.release()
-            return
-        tune_stream(sock)
-        pipe = Pipe(self.loop, sock, remote, on_finish=self._pipe_finished, half_close=True)
-        self.pipes.add(pipe)
-        log.debug("%s: TCP user for agent %s carried to its node", peer, agent_id)
-        pipe.start()
-
     def open_remote_stream(self, agent_id: str, first_bytes: bytes = b"", *, face: str,
                            peer: str):
         """A stream of an agent another instance holds, for any face: a connected plain
-        socket carrying the stream's bytes (``first_bytes`` are sent first).
+        non-blocking socket carrying the stream's bytes (``first_bytes`` go first).
 
-        Raises HTTPError: 503 (not connected anywhere, the registry or the
-        node unreachable), or the holder's 502 / 503 / 504.  Cooperative: call
-        it in a greenlet.
+        Raises HTTPError: 503 (alone, not connected anywhere, the registry or
+        the node unreachable), or the holder's 502 / 503 / 504.  Cooperative:
+        call it in a greenlet.
         """
         if self.cluster is None:
             raise AgentUnavailable("agent %s is not connected" % agent_id)
-        from websockify.tunnel.cluster import RegistryUnavailable
-        try:
-            node = self.cluster.lookup(agent_id)
-        except RegistryUnavailable as exc:
-            raise AgentUnavailable("agent %s is not held here, and the %s" % (agent_id, exc)) \
-                from None
-        if node is None or node == self.node:
-            raise AgentUnavailable("agent %s is not connected" % agent_id)
-        header = {"agent": agent_id, "face": face, "peer": peer, "from": self.node}
-        return dial_node(node, self.tunnels.cluster_secret, header, first_bytes,
-                         self.connect_timeout + 1.0)
+        return self.cluster.open_remote_stream(agent_id, first_bytes, face=face, peer=peer)
 
     def _hand_off(self, pid: int, header: dict, data: bytes, sock) -> None:
         try:
@@ -545,7 +470,8 @@ class TunnelHub:
             link = self.links.get(agent_id)
             if link is None and self.cluster is not None:
                 # It left this worker meanwhile (perhaps for another node).
-                gevent.spawn(self._remote_tcp_user, agent_id, sock, header.get("peer", "?"))
+                gevent.spawn(self.cluster.remote_tcp_user, agent_id, sock,
+                             header.get("peer", "?"))
                 return
             if link is None:
                 log.info("%s: agent %s is not connected here any more; TCP user closed",
@@ -556,66 +482,9 @@ class TunnelHub:
         elif kind == "bridge":
             gevent.spawn(self._serve_handed_request, sock, header, data)
         elif kind == "node" and self.cluster is not None:
-            from websockify.protocol.nodelink import HolderHandshake, OpenRequest
-            server_nonce, client_nonce = header.get("nonces") or ("", "")
-            handshake = HolderHandshake(self.tunnels.cluster_secret, bytes.fromhex(server_nonce))
-            handshake.client_nonce = bytes.fromhex(client_nonce)
-            request = OpenRequest(agent_id, header.get("face", "tcp"), header.get("peer", "?"),
-                                  header)
-            self._serve_node_request(sock, request, handshake, data, handed=True)
+            self.cluster.handed(header, data, sock)
         else:
             sock.close()
-
-    # -- streams opened by other instances (the internal link) ------------------------
-
-    def _node_connection(self, _label: str, fd: int, address) -> None:
-        gevent.spawn(self._read_node_opening, fd, address)
-
-    def _read_node_opening(self, fd: int, address) -> None:
-        opening, sock = read_opening(fd, address, self.tunnels.cluster_secret,
-                                     self.connect_timeout)
-        if opening is not None:
-            request, handshake, rest = opening
-            self._serve_node_request(sock, request, handshake, rest)
-
-    def _serve_node_request(self, sock, request, handshake, rest: bytes,
-                            handed: bool = False) -> None:
-        """An authenticated opening: a stream of the agent here, or to the worker that
-        holds it, or a signed refusal (503 for the user at the other instance)."""
-        agent_id = request.agent_id
-        link = self.links.get(agent_id)
-        if link is None:
-            pid = self.registry.holder(agent_id)
-            if pid and pid != self.pid and not handed:
-                header = {"kind": "node", "agent": agent_id, "face": request.face,
-                          "peer": request.peer, "from": request.header.get("from", "?"),
-                          "nonces": [handshake.server_nonce.hex(), handshake.client_nonce.hex()]}
-                self._hand_off(pid, header, rest, sock)
-                return
-            log.info("%s (via the internal link): agent %s is not held at this node; "
-                     "refused", request.peer, agent_id)
-            answer_now(sock, handshake, 404, "agent %s is not held at node %s"
-                       % (agent_id, self.node))
-            sock.close()
-            return
-        self.server.connections += 1
-        try:
-            user = NodeStreamUser(self.loop, sock, link, {"face": request.face,
-                                                          "peer": request.peer},
-                                  handshake=handshake, early=rest,
-                                  label="%s -> agent %s (%s, via node %s)"
-                                  % (request.peer, agent_id, request.face,
-                                     request.header.get("from", "?")),
-                                  on_finish=self._user_finished,
-                                  open_timeout=self.connect_timeout)
-        except StreamLimitError as exc:
-            log.info("%s: agent %s: stream refused (%s); internal link closed", request.peer,
-                     agent_id, exc)
-            answer_now(sock, handshake, 503, "agent %s: %s" % (agent_id, exc))
-            sock.close()
-            self.server.release()
-            return
-        self.users.add(user)
 
     def _serve_handed_request(self, sock, header: dict, data: bytes) -> None:
         """A browser's request another worker read: handled here as if accepted here."""
@@ -645,25 +514,12 @@ class TunnelHub:
             raise HTTPError(403, "the tunnel status is not shown to %s" % address)
         document = build_document(self.tunnels, self.registry.snapshot(), time.time())
         if self.cluster is not None:
-            self._add_nodes(document)
+            self.cluster.add_nodes(document)
         content_type, body = status_response(document, handler.headers.get("accept", ""))
         head = ("HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
                 "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
                 % (content_type, len(body))).encode("latin-1")
         return head + (body if handler.command != "HEAD" else b"")
-
-    def _add_nodes(self, document: dict) -> None:
-        """Many instances: this node, and each agent's holding node (None: nowhere,
-        or unknown while the registry is unreachable)."""
-        from websockify.tunnel.cluster import RegistryUnavailable
-        document["node"] = self.node
-        elsewhere = [agent["id"] for agent in document["agents"] if not agent["connected"]]
-        try:
-            nodes = self.cluster.nodes_of(elsewhere)
-        except RegistryUnavailable:
-            nodes = {}
-        for agent in document["agents"]:
-            agent["node"] = self.node if agent["connected"] else nodes.get(agent["id"])
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -673,9 +529,8 @@ class TunnelHub:
         for acceptor in self.acceptors.values():
             acceptor.close()
         self.acceptors = {}
-        if self.node_acceptor is not None:
-            self.node_acceptor.close()
-            self.node_acceptor = None
+        if self.cluster is not None:
+            self.cluster.drain()
 
     @property
     def busy(self) -> bool:
