@@ -20,6 +20,14 @@ Phases:
   idle agents  1,000 agents held by one server (lightweight agents run by this
                script over the same protocol, websockify.protocol.mux): PSS per
                agent, and every one of them answering through the bridge face
+  two instances  two servers sharing one redis-server ([tunnels] registry), the
+               agent held by the first: the same download through the TCP face
+               of the instance that does not hold the agent (carried over the
+               internal link) against the holding instance's (skipped with the
+               reason without redis-server or redis-py; the HTTP face's
+               download is pending that face)
+
+--tunnel-phases cluster runs the two-instance phase alone.
 
 The script is loaded by scripts/bench (--tunnel); it uses its helpers (B).
 """
@@ -158,6 +166,61 @@ class ReverseWebsockify:
         if not agent.alive():
             raise B.BenchError("reverse_websockify agent exited:\n%s" % agent.log_tail())
         return [agent, srv], listen, srv.pid
+
+
+class ClusterPair:
+    """Two of our instances and one redis-server; the agent connects to the first."""
+
+    label = "ours (two instances)"
+    key = "cluster"
+
+    def __init__(self, workdir, python, env):
+        self.workdir = workdir
+        self.python = python
+        self.env = env
+        self.ours = OursTunnel(workdir, python, env)
+
+    def unavailable(self):
+        """Why the phase cannot run here, or None."""
+        if shutil.which("redis-server") is None:
+            return "redis-server not found (apt-get install redis-server)"
+        if subprocess.call([self.python, "-c", "import redis"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL) != 0:
+            return "redis-py missing (pip install 'websockify[redis]')"
+        return None
+
+    def _holder(self, rport):
+        import redis
+        value = redis.Redis(port=rport).get("websockify:tunnel:" + AGENT_ID)
+        return value.decode().split(" ")[0] if value else None
+
+    def start(self, tport, name):
+        """(processes, the holder's user port, the other's user port)."""
+        rport = B.free_port()
+        procs = [B.Proc(["redis-server", "--port", str(rport), "--bind", B.HOST, "--save", "",
+                         "--appendonly", "no", "--dir", self.workdir], name + "-redis")]
+        _wait(lambda: B.is_listening(rport), 30, "redis-server")
+        _write(os.path.join(self.workdir, "tunnel.key"), SECRET.decode())
+        _write(os.path.join(self.workdir, "cluster.key"), "bench cluster secret\n")
+        faces, nodes = [], []
+        for index in range(2):
+            face, node = B.free_port(), B.free_port()
+            config = _write(os.path.join(self.workdir, "cluster-%d.toml" % index), "\n".join([
+                "[tunnels]", 'secrets = ["tunnel.key"]',
+                'registry = "redis://%s:%d/0"' % (B.HOST, rport),
+                'node = "%s:%d"' % (B.HOST, node), 'cluster_secret = "cluster.key"',
+                "[tunnels.agent.%s]" % AGENT_ID, 'listen = "%s:%d"' % (B.HOST, face)]) + "\n")
+            srv, port = self.ours.start_server(config, "%s-server%d" % (name, index))
+            procs.append(srv)
+            faces.append(face)
+            nodes.append((port, "%s:%d" % (B.HOST, node)))
+        token = _write(os.path.join(self.workdir, "agent.token"), _token(AGENT_ID))
+        procs.insert(0, B.Proc([self.python, "-m", "websockify.agent", "--service",
+                                "127.0.0.1:%d" % tport, "--server",
+                                "ws://127.0.0.1:%d/tunnel/%s" % (nodes[0][0], AGENT_ID),
+                                "--token-file", token], name + "-agent", env=self.env))
+        _wait(lambda: self._holder(rport) == nodes[0][1], 60, "the agent registered")
+        return procs, faces[0], faces[1]
 
 
 def build_peers(bench_dir):
@@ -494,6 +557,11 @@ def run(bench, opts, cfg):
             if target:
                 target.stop()
 
+    if getattr(opts, "tunnel_phases", "all") == "cluster":
+        results["cluster"] = {}
+        cluster_phase(python, env, workdir, volume, opts, results, errors)
+        return report_cluster(results["cluster"], volume, opts), results, errors
+
     sides = [ours] + ([rw] if rw else [])
     rounds = {"ours": {"down": [], "up": []}, "rw": {"down": [], "up": []},
               "bridge": {"down": [], "up": []}}
@@ -531,7 +599,62 @@ def run(bench, opts, cfg):
     except Exception as exc:
         B.note("ERROR idle agents: %s" % exc)
         errors.append("idle agents: %s" % exc)
-    return report(results, rw is not None, why, volume, each, opts), results, errors
+    results["cluster"] = {}
+    cluster_phase(python, env, workdir, volume, opts, results, errors)
+    return (report(results, rw is not None, why, volume, each, opts)
+            + "\n" + report_cluster(results["cluster"], volume, opts)), results, errors
+
+
+def cluster_phase(python, env, workdir, volume, opts, results, errors):
+    """The same download at the holding instance and at the other one, in rounds."""
+    pair = ClusterPair(workdir, python, env)
+    why = pair.unavailable()
+    if why:
+        B.note("two-instance phase skipped: %s" % why)
+        results["cluster"]["why"] = why
+        return
+    holder, other = [], []
+    for number in range(opts.rounds):
+        B.note("two instances, round %d of %d" % (number + 1, opts.rounds))
+        target = procs = None
+        try:
+            target, tport = B.start_target(python, "source", volume, "tunnel")
+            procs, holding_face, other_face = pair.start(tport, "tunnel-cluster")
+            # alternate which goes first: the machine is shared and noisy
+            order = [(holder, holding_face), (other, other_face)]
+            for values, face in (order if number % 2 == 0 else order[::-1]):
+                values.append(tcp_download(face, volume))
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            B.note("ERROR two instances: %s" % exc)
+            errors.append("two instances: %s" % exc)
+        finally:
+            for proc in procs or ():
+                proc.stop()
+            if target:
+                target.stop()
+    for key, values in (("holder", holder), ("other", other)):
+        if values:
+            results["cluster"][key] = sorted(values)[len(values) // 2]
+            B.note("  two instances, %s: %s MB/s" % (key, ", ".join("%.1f" % v for v in values)))
+
+
+def report_cluster(cluster, volume, opts):
+    def num(value):
+        return "%.1f" % value if value is not None else "-"
+    holder, other = cluster.get("holder"), cluster.get("other")
+    lines = ["| two instances, one Redis | at the holding instance | at the other instance | "
+             "other / holding |", "|---|---:|---:|---:|",
+             "| one TCP-face download MB/s | %s | %s | %s |" % (
+                 num(holder), num(other), "%.2f" % (other / holder) if holder and other
+                 else "-"), "",
+             "Two instances: %d MiB through the agent's TCP face, median of %d rounds; the "
+             "other instance carries the user over the internal link to the holder (one more "
+             "hop and copy each way). The HTTP face's figure is pending that face.%s" % (
+                 volume >> 20, opts.rounds,
+                 " Skipped: %s." % cluster["why"] if cluster.get("why") else "")]
+    return "\n".join(lines) + "\n"
 
 
 def report(results, have_rw, why, volume, each, opts):

@@ -454,3 +454,32 @@ def parameters(func) -> list:
         prefix = {param.VAR_POSITIONAL: "*", param.VAR_KEYWORD: "**"}.get(param.kind, "")
         out.append((prefix + param.name, param.default))
     return out
+
+
+NGINX_PROLOGUE = """
+worker_processes 1;
+daemon off;
+{user}
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log info;
+events {{ }}
+http {{
+  access_log {tmp}/nginx-access.log;
+  client_body_temp_path {tmp}/client_body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+"""
+
+
+def start_nginx(processes, program, directory, http_block: str, port: int):
+    """A real nginx in ``directory`` whose http block holds ``http_block``; waits for ``port``."""
+    conf = directory / "nginx.conf"
+    conf.write_text(NGINX_PROLOGUE.format(tmp=directory,
+                                          user="user root;" if os.geteuid() == 0 else "")
+                    + http_block + "\n}\n")
+    nginx = processes([program, "-p", str(directory), "-c", str(conf)], name="nginx")
+    wait_for(lambda: port_open(port) or nginx.proc.poll() is not None, what="nginx")
+    assert nginx.proc.poll() is None, nginx.log()
+    return nginx

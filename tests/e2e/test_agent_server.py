@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from tests.helpers import PYTHON, RawWebSocket, SharedProcess, free_port, port_open, wait_for
+from tests.helpers import (PYTHON, RawWebSocket, SharedProcess, free_port, port_open, start_nginx,
+                           wait_for)
 from tests.tunnel_agent import Service, agent_token
 from websockify.config import OPTIONS
 
@@ -389,19 +390,6 @@ def test_one_stream_throughput_through_the_agent(processes, server, capsys):
 # -- reverse_websockify's nginx deployment, with this project at both ends -------------------
 
 NGINX_MTLS = """
-worker_processes 1;
-daemon off;
-{user}
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log info;
-events {{ }}
-http {{
-  access_log {tmp}/nginx-access.log;
-  client_body_temp_path {tmp}/client_body;
-  proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fastcgi;
-  uwsgi_temp_path {tmp}/uwsgi;
-  scgi_temp_path {tmp}/scgi;
   # the agents' endpoint: TLS, and only clients with a certificate of our CA
   server {{
     listen 127.0.0.1:{tls_port} ssl;
@@ -426,7 +414,6 @@ http {{
       proxy_http_version 1.1;
     }}
   }}
-}}
 """
 
 
@@ -444,14 +431,9 @@ def test_reverse_websockify_nginx_deployment_with_our_agent_and_server(processes
     processes([PYTHON, "-m", "websockify", "--tunnel-config", config, "--workers", "2",
                "127.0.0.1:%d" % ws_port], name="websockify")
     wait_for(lambda: port_open(ws_port), what="websockify up")
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_MTLS.format(
-        tmp=tmp_path, tls_port=tls_port, admin_port=admin_port, ws_port=ws_port,
-        cert=pki.server.cert, key=pki.server.key, ca=pki.ca.cert,
-        user="user root;" if os.geteuid() == 0 else ""))
-    nginx = processes([nginx_program, "-p", str(tmp_path), "-c", str(conf)], name="nginx")
-    wait_for(lambda: port_open(tls_port) or nginx.proc.poll() is not None, what="nginx")
-    assert nginx.proc.poll() is None, nginx.log()
+    nginx = start_nginx(processes, nginx_program, tmp_path, NGINX_MTLS.format(
+        tls_port=tls_port, admin_port=admin_port, ws_port=ws_port,
+        cert=pki.server.cert, key=pki.server.key, ca=pki.ca.cert), tls_port)
     token = tmp_path / "alice.token"
     token.write_text(agent_token("alice", SECRET) + "\n")
     url = "wss://127.0.0.1:%d/tunnel/alice" % tls_port

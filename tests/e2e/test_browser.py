@@ -19,7 +19,7 @@ import pytest
 
 from tests.browser import Chromium, spki_hash
 from tests.helpers import (PYTHON, free_port, port_open, require_module, require_program,
-                           skip_or_fail, wait_for)
+                           skip_or_fail, start_nginx, wait_for)
 
 TIMEOUT = 20.0
 
@@ -246,20 +246,6 @@ BLOG_INDEX = """\
 """
 
 BLOG_NGINX_CONF = """\
-worker_processes 1;
-daemon off;
-{user}
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log info;
-events {{
-}}
-http {{
-  access_log {tmp}/nginx-access.log;
-  client_body_temp_path {tmp}/client_body;
-  proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fastcgi;
-  uwsgi_temp_path {tmp}/uwsgi;
-  scgi_temp_path {tmp}/scgi;
   server {{
     # the blog's server block, on a free loopback port instead of 80
     listen 127.0.0.1:{port} default_server;
@@ -284,7 +270,6 @@ http {{
       proxy_buffering off;
     }}
   }}
-}}
 """
 
 
@@ -300,13 +285,8 @@ def test_blog_two_desktops_behind_nginx(browser, websockify, processes, novnc, a
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "index-both.html").write_text(BLOG_INDEX)
     nport = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(BLOG_NGINX_CONF.format(
-        tmp=tmp_path, port=nport, websockify=wport,
-        user="user root;" if os.geteuid() == 0 else ""))
-    nginx = processes([nginx_program, "-p", str(tmp_path), "-c", str(conf)], name="nginx")
-    wait_for(lambda: port_open(nport) or nginx.proc.poll() is not None, what="nginx")
-    assert nginx.proc.poll() is None, nginx.log()
+    start_nginx(processes, nginx_program, tmp_path,
+                BLOG_NGINX_CONF.format(tmp=tmp_path, port=nport, websockify=wport), nport)
 
     # Two users, each in a browser (context) of their own, connected at once.
     contexts = [browser.new_context(), browser.new_context()]

@@ -7,14 +7,13 @@ test extra installs redis-py.
 """
 
 import json
-import os
 import socket
 import urllib.request
 
 import pytest
 
 from tests.helpers import (free_port, handshake_request, port_open, read_http_response,
-                           require_module, require_program, wait_for)
+                           require_module, require_program, start_nginx, wait_for)
 from tests.helpers import echo_through
 from tests.e2e.test_tokens import EchoServer, answer, assert_clean, refusal_lines
 from websockify.plugins import tokens as tp
@@ -157,20 +156,7 @@ def test_token_redis_down_lets_redis_error_through(redis, redis_server):
         plugin.resolve("t")
 
 
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-{user}
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log info;
-events {{ }}
-http {{
-  access_log {tmp}/nginx-access.log;
-  client_body_temp_path {tmp}/client_body;
-  proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fastcgi;
-  uwsgi_temp_path {tmp}/uwsgi;
-  scgi_temp_path {tmp}/scgi;
+NGINX_HTTP = """
   upstream websockify {{
     server 127.0.0.1:{ws1};
     server 127.0.0.1:{ws2};
@@ -191,7 +177,6 @@ http {{
       proxy_buffering off;
     }}
   }}
-}}
 """
 
 
@@ -205,13 +190,8 @@ def test_two_instances_share_redis_behind_nginx(websockify, echo4, redis_server,
                             "TokenRedis", "--token-source", "127.0.0.1:%d" % rport, "{port}")
                  for _ in range(2)]
     nport = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(
-        tmp=tmp_path, port=nport, ws1=instances[0][1], ws2=instances[1][1],
-        user="user root;" if os.geteuid() == 0 else ""))
-    nginx = processes([nginx_program, "-p", str(tmp_path), "-c", str(conf)], name="nginx")
-    wait_for(lambda: port_open(nport) or nginx.proc.poll() is not None, what="nginx")
-    assert nginx.proc.poll() is None, nginx.log()
+    start_nginx(processes, nginx_program, tmp_path,
+                NGINX_HTTP.format(port=nport, ws1=instances[0][1], ws2=instances[1][1]), nport)
 
     # the token is written to Redis after both instances started
     store = redis.Redis(port=rport)

@@ -72,6 +72,23 @@ def test_a_listen_port_in_use_exits_5_with_one_line(tmp_path):
         % (path, port))
 
 
+def test_a_node_address_in_use_exits_5_with_one_line(tmp_path):
+    pytest.importorskip("redis")
+    write(tmp_path / "cluster.key", b"cluster secret\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write(tmp_path / "tunnels.toml", (
+            '[tunnels]\nregistry = "redis://127.0.0.1:1/0"\nnode = "127.0.0.1:%d"\n'
+            'cluster_secret = "cluster.key"\n' % port))
+        result = run(websockify_argv("--tunnel-config", path, "0"))
+    assert result.returncode == EXIT_CONFIG, result
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert error_lines(result.stderr)[0].split(" ERROR ", 1)[1] == (
+        "%s: node: cannot listen on 127.0.0.1 port %d: Address already in use" % (path, port))
+
+
 def test_without_tunnel_config_a_lone_port_is_still_a_usage_error():
     result = run(websockify_argv("6080"))
     assert result.returncode == EXIT_USAGE

@@ -12,7 +12,7 @@ from tests.helpers import ROOT
 PACKAGE = os.path.join(ROOT, "websockify", "protocol")
 # What protocol code may import: pure standard-library modules and its own package.
 ALLOWED_STDLIB = {"base64", "binascii", "codecs", "collections", "dataclasses", "enum",
-                  "hashlib", "ipaddress", "json", "re", "struct", "sys", "typing",
+                  "hashlib", "hmac", "ipaddress", "json", "re", "struct", "sys", "typing",
                   "__future__"}
 FORBIDDEN = {"socket", "_socket", "ssl", "os", "select", "selectors", "fcntl", "subprocess",
              "threading", "gevent", "geventwebsocket", "asyncio", "io", "time", "logging"}

@@ -261,12 +261,73 @@ BAD = [
      ": on_duplicate in [tunnels] must be 'replace' or 'refuse', not 'kick'"),
     ("[tunnels]\non_duplicate = 1\n",
      ": on_duplicate in [tunnels] must be a string, not an integer"),
+    # many instances: registry, node and cluster_secret together
+    ("[tunnels]\nregistry = 'redis://127.0.0.1:6379/0'\n",
+     ": registry in [tunnels] also needs node and cluster_secret"),
+    ("[tunnels]\nnode = '10.0.0.5:7001'\ncluster_secret = 'tunnel-a.key'\n",
+     ": node and cluster_secret in [tunnels] also needs registry"),
+    ("[tunnels]\nregistry_ttl = 5\n", ": registry_ttl in [tunnels] needs registry"),
+    ("[tunnels]\nregistry = 'http://127.0.0.1:6379'\nnode = '10.0.0.5:7001'\n"
+     "cluster_secret = 'tunnel-a.key'\n",
+     ": registry in [tunnels] must be a redis://HOST:PORT/DB, rediss:// or unix:// URL, "
+     "not 'http://127.0.0.1:6379'"),
+    ("[tunnels]\nregistry = 'redis://'\nnode = '10.0.0.5:7001'\ncluster_secret = 'tunnel-a.key'\n",
+     ": registry in [tunnels] must be a redis://HOST:PORT/DB, rediss:// or unix:// URL, "
+     "not 'redis://'"),
+    ("[tunnels]\nregistry = 'redis://r:6379/0'\nnode = '0.0.0.0:7001'\n"
+     "cluster_secret = 'tunnel-a.key'\n",
+     ": node '0.0.0.0:7001' in [tunnels] must be an address the other instances can reach "
+     "(not every address)"),
+    ("[tunnels]\nregistry = 'redis://r:6379/0'\nnode = '7001'\ncluster_secret = 'tunnel-a.key'\n",
+     ": node '7001' in [tunnels] must be an address the other instances can reach "
+     "(not every address)"),
+    ("[tunnels]\nregistry = 'redis://r:6379/0'\nnode = '10.0.0.5:0'\n"
+     "cluster_secret = 'tunnel-a.key'\n",
+     ": bad node address '10.0.0.5:0' in [tunnels]: port 0 is not a fixed port"),
+    ("%sregistry_ttl = 0.5\n" % "CLUSTER",
+     ": registry_ttl in [tunnels] must be at least 1 second, not 0.5"),
+    ("%sregistry_ttl = true\n" % "CLUSTER",
+     ": registry_ttl in [tunnels] must be at least 1 second, not True"),
+    ("%s[tunnels.agent.A]\nlisten = '10.0.0.5:7001'\n" % "CLUSTER",
+     ": node 10.0.0.5:7001 in [tunnels] overlaps agent A's listen 10.0.0.5:7001"),
+    ("%s[tunnels.agent.A]\nlisten = '7001'\n" % "CLUSTER",
+     ": node 10.0.0.5:7001 in [tunnels] overlaps agent A's listen :7001"),
 ]
 
 
-@pytest.mark.parametrize("text, problem", BAD)
+CLUSTER = ("[tunnels]\nregistry = 'redis://127.0.0.1:6379/0'\nnode = '10.0.0.5:7001'\n"
+           "cluster_secret = 'tunnel-a.key'\n")
+
+
+@pytest.mark.parametrize("text, problem", [(t.replace("CLUSTER", CLUSTER), p) for t, p in BAD])
 def test_bad_file_gets_one_exact_message(folder, text, problem):
     assert error(folder, text) == str(folder / "tunnels.toml") + problem
+
+
+def test_many_instances_keys(folder):
+    pytest.importorskip("redis")
+    config = load(folder, CLUSTER + "registry_ttl = 4\n[tunnels.agent.A]\nlisten = '10.0.0.5:7002'\n")
+    assert (config.registry, config.node, config.node_description, config.cluster_secret,
+            config.registry_ttl) == ("redis://127.0.0.1:6379/0", ("10.0.0.5", 7001),
+                                     "10.0.0.5:7001", b"secret-a", 4.0)
+    assert load(folder, CLUSTER).registry_ttl == 10.0
+    single = load(folder, "[tunnels]\n")
+    assert (single.registry, single.node, single.cluster_secret) == (None, None, b"")
+
+
+def test_a_missing_cluster_secret_file(folder):
+    message = error(folder, CLUSTER.replace("tunnel-a.key", "missing.key"))
+    assert message.startswith(str(folder / "tunnels.toml") + ": cannot read secret file ")
+    assert "missing.key" in message
+
+
+def test_registry_without_the_redis_package(folder, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "redis" else real(name, *a))
+    assert error(folder, CLUSTER) == str(folder / "tunnels.toml") + (
+        ": registry in [tunnels] needs the redis package (pip install 'websockify[redis]')")
 
 
 def test_a_128_character_id_is_fine(folder):

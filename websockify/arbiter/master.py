@@ -374,24 +374,27 @@ class Master:
         self.runtime.tunnels = tunnels
 
     def _bind_tunnel_listeners(self, tunnels, bound: dict) -> dict:
-        """A listening socket for each agent's listen address: kept from ``bound`` when
-        there, else bound now.  TunnelConfigError if one cannot be (none left open)."""
+        """A listening socket for each agent's listen address and for the node address:
+        kept from ``bound`` when there, else bound now.  TunnelConfigError if one cannot
+        be (none left open)."""
         listeners: dict = {}
         new = []
         try:
-            for agent in tunnels.agents.values():
-                if agent.listen is None:
-                    continue
-                sock = bound.get(agent.listen)
+            # The agents' TCP faces, and the internal link's node address.
+            wanted = [(agent.listen, "agent %s" % agent.agent_id)
+                      for agent in tunnels.agents.values() if agent.listen is not None]
+            if tunnels.node is not None:
+                wanted.append((tunnels.node, "node"))
+            for address, what in wanted:
+                sock = bound.get(address)
                 if sock is None or sock.fileno() < 0:
                     try:
-                        sock = tcp_listener(agent.listen[0], agent.listen[1],
-                                            self.config.prefer_ipv6)
+                        sock = tcp_listener(address[0], address[1], self.config.prefer_ipv6)
                     except ListenError as exc:
-                        raise TunnelConfigError("agent %s: %s" % (agent.agent_id, exc),
+                        raise TunnelConfigError("%s: %s" % (what, exc),
                                                 tunnels.source) from None
                     new.append(sock)
-                listeners[agent.listen] = sock
+                listeners[address] = sock
         except TunnelConfigError:
             for sock in new:
                 sock.close()

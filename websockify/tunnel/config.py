@@ -9,6 +9,10 @@ Our layout::
     on_duplicate = "replace"           # or "refuse"
     status_allow = ["127.0.0.1/32", "::1/128"]
     connect_timeout = 10               # seconds an OPEN may wait for the agent's answer
+    registry = "redis://10.0.0.9:6379/0"   # optional, many instances: who holds which agent
+    node = "10.0.0.5:7001"             # with registry: where the other instances reach this one
+    cluster_secret = "cluster.key"     # with registry: the internal link's key, relative to FILE
+    registry_ttl = 10                  # seconds a registration outlives its last refresh
 
     [tunnels.agent.LKLAFA151NA774655]
     nickname = "Bus02"
@@ -53,7 +57,10 @@ AGENT_ID = re.compile(r"[A-Za-z0-9_~.%-]{1,128}")
 _ID_RULE = "1 to 128 of A-Z a-z 0-9 _ ~ . % -"
 
 _TUNNELS_KEYS = ("path", "secrets", "audience", "on_duplicate", "status_allow",
-                 "connect_timeout", "agent")
+                 "connect_timeout", "agent", "registry", "node", "cluster_secret",
+                 "registry_ttl")
+REGISTRY_SCHEMES = ("redis://", "rediss://", "unix://")
+DEFAULT_REGISTRY_TTL = 10.0
 _AGENT_KEYS = ("nickname", "listen", "token")
 _REVERSE_TOP_KEYS = ("http_server_endpoint", "remote_service")
 _REMOTE_SERVICE_KEYS = ("nickname", "local_listen_endpoint")
@@ -106,6 +113,18 @@ class TunnelConfig:
     layout: str = OURS
     #: reverse_websockify's http_server_endpoint, (host, port): informational only.
     http_server_endpoint: Optional[Tuple[str, int]] = None
+    #: Many instances: the Redis URL of the agents' registry (None: this instance alone).
+    registry: Optional[str] = None
+    #: This instance's internal address, (host, port), where the others reach it.
+    node: Optional[Tuple[str, int]] = None
+    #: The key of the internal link between instances.
+    cluster_secret: bytes = b""
+    #: Seconds a registration lives in Redis unless refreshed.
+    registry_ttl: float = DEFAULT_REGISTRY_TTL
+
+    @property
+    def node_description(self) -> Optional[str]:
+        return format_host_port(*self.node) if self.node else None
 
     def describe(self) -> str:
         faces = sum(1 for agent in self.agents.values() if agent.listen)
@@ -263,6 +282,7 @@ class _Loader:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise self.fail("connect_timeout in %s must be a positive number of seconds, not %r"
                             % (where, timeout))
+        cluster = self._cluster(tunnels, where)
         agents: List[AgentEntry] = []
         for agent_id, table in self._table(tunnels.get("agent", {}), "agent", where).items():
             self._agent_id(agent_id, "[tunnels.agent]")
@@ -278,10 +298,56 @@ class _Loader:
                 agent_id, self._string(table, "nickname", agent_where, ""),
                 self._listen(listen, "listen", agent_where) if listen is not None else None,
                 token))
+        agents_map = self._agents(agents, "listen", "tunnels.agent")
+        self._node_apart(cluster.get("node"), agents)
         return TunnelConfig(path=path, secrets=secrets, audience=audience,
                             on_duplicate=on_duplicate, status_allow=status_allow,
-                            agents=self._agents(agents, "listen", "tunnels.agent"),
-                            source=self.path, connect_timeout=float(timeout), layout=OURS)
+                            agents=agents_map, source=self.path,
+                            connect_timeout=float(timeout), layout=OURS, **cluster)
+
+    def _cluster(self, tunnels: Dict[str, Any], where: str) -> Dict[str, Any]:
+        """registry, node, cluster_secret and registry_ttl: all three or none, checked."""
+        registry = self._string(tunnels, "registry", where)
+        node = self._string(tunnels, "node", where)
+        secret_name = self._string(tunnels, "cluster_secret", where)
+        ttl = tunnels.get("registry_ttl", DEFAULT_REGISTRY_TTL)
+        given = [key for key, value in (("registry", registry), ("node", node),
+                                        ("cluster_secret", secret_name)) if value is not None]
+        if not given:
+            if "registry_ttl" in tunnels:
+                raise self.fail("registry_ttl in %s needs registry" % where)
+            return {}
+        if len(given) < 3:
+            missing = [key for key in ("registry", "node", "cluster_secret") if key not in given]
+            raise self.fail("%s in %s also needs %s" % (" and ".join(given), where,
+                                                        " and ".join(missing)))
+        if not registry.startswith(REGISTRY_SCHEMES) or len(registry) <= len(
+                registry.split("//", 1)[0]) + 2:
+            raise self.fail("registry in %s must be a redis://HOST:PORT/DB, rediss:// or "
+                            "unix:// URL, not %r" % (where, registry))
+        import importlib.util
+        if importlib.util.find_spec("redis") is None:
+            raise self.fail("registry in %s needs the redis package "
+                            "(pip install 'websockify[redis]')" % where)
+        host, port = self._listen(node, "node", where)
+        if host in _WILDCARD:
+            raise self.fail("node %r in %s must be an address the other instances can reach "
+                            "(not every address)" % (node, where))
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl >= 1:
+            raise self.fail("registry_ttl in %s must be at least 1 second, not %r"
+                            % (where, ttl))
+        return {"registry": registry, "node": (host, port),
+                "cluster_secret": self._secret(secret_name), "registry_ttl": float(ttl)}
+
+    def _node_apart(self, node: Optional[Tuple[str, int]], agents: List[AgentEntry]) -> None:
+        if node is None:
+            return
+        for agent in agents:
+            if agent.listen is not None and agent.listen[1] == node[1] and (
+                    agent.listen[0] == node[0] or agent.listen[0] in _WILDCARD):
+                raise self.fail("node %s in [tunnels] overlaps agent %s's listen %s"
+                                % (format_host_port(*node), agent.agent_id,
+                                   agent.listen_description))
 
     def _reverse_websockify(self, document: Dict[str, Any]) -> TunnelConfig:
         endpoint = self._string(document, "http_server_endpoint", "the top level")

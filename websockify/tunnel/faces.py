@@ -300,25 +300,32 @@ def wait_for_open(user: StreamUser, agent_id: str, timeout: float) -> None:
     if outcome is None:
         user.abandon()
         outcome = ("timeout",)
+    error = open_error(outcome, agent_id, timeout)
+    if error is not None:
+        raise error
+
+
+def open_error(outcome: tuple, agent_id: str, timeout: float) -> Optional[HTTPError]:
+    """What a stream's open outcome means for its user: None (open), 502, 503 or 504."""
     if outcome[0] == "ok":
-        return
+        return None
     if outcome[0] == "timeout":
-        raise GatewayTimeout("agent %s: its service did not answer within %g s"
-                             % (agent_id, timeout))
+        return GatewayTimeout("agent %s: its service did not answer within %g s"
+                              % (agent_id, timeout))
     code, reason = outcome[1], outcome[2]
     if code == ResetCode.TIMEOUT:
-        raise GatewayTimeout("agent %s: its service did not answer in time (%s)"
-                             % (agent_id, reason or "timeout"))
+        return GatewayTimeout("agent %s: its service did not answer in time (%s)"
+                              % (agent_id, reason or "timeout"))
     if code == ResetCode.REFUSED:
-        raise BadGateway("agent %s: its service refused the connection (%s)"
-                         % (agent_id, reason or "refused"))
+        return BadGateway("agent %s: its service refused the connection (%s)"
+                          % (agent_id, reason or "refused"))
     if code == ResetCode.LIMIT:
-        raise AgentUnavailable("agent %s: too many streams (%s)" % (agent_id, reason or "limit"))
+        return AgentUnavailable("agent %s: too many streams (%s)" % (agent_id, reason or "limit"))
     try:
         name = ResetCode(code).name
     except ValueError:
         name = str(code)
-    raise BadGateway("agent %s: stream reset (%s %s)" % (agent_id, name, reason))
+    return BadGateway("agent %s: stream reset (%s %s)" % (agent_id, name, reason))
 
 
 def status_allowed(address: str, networks) -> bool:

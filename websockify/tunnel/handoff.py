@@ -178,11 +178,15 @@ class Pipe:
     the other side's queue is empty.
     """
 
-    def __init__(self, loop, a, b, on_finish: Optional[Callable[["Pipe"], None]] = None):
+    def __init__(self, loop, a, b, on_finish: Optional[Callable[["Pipe"], None]] = None,
+                 half_close: bool = False):
         self.loop = loop
         self.ends = [_End(loop, a), _End(loop, b)]
         self.on_finish = on_finish
         self.finished = False
+        #: TCP's half-close carried through (a FIN from one side becomes a FIN to the
+        #: other; over when both sides ended), for plain TCP streams.
+        self.half_close = half_close
 
     def start(self, early: bytes = b"") -> None:
         if early:
@@ -203,9 +207,21 @@ class Pipe:
                 end.stop_writer()
             else:
                 end.start_writer(self._update)
+        if self.half_close:
+            for index, end in enumerate(self.ends):
+                other = self.ends[1 - index]
+                if end.eof and not other.out and not other.shut:
+                    other.shut = True
+                    try:
+                        other.sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+            if all(end.eof for end in self.ends) and not any(end.out for end in self.ends):
+                self.close()
+                return
         # A WebSocket carried through needs no half-close: once one side has
         # ended and what it sent is delivered, the pipe is over.
-        if any(end.eof for end in self.ends) and not any(end.out for end in self.ends):
+        elif any(end.eof for end in self.ends) and not any(end.out for end in self.ends):
             self.close()
             return
         for index, end in enumerate(self.ends):
@@ -229,6 +245,10 @@ class Pipe:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
+            if self.half_close:
+                # A reset is not an end of stream: the other side goes too.
+                self.close()
+                return
             n = 0
         if not n:
             end.eof = True
@@ -251,7 +271,7 @@ class Pipe:
 
 
 class _End:
-    __slots__ = ("sock", "reader", "writer", "out", "eof")
+    __slots__ = ("sock", "reader", "writer", "out", "eof", "shut")
 
     def __init__(self, loop, sock):
         self.sock = sock
@@ -259,6 +279,7 @@ class _End:
         self.writer = loop.io(sock.fileno(), 2)
         self.out = bytearray()
         self.eof = False
+        self.shut = False
 
     def flush(self) -> bool:
         while self.out:

@@ -9,6 +9,11 @@ user for an agent another worker holds goes there through
 tunnel/handoff.py; a user for an absent agent is refused at once.  A timer
 publishes each link's figures to the registry and closes the links of
 agents a reload removed.
+
+With ``registry`` (many instances, one Redis) a tunnel/member.py
+ClusterMember also records the links held here in Redis and carries users
+of agents no worker here holds to the node that holds them
+(``open_remote_stream``).
 """
 
 import logging
@@ -94,6 +99,10 @@ class TunnelHub:
                 self.acceptors[agent_id] = FaceAcceptor(loop, agent_id, sock, self._tcp_user,
                                                         self._may_accept)
         self.draining = False
+        self.cluster = None
+        if getattr(self.tunnels, "registry", None):
+            from websockify.tunnel.member import ClusterMember
+            self.cluster = ClusterMember(self, runtime)
         self._timer = loop.timer(PUBLISH_INTERVAL, PUBLISH_INTERVAL)
         self._timer.start(self._on_timer)
 
@@ -172,6 +181,7 @@ class TunnelHub:
                 raise Conflict("agent %s is already connected (from %s)"
                                % (agent_id, claim.previous_peer or "?"))
             raise HTTPError(403, "agent ID %r is not in the tunnel configuration" % agent_id)
+        holding = self.cluster.register(agent_id, claim.serial) if self.cluster else None
         if claim.previous_pid:
             log.info("agent %s: new connection from %s replaces the one from %s",
                      agent_id, peer, claim.previous_peer or "?")
@@ -180,6 +190,8 @@ class TunnelHub:
             handler.socket.sendall(agent_response(headers.get("sec-websocket-key", "").strip()))
         except OSError as exc:
             self.registry.release(agent_id, self.pid, claim.serial)
+            if holding is not None:
+                self.cluster.registry.release(agent_id, holding)
             log.info("%s: agent %s disconnected during the handshake: %s", peer, agent_id,
                      exc.strerror or exc)
             handler.close_connection = True
@@ -192,6 +204,7 @@ class TunnelHub:
         link = Link(self.loop, sock, agent_id=agent_id, peer=peer, serial=claim.serial,
                     on_finish=self._link_finished, ping_interval=self.ping_interval,
                     dead_after=self.dead_after, token_expiry=expiry)
+        link.holding = holding      # its record in the cluster registry (None: alone)
         self.links[agent_id] = link
         log.info("agent %s connected from %s (worker %d)", agent_id, peer, self.worker_number)
         link.start(early)
@@ -246,6 +259,8 @@ class TunnelHub:
         if self.links.get(link.agent_id) is link:
             del self.links[link.agent_id]
         self.registry.release(link.agent_id, self.pid, link.serial)
+        if self.cluster is not None:
+            self.cluster.link_finished(link)
         log.info("agent %s (%s): tunnel closed (%s%s) after %.1fs, %d bytes to the agent, "
                  "%d from it", link.agent_id, link.peer,
                  link.close_code if link.close_code is not None else "-",
@@ -299,8 +314,24 @@ class TunnelHub:
             gevent.spawn(self._hand_off, pid, {"kind": "tcp", "agent": agent_id, "peer": peer},
                          b"", raw)
             return
+        if self.cluster is not None:
+            gevent.spawn(self.cluster.remote_tcp_user, agent_id, raw, peer)
+            return
         log.info("%s: agent %s is not connected; TCP user closed", peer, agent_id)
         raw.close()
+
+    def open_remote_stream(self, agent_id: str, first_bytes: bytes = b"", *, face: str,
+                           peer: str):
+        """A stream of an agent another instance holds, for any face: a connected plain
+        non-blocking socket carrying the stream's bytes (``first_bytes`` go first).
+
+        Raises HTTPError: 503 (alone, not connected anywhere, the registry or
+        the node unreachable), or the holder's 502 / 503 / 504.  Cooperative:
+        call it in a greenlet.
+        """
+        if self.cluster is None:
+            raise AgentUnavailable("agent %s is not connected" % agent_id)
+        return self.cluster.open_remote_stream(agent_id, first_bytes, face=face, peer=peer)
 
     def _hand_off(self, pid: int, header: dict, data: bytes, sock) -> None:
         try:
@@ -350,6 +381,11 @@ class TunnelHub:
             if pid and pid != self.pid and getattr(handler, "handoff", None) is None:
                 self._hand_off_request(handler, pid, agent_id)
                 return HANDED_OFF
+            if self.cluster is not None:
+                # Held at another node (or leaving here for one): carried there.
+                target.sock = self.open_remote_stream(agent_id, face="bridge",
+                                                      peer=handler.peer)
+                return target
             raise AgentUnavailable("agent %s is not connected" % agent_id)
         ours, theirs = socket.socketpair()
         ours, theirs = _raw(ours), _raw(theirs)
@@ -432,6 +468,11 @@ class TunnelHub:
         sock.setblocking(False)
         if kind == "tcp":
             link = self.links.get(agent_id)
+            if link is None and self.cluster is not None:
+                # It left this worker meanwhile (perhaps for another node).
+                gevent.spawn(self.cluster.remote_tcp_user, agent_id, sock,
+                             header.get("peer", "?"))
+                return
             if link is None:
                 log.info("%s: agent %s is not connected here any more; TCP user closed",
                          header.get("peer"), agent_id)
@@ -440,6 +481,8 @@ class TunnelHub:
             self._serve_tcp(link, sock, header.get("peer", "?"))
         elif kind == "bridge":
             gevent.spawn(self._serve_handed_request, sock, header, data)
+        elif kind == "node" and self.cluster is not None:
+            self.cluster.handed(header, data, sock)
         else:
             sock.close()
 
@@ -470,6 +513,8 @@ class TunnelHub:
         if not status_allowed(address, self.tunnels.status_allow):
             raise HTTPError(403, "the tunnel status is not shown to %s" % address)
         document = build_document(self.tunnels, self.registry.snapshot(), time.time())
+        if self.cluster is not None:
+            self.cluster.add_nodes(document)
         content_type, body = status_response(document, handler.headers.get("accept", ""))
         head = ("HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
                 "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
@@ -484,6 +529,8 @@ class TunnelHub:
         for acceptor in self.acceptors.values():
             acceptor.close()
         self.acceptors = {}
+        if self.cluster is not None:
+            self.cluster.drain()
 
     @property
     def busy(self) -> bool:
@@ -498,3 +545,5 @@ class TunnelHub:
         self._timer.stop()
         self.listener.close()
         self.sender.close()
+        if self.cluster is not None:
+            self.cluster.close()

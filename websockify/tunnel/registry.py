@@ -29,6 +29,8 @@ _ENTRY = struct.Struct("<qqqqdqqqqdqq128s64s")
 ENTRY_SIZE = _ENTRY.size
 _HEADER = struct.Struct("<qq")          # version (bumped by the master), entries used
 _HEADER_SIZE = 64
+#: In the header: 1 while the cluster registry (Redis) is unreachable.
+_REGISTRY_DOWN_OFFSET = 16
 
 FREE = 0
 CONFIGURED = 1
@@ -234,6 +236,22 @@ class Registry:
             return True
         finally:
             self._unlock(fd)
+
+    def note_registry(self, down: bool) -> bool:
+        """Record whether Redis answers; True for the one caller that changed it (who logs)."""
+        if self.registry_down() == down:
+            return False
+        fd = self._lock()
+        try:
+            if self.registry_down() == down:
+                return False
+            struct.pack_into("<q", self._map, _REGISTRY_DOWN_OFFSET, 1 if down else 0)
+            return True
+        finally:
+            self._unlock(fd)
+
+    def registry_down(self) -> bool:
+        return struct.unpack_from("<q", self._map, _REGISTRY_DOWN_OFFSET)[0] == 1
 
     def publish(self, agent_id: str, serial: int, streams: int, bytes_out: int,
                 bytes_in: int) -> None:
