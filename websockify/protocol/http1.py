@@ -1,0 +1,170 @@
+"""HTTP/1.1 request heads for the tunnels' HTTP face: parse, route, rewrite, frame bodies.
+
+Pure: bytes in, values and bytes out.  The HTTP face (a viewer's request to
+``<http_path><ID>/<rest>`` carried to an agent's service) uses it to find
+the agent ID in a request target (refusing targets that try to leave the
+ID's prefix), to rewrite the head for the service (the prefix removed,
+``X-Forwarded-*`` and ``x-websocktunnel-original-path`` set) and to find
+where a request body ends (Content-Length or chunked), so that the next
+request head on a kept-alive connection is found without buffering bodies.
+"""
+
+import re
+from typing import List, Optional, Tuple
+
+from websockify.errors import BadRequest, HeaderTooLarge
+
+HEAD_LIMIT = 16 * 1024
+#: A chunk-size line or trailer line longer than this is refused.
+LINE_LIMIT = 4096
+FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+             "x-websocktunnel-original-path")
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
+
+
+class RequestHead:
+    """A parsed request head: method, target, version and the headers in order."""
+
+    __slots__ = ("method", "target", "version", "headers")
+
+    def __init__(self, method: str, target: str, version: str,
+                 headers: List[Tuple[str, str]]):
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+
+    def get(self, name: str) -> Optional[str]:
+        name = name.lower()
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
+def head_end(data: bytes) -> int:
+    """The index just past the blank line ending a head, or -1 (over the limit: 431)."""
+    end = data.find(b"\r\n\r\n")
+    if end >= 0 and end + 4 <= HEAD_LIMIT:
+        return end + 4
+    if end >= 0 or len(data) > HEAD_LIMIT:
+        raise HeaderTooLarge(HEAD_LIMIT)
+    return -1
+
+
+def parse_request_head(raw: bytes) -> RequestHead:
+    """A head (with or without its blank line) -> RequestHead; BadRequest if malformed."""
+    if len(raw) > HEAD_LIMIT:
+        raise HeaderTooLarge(HEAD_LIMIT)
+    lines = raw.decode("latin-1").rstrip("\r\n").split("\r\n")
+    words = lines[0].split(" ")
+    if len(words) != 3 or not _TOKEN.fullmatch(words[0]) or \
+            words[2] not in ("HTTP/1.0", "HTTP/1.1"):
+        raise BadRequest("not an HTTP/1.x request line")
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise BadRequest("malformed header line")
+        headers.append((name, value.strip(" \t")))
+    return RequestHead(words[0], words[1], words[2], headers)
+
+
+def split_face_target(target: str, prefix: str) -> Optional[Tuple[str, str]]:
+    """``<prefix><ID>/<rest>`` -> (ID, "/<rest>"), None when not under ``prefix``.
+
+    Refused (400), never normalised: a path segment that is ``.`` or ``..``
+    once percent-decoded, and an encoded ``/`` or ``\\`` anywhere, so that no
+    target can be read by anyone as reaching another ID.
+    """
+    if not target.startswith(prefix):
+        return None
+    path, question, query = target.partition("?")
+    if _ENCODED_SEPARATOR.search(path) or "\\" in path:
+        raise BadRequest("encoded path separators are refused on the HTTP face")
+    if any(segment.lower().replace("%2e", ".") in (".", "..") for segment in path.split("/")):
+        raise BadRequest("'.' and '..' path segments are refused on the HTTP face")
+    agent_id, slash, rest = path[len(prefix):].partition("/")
+    if not agent_id:
+        return None
+    return agent_id, "/" + rest + question + query
+
+
+def rewrite_request(head: RequestHead, target: str, forwarded: dict,
+                    close: bool = False) -> bytes:
+    """The head the service gets: ``target``, ``forwarded``'s headers replacing
+    any of theirs (names in FORWARDED), ``Connection: close`` when ``close``."""
+    lines = ["%s %s %s" % (head.method, target, head.version)]
+    replaced = {name.lower() for name in forwarded}
+    for name, value in head.headers:
+        lowered = name.lower()
+        if lowered in replaced or (close and lowered == "connection"):
+            continue
+        lines.append("%s: %s" % (name, value))
+    lines += ["%s: %s" % (name, value) for name, value in forwarded.items()]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class BodyFramer:
+    """Where a request body ends: ``feed(data)`` returns how many of its bytes are body."""
+
+    def __init__(self, head: RequestHead):
+        encoding = (head.get("transfer-encoding") or "").lower()
+        length = head.get("content-length")
+        if encoding and length is not None:
+            raise BadRequest("both Transfer-Encoding and Content-Length")
+        if encoding and encoding != "chunked":
+            raise BadRequest("unsupported Transfer-Encoding %r" % encoding)
+        if length is not None and not length.isdigit():
+            raise BadRequest("invalid Content-Length %r" % length)
+        self.chunked = encoding == "chunked"
+        self.remaining = int(length) if length else 0
+        self.state = "size" if self.chunked else "data"
+        self.line = b""
+        self.done = not self.chunked and self.remaining == 0
+
+    def feed(self, data: bytes) -> int:
+        used = 0
+        while used < len(data) and not self.done:
+            if self.state == "data":
+                take = min(self.remaining, len(data) - used)
+                used += take
+                self.remaining -= take
+                if not self.remaining:
+                    if self.chunked:
+                        self.state = "crlf"
+                        self.remaining = 2
+                    else:
+                        self.done = True
+            elif self.state == "crlf":
+                take = min(self.remaining, len(data) - used)
+                used += take
+                self.remaining -= take
+                if not self.remaining:
+                    self.state = "size"
+            else:                                   # "size" or "trailer": a line
+                newline = data.find(b"\n", used)
+                piece = data[used:] if newline < 0 else data[used:newline + 1]
+                used += len(piece)
+                self.line += piece
+                if len(self.line) > LINE_LIMIT:
+                    raise BadRequest("chunk line of more than %d bytes" % LINE_LIMIT)
+                if newline >= 0:
+                    self._line(self.line.rstrip(b"\r\n"))
+                    self.line = b""
+        return used
+
+    def _line(self, line: bytes) -> None:
+        if self.state == "trailer":
+            self.done = not line
+            return
+        size = line.split(b";", 1)[0].strip()
+        try:
+            self.remaining = int(size, 16)
+        except ValueError:
+            raise BadRequest("bad chunk size %r" % size[:20]) from None
+        self.state = "data" if self.remaining else "trailer"
