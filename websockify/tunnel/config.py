@@ -9,6 +9,7 @@ Our layout::
     on_duplicate = "replace"           # or "refuse"
     status_allow = ["127.0.0.1/32", "::1/128"]
     connect_timeout = 10               # seconds an OPEN may wait for the agent's answer
+    http_path = "/t/"                  # viewers' URLs <http_path><ID>/ (told to wst-client)
 
     [tunnels.agent.LKLAFA151NA774655]
     nickname = "Bus02"
@@ -43,6 +44,8 @@ OURS = "websockify"
 REVERSE_WEBSOCKIFY = "reverse_websockify"
 
 DEFAULT_PATH = "/tunnel/"
+#: Where viewers reach agents over HTTP: <http_path><ID>/ (the URL told to wst-client).
+DEFAULT_HTTP_PATH = "/t/"
 REVERSE_WEBSOCKIFY_PATH = "/forward_to_me/"
 ON_DUPLICATE = ("replace", "refuse")
 DEFAULT_STATUS_ALLOW = ("127.0.0.1/32", "::1/128")
@@ -53,7 +56,7 @@ AGENT_ID = re.compile(r"[A-Za-z0-9_~.%-]{1,128}")
 _ID_RULE = "1 to 128 of A-Z a-z 0-9 _ ~ . % -"
 
 _TUNNELS_KEYS = ("path", "secrets", "audience", "on_duplicate", "status_allow",
-                 "connect_timeout", "agent")
+                 "connect_timeout", "http_path", "agent")
 _AGENT_KEYS = ("nickname", "listen", "token")
 _REVERSE_TOP_KEYS = ("http_server_endpoint", "remote_service")
 _REMOTE_SERVICE_KEYS = ("nickname", "local_listen_endpoint")
@@ -106,6 +109,8 @@ class TunnelConfig:
     layout: str = OURS
     #: reverse_websockify's http_server_endpoint, (host, port): informational only.
     http_server_endpoint: Optional[Tuple[str, int]] = None
+    #: The HTTP face's prefix: an agent's viewer URL is <scheme>://<host><http_path><ID>/.
+    http_path: str = DEFAULT_HTTP_PATH
 
     def describe(self) -> str:
         faces = sum(1 for agent in self.agents.values() if agent.listen)
@@ -224,6 +229,15 @@ class _Loader:
                                 % (key, index, where, _type_name(item)))
         return tuple(value)
 
+    def _prefix(self, table: Dict[str, Any], key: str, where: str, default: str) -> str:
+        """A URL path prefix: "/" ... "/", no spaces, '?' or '#'."""
+        value = self._string(table, key, where, default)
+        if not (value.startswith("/") and value.endswith("/")) or any(
+                c.isspace() or c in "?#" for c in value):
+            raise self.fail("%s in %s must start and end with '/' (no spaces, '?' or '#'), "
+                            "not %r" % (key, where, value))
+        return value
+
     def _agent_id(self, agent_id: str, where: str) -> str:
         if not AGENT_ID.fullmatch(agent_id):
             raise self.fail("bad agent ID %r in %s (%s)" % (agent_id, where, _ID_RULE))
@@ -244,11 +258,8 @@ class _Loader:
     def _ours(self, tunnels: Dict[str, Any]) -> TunnelConfig:
         where = "[tunnels]"
         self._known(tunnels, _TUNNELS_KEYS, where)
-        path = self._string(tunnels, "path", where, DEFAULT_PATH)
-        if not (path.startswith("/") and path.endswith("/")) or any(
-                c.isspace() or c in "?#" for c in path):
-            raise self.fail("path in %s must start and end with '/' (no spaces, '?' or '#'), "
-                            "not %r" % (where, path))
+        path = self._prefix(tunnels, "path", where, DEFAULT_PATH)
+        http_path = self._prefix(tunnels, "http_path", where, DEFAULT_HTTP_PATH)
         secrets = tuple(self._secret(name) for name in self._strings(tunnels, "secrets", where, ()))
         audience = self._string(tunnels, "audience", where)
         if audience == "":
@@ -281,7 +292,8 @@ class _Loader:
         return TunnelConfig(path=path, secrets=secrets, audience=audience,
                             on_duplicate=on_duplicate, status_allow=status_allow,
                             agents=self._agents(agents, "listen", "tunnels.agent"),
-                            source=self.path, connect_timeout=float(timeout), layout=OURS)
+                            source=self.path, connect_timeout=float(timeout), layout=OURS,
+                            http_path=http_path)
 
     def _reverse_websockify(self, document: Dict[str, Any]) -> TunnelConfig:
         endpoint = self._string(document, "http_server_endpoint", "the top level")
