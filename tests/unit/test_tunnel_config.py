@@ -93,6 +93,13 @@ def test_our_layout_parses_to_the_exact_config(folder):
     assert list(config.agents) == ["LKLAFA151NA774655", "a.b~c%d-e_f", "only-listen"]
 
 
+def test_http_path_defaults_to_t_and_is_read(folder):
+    assert load(folder, "[tunnels]\n").http_path == "/t/"
+    assert load(folder, "[tunnels]\nhttp_path = '/'\n").http_path == "/"
+    assert load(folder, "[tunnels]\nhttp_path = '/view/'\n").http_path == "/view/"
+    assert load(folder, REVERSE).http_path == "/t/"
+
+
 def test_reverse_websockify_config_toml_parses_as_it_is(folder):
     config = load(folder, REVERSE)
     assert config == TunnelConfig(
@@ -215,6 +222,11 @@ BAD = [
      ": path in [tunnels] must start and end with '/' (no spaces, '?' or '#'), not 'tunnel/'"),
     ("[tunnels]\npath = '/tun nel/'\n",
      ": path in [tunnels] must start and end with '/' (no spaces, '?' or '#'), not '/tun nel/'"),
+    ("[tunnels]\nhttp_path = 't/'\n",
+     ": http_path in [tunnels] must start and end with '/' (no spaces, '?' or '#'), not 't/'"),
+    ("[tunnels]\nhttp_path = '/t?x/'\n",
+     ": http_path in [tunnels] must start and end with '/' (no spaces, '?' or '#'), not '/t?x/'"),
+    ("[tunnels]\nhttp_path = 3\n", ": http_path in [tunnels] must be a string, not an integer"),
     # bad listen addresses
     ("[tunnels.agent.A]\nlisten = '127.0.0.1:99999'\n",
      ": bad listen address '127.0.0.1:99999' in [tunnels.agent.A]: port 99999 out of range"),

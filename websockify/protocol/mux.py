@@ -233,7 +233,66 @@ class _Stream:
         self.remote_fin = False
 
 
-class Connection:
+class StreamTable:
+    """What every tunnel codec keeps of its streams: the table, the unanswered
+    opens, the streams ready to send (``_streams``, ``_pending``, ``_ready``,
+    set up by the subclass), and the counters the Link reads."""
+
+    _streams: dict
+    _pending: set
+    _ready: "OrderedDict"
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def pending_opens(self) -> int:
+        return len(self._pending)
+
+    def _forget(self, stream) -> None:
+        del self._streams[stream.id]
+        self._pending.discard(stream.id)
+        self._ready.pop(stream.id, None)
+        stream.out.clear()
+
+    def _queue_data(self, stream, data: Buffer) -> int:
+        """Queue what the stream's credit allows of ``data``; how many bytes."""
+        n = len(data)
+        credit = stream.credit
+        if n > credit:
+            n = credit
+            data = data[:n]
+        if not n:
+            return 0
+        stream.credit = credit - n
+        stream.queued += n
+        stream.out.append(data if type(data) is bytes else bytes(data))
+        if stream.established:
+            self._ready[stream.id] = stream
+        return n
+
+    def _credit_due(self, stream, n: int) -> int:
+        """``n`` more bytes consumed: the credit to return now (0: batched for later)."""
+        window = self.window
+        pending = stream.to_credit + n
+        if pending + stream.recv_window > window:
+            raise ValueError("consumed %d bytes more than received on stream %d"
+                             % (pending + stream.recv_window - window, stream.id))
+        if pending >= self._credit_batch:
+            stream.recv_window += pending
+            stream.to_credit = 0
+            return pending
+        stream.to_credit = pending
+        return 0
+
+    def _queue_fin(self, stream) -> None:
+        stream.fin_queued = True
+        if stream.established:
+            self._ready[stream.id] = stream
+
+
+class Connection(StreamTable):
     """One end (``"server"`` or ``"agent"``) of a mux connection, sans I/O."""
 
     def __init__(self, role: str, window: int = DEFAULT_WINDOW, max_streams: int = 256,
@@ -265,14 +324,6 @@ class Connection:
         self.bytes_out = 0              # DATA payload bytes framed for sending
 
     # -- counters ---------------------------------------------------------
-
-    @property
-    def open_streams(self) -> int:
-        return len(self._streams)
-
-    @property
-    def pending_opens(self) -> int:
-        return len(self._pending)
 
     def is_open(self, stream_id: int) -> bool:
         return stream_id in self._streams
@@ -477,12 +528,6 @@ class Connection:
         self._pending.add(stream_id)
         events.append(StreamOpened(stream_id, meta))
 
-    def _forget(self, stream: _Stream) -> None:
-        del self._streams[stream.id]
-        self._pending.discard(stream.id)
-        self._ready.pop(stream.id, None)
-        stream.out.clear()
-
     # -- the application's operations -------------------------------------
 
     def open_stream(self, meta: dict) -> int:
@@ -545,44 +590,23 @@ class Connection:
             raise ValueError("stream %d is not open" % stream_id)
         if stream.fin_queued:
             raise ValueError("stream %d already ended" % stream_id)
-        n = len(data)
-        credit = stream.credit
-        if n > credit:
-            n = credit
-            data = data[:n]
-        if not n:
-            return 0
-        stream.credit = credit - n
-        stream.queued += n
-        stream.out.append(data if type(data) is bytes else bytes(data))
-        if stream.established:
-            self._ready[stream_id] = stream
-        return n
+        return self._queue_data(stream, data)
 
     def consumed(self, stream_id: int, n: int) -> None:
         """The application wrote ``n`` received bytes: return credit, batched."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.remote_fin or n <= 0:
             return  # closed, or the peer sends nothing more: no credit needed
-        pending = stream.to_credit + n
-        if pending + stream.recv_window > self.window:
-            raise ValueError("consumed %d bytes more than received on stream %d"
-                             % (pending + stream.recv_window - self.window, stream_id))
-        if pending >= self._credit_batch:
-            stream.recv_window += pending
-            stream.to_credit = 0
-            self._control.append(HEADER.pack(_CREDIT_T, stream_id, 4) + _CREDIT.pack(pending))
-        else:
-            stream.to_credit = pending
+        due = self._credit_due(stream, n)
+        if due:
+            self._control.append(HEADER.pack(_CREDIT_T, stream_id, 4) + _CREDIT.pack(due))
 
     def end_stream(self, stream_id: int) -> None:
         """Queue FIN after the data already queued (half-close)."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.fin_queued:
             return
-        stream.fin_queued = True
-        if stream.established:
-            self._ready[stream_id] = stream
+        self._queue_fin(stream)
 
     def reset_stream(self, stream_id: int, code: int, reason: str = "") -> None:
         """Queue RESET and forget the stream (its queued data is dropped)."""
@@ -667,21 +691,7 @@ class Connection:
                 take = frame_max if room > frame_max else room
                 header_at = len(parts)
                 parts.append(b"")
-                n = 0
-                while out and n < take:
-                    chunk = out[0]
-                    offset = stream.out_offset
-                    left = len(chunk) - offset
-                    want = take - n
-                    if left <= want:
-                        parts.append(memoryview(chunk)[offset:] if offset else chunk)
-                        out.popleft()
-                        stream.out_offset = 0
-                        n += left
-                    else:
-                        parts.append(memoryview(chunk)[offset:offset + want])
-                        stream.out_offset = offset + want
-                        n += want
+                n = take_queued(stream, take, parts)
                 parts[header_at] = pack(_DATA, stream_id, n)
                 size += HEADER_SIZE + n
                 stream.queued -= n
@@ -703,6 +713,28 @@ class Connection:
         if parts:
             messages.append((parts, size))
         return messages
+
+
+def take_queued(stream, take: int, parts: list) -> int:
+    """Move up to ``take`` bytes of ``stream.out`` (from ``stream.out_offset``)
+    into ``parts`` as bytes or views, uncopied; returns how many."""
+    out = stream.out
+    n = 0
+    while out and n < take:
+        chunk = out[0]
+        offset = stream.out_offset
+        left = len(chunk) - offset
+        want = take - n
+        if left <= want:
+            parts.append(memoryview(chunk)[offset:] if offset else chunk)
+            out.popleft()
+            stream.out_offset = 0
+            n += left
+        else:
+            parts.append(memoryview(chunk)[offset:offset + want])
+            stream.out_offset = offset + want
+            n += want
+    return n
 
 
 class Liveness:

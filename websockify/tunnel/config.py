@@ -13,6 +13,7 @@ Our layout::
     node = "10.0.0.5:7001"             # with registry: where the other instances reach this one
     cluster_secret = "cluster.key"     # with registry: the internal link's key, relative to FILE
     registry_ttl = 10                  # seconds a registration outlives its last refresh
+    http_path = "/t/"                  # viewers' URLs <http_path><ID>/ (told to wst-client)
 
     [tunnels.agent.LKLAFA151NA774655]
     nickname = "Bus02"
@@ -47,6 +48,8 @@ OURS = "websockify"
 REVERSE_WEBSOCKIFY = "reverse_websockify"
 
 DEFAULT_PATH = "/tunnel/"
+#: Where viewers reach agents over HTTP: <http_path><ID>/ (the URL told to wst-client).
+DEFAULT_HTTP_PATH = "/t/"
 REVERSE_WEBSOCKIFY_PATH = "/forward_to_me/"
 ON_DUPLICATE = ("replace", "refuse")
 DEFAULT_STATUS_ALLOW = ("127.0.0.1/32", "::1/128")
@@ -57,8 +60,8 @@ AGENT_ID = re.compile(r"[A-Za-z0-9_~.%-]{1,128}")
 _ID_RULE = "1 to 128 of A-Z a-z 0-9 _ ~ . % -"
 
 _TUNNELS_KEYS = ("path", "secrets", "audience", "on_duplicate", "status_allow",
-                 "connect_timeout", "agent", "registry", "node", "cluster_secret",
-                 "registry_ttl")
+                 "connect_timeout", "http_path", "agent", "registry", "node",
+                 "cluster_secret", "registry_ttl")
 REGISTRY_SCHEMES = ("redis://", "rediss://", "unix://")
 DEFAULT_REGISTRY_TTL = 10.0
 _AGENT_KEYS = ("nickname", "listen", "token")
@@ -125,6 +128,8 @@ class TunnelConfig:
     @property
     def node_description(self) -> Optional[str]:
         return format_host_port(*self.node) if self.node else None
+    #: The HTTP face's prefix: an agent's viewer URL is <scheme>://<host><http_path><ID>/.
+    http_path: str = DEFAULT_HTTP_PATH
 
     def describe(self) -> str:
         faces = sum(1 for agent in self.agents.values() if agent.listen)
@@ -243,6 +248,15 @@ class _Loader:
                                 % (key, index, where, _type_name(item)))
         return tuple(value)
 
+    def _prefix(self, table: Dict[str, Any], key: str, where: str, default: str) -> str:
+        """A URL path prefix: "/" ... "/", no spaces, '?' or '#'."""
+        value = self._string(table, key, where, default)
+        if not (value.startswith("/") and value.endswith("/")) or any(
+                c.isspace() or c in "?#" for c in value):
+            raise self.fail("%s in %s must start and end with '/' (no spaces, '?' or '#'), "
+                            "not %r" % (key, where, value))
+        return value
+
     def _agent_id(self, agent_id: str, where: str) -> str:
         if not AGENT_ID.fullmatch(agent_id):
             raise self.fail("bad agent ID %r in %s (%s)" % (agent_id, where, _ID_RULE))
@@ -263,11 +277,8 @@ class _Loader:
     def _ours(self, tunnels: Dict[str, Any]) -> TunnelConfig:
         where = "[tunnels]"
         self._known(tunnels, _TUNNELS_KEYS, where)
-        path = self._string(tunnels, "path", where, DEFAULT_PATH)
-        if not (path.startswith("/") and path.endswith("/")) or any(
-                c.isspace() or c in "?#" for c in path):
-            raise self.fail("path in %s must start and end with '/' (no spaces, '?' or '#'), "
-                            "not %r" % (where, path))
+        path = self._prefix(tunnels, "path", where, DEFAULT_PATH)
+        http_path = self._prefix(tunnels, "http_path", where, DEFAULT_HTTP_PATH)
         secrets = tuple(self._secret(name) for name in self._strings(tunnels, "secrets", where, ()))
         audience = self._string(tunnels, "audience", where)
         if audience == "":
@@ -303,7 +314,8 @@ class _Loader:
         return TunnelConfig(path=path, secrets=secrets, audience=audience,
                             on_duplicate=on_duplicate, status_allow=status_allow,
                             agents=agents_map, source=self.path,
-                            connect_timeout=float(timeout), layout=OURS, **cluster)
+                            connect_timeout=float(timeout), layout=OURS, http_path=http_path,
+                            **cluster)
 
     def _cluster(self, tunnels: Dict[str, Any], where: str) -> Dict[str, Any]:
         """registry, node, cluster_secret and registry_ttl: all three or none, checked."""

@@ -2,7 +2,8 @@
 
 The handshake handler (server/http.py) asks the hub about three kinds of
 request: an agent's upgrade at ``<path><ID>`` (authenticated here, then a
-tunnel/link.py Link), a browser's ``?token=<ID>`` for an agent with
+tunnel/link.py Link; websocktunnel's clients upgrade at "/" with
+``x-websocktunnel-id`` and get a Link speaking wsmux), a browser's ``?token=<ID>`` for an agent with
 ``token = true`` (the bridge face, tunnel/faces.py) and ``GET <path>`` (the
 status page).  Users of the TCP faces come from the faces' acceptors.  A
 user for an agent another worker holds goes there through
@@ -18,6 +19,7 @@ of agents no worker here holds to the node that holds them
 
 import logging
 import os
+import re
 import socket
 import time
 import _socket
@@ -32,6 +34,8 @@ from websockify.net.sockets import tune_stream
 from websockify.protocol.handshake import UpgradeRequest, accept_key, negotiate
 from websockify.protocol.codec import HYBI
 from websockify.protocol.mux import SUBPROTOCOL, StreamLimitError
+from websockify.protocol.wsmux import ID_HEADER as WSMUX_ID_HEADER
+from websockify.protocol.wsmux import URL_HEADER as WSMUX_URL_HEADER
 from websockify.tunnel.faces import (AgentUnavailable, FaceAcceptor, StreamUser,
                                      status_allowed, status_response, wait_for_open)
 from websockify.tunnel.handoff import HandoffListener, HandoffSender, Pipe
@@ -56,6 +60,43 @@ def agent_response(key: str) -> bytes:
              "Connection: Upgrade",
              "Sec-WebSocket-Accept: %s" % accept_key(key),
              "Sec-WebSocket-Protocol: %s" % SUBPROTOCOL]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def is_wsmux_request(handler) -> bool:
+    """websocktunnel's client registering: an upgrade to "/" with x-websocktunnel-id."""
+    return bool(handler.headers.get(WSMUX_ID_HEADER)) and urlsplit(handler.path).path == "/"
+
+
+_HOST = re.compile(r"[A-Za-z0-9.\-_~%]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.%a-z]+\](:[0-9]{1,5})?")
+
+
+def viewer_url(handler, http_path: str, agent_id: str, trusted_proxy=None) -> str:
+    """The agent's URL for viewers, ``<scheme>://<host><http_path><ID>/``, from the request.
+
+    The scheme is https over TLS (or what a --trusted-proxy says in
+    X-Forwarded-Proto), the host the request's Host; raises 400 for a
+    missing or malformed Host.
+    """
+    host = (handler.headers.get("host") or "").strip()
+    if not _HOST.fullmatch(host):
+        raise BadRequest("a websocktunnel client's request needs a Host header "
+                         "(host[:port]) to tell it its URL")
+    scheme = "https" if handler.tls is not None else "http"
+    forwarded = (handler.headers.get("x-forwarded-proto") or "").strip().lower()
+    if forwarded in ("http", "https") and trusted_proxy and \
+            trusted_proxy.trusts_peer(handler.client_address):
+        scheme = forwarded
+    return "%s://%s%s%s/" % (scheme, host, http_path, agent_id)
+
+
+def wsmux_response(key: str, url: str) -> bytes:
+    """The 101 for a websocktunnel client: no subprotocol, its URL in x-websocktunnel-client-url."""
+    lines = ["HTTP/1.1 101 Switching Protocols",
+             "Upgrade: websocket",
+             "Connection: Upgrade",
+             "Sec-WebSocket-Accept: %s" % accept_key(key),
+             "%s: %s" % (WSMUX_URL_HEADER, url)]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
@@ -118,6 +159,8 @@ class TunnelHub:
         """An upgrade under the tunnels' path that offers the tunnel subprotocol or
         names a configured agent (a browser's session elsewhere under a short
         path such as "/" stays a bridge session)."""
+        if is_wsmux_request(handler):
+            return True
         path = urlsplit(handler.path).path
         if not path.startswith(self.path) or len(path) == len(self.path):
             return False
@@ -155,6 +198,9 @@ class TunnelHub:
 
     def accept_agent(self, handler) -> None:
         """An agent's upgrade: check, authenticate, answer 101 and start its link."""
+        if is_wsmux_request(handler):
+            self.accept_wsmux_agent(handler)
+            return
         headers = handler.headers
         offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
         if SUBPROTOCOL not in offered:
@@ -172,6 +218,40 @@ class TunnelHub:
         if not self.registry.configured(agent_id):
             raise HTTPError(403, "agent ID %r is not in the tunnel configuration" % agent_id)
         expiry = self._authenticate(handler, agent_id)
+        self._start_link(handler, agent_id, expiry,
+                         agent_response(headers.get("sec-websocket-key", "").strip()))
+
+    def accept_wsmux_agent(self, handler) -> None:
+        """websocktunnel's client: an upgrade to "/" naming its ID in x-websocktunnel-id.
+
+        The same checks as our agents' (ID in the file, the token as
+        _authenticate verifies it); the 101 tells the viewers' URL, and the
+        link speaks wsmux (protocol/wsmux.py).
+        """
+        from websockify.protocol.wsmux import WsmuxConnection
+        from websockify.tunnel.config import AGENT_ID
+        headers = handler.headers
+        accept = negotiate(UpgradeRequest(handler.request_version, handler.path, headers,
+                                          secure=handler.tls is not None),
+                           legacy_clients=False)
+        if accept.codec is not HYBI:
+            raise BadRequest("a websocktunnel client must use RFC 6455 WebSocket framing")
+        agent_id = headers.get(WSMUX_ID_HEADER, "").strip()
+        if not AGENT_ID.fullmatch(agent_id):
+            raise BadRequest("x-websocktunnel-id %r is not a valid ID (1 to 128 of "
+                             "A-Z a-z 0-9 _ ~ . %% -)" % agent_id[:140])
+        if not self.registry.configured(agent_id):
+            raise HTTPError(403, "agent ID %r is not in the tunnel configuration" % agent_id)
+        expiry = self._authenticate(handler, agent_id)
+        url = viewer_url(handler, getattr(self.tunnels, "http_path", "/t/"), agent_id,
+                         self.server.trusted_proxy)
+        self._start_link(handler, agent_id, expiry,
+                         wsmux_response(headers.get("sec-websocket-key", "").strip(), url),
+                         codec=WsmuxConnection(), kind="websocktunnel client")
+
+    def _start_link(self, handler, agent_id: str, expiry: Optional[float], response: bytes,
+                    codec=None, kind: str = "agent") -> None:
+        """Claim the agent's entry, send the 101 and hand the socket to a Link."""
         peer = handler.peer
         claim = self.registry.claim(agent_id, self.pid, self.worker_number, peer,
                                     expiry or 0.0,
@@ -187,7 +267,7 @@ class TunnelHub:
                      agent_id, peer, claim.previous_peer or "?")
             self._drop_previous(agent_id, claim.previous_pid)
         try:
-            handler.socket.sendall(agent_response(headers.get("sec-websocket-key", "").strip()))
+            handler.socket.sendall(response)
         except OSError as exc:
             self.registry.release(agent_id, self.pid, claim.serial)
             if holding is not None:
@@ -203,10 +283,11 @@ class TunnelHub:
         sock = handler._detach()
         link = Link(self.loop, sock, agent_id=agent_id, peer=peer, serial=claim.serial,
                     on_finish=self._link_finished, ping_interval=self.ping_interval,
-                    dead_after=self.dead_after, token_expiry=expiry)
+                    dead_after=self.dead_after, token_expiry=expiry, codec=codec)
         link.holding = holding      # its record in the cluster registry (None: alone)
         self.links[agent_id] = link
-        log.info("agent %s connected from %s (worker %d)", agent_id, peer, self.worker_number)
+        log.info("agent %s connected from %s (worker %d%s)", agent_id, peer, self.worker_number,
+                 "" if codec is None else ", %s" % kind)
         link.start(early)
 
     def _authenticate(self, handler, agent_id: str) -> Optional[float]:

@@ -9,6 +9,10 @@ message is handed to the mux ``Connection(role="server")``
 queues is sent as unmasked binary messages, pulled from it only while the
 socket has little queued, so control frames never wait behind bulk data.
 
+The codec is protocol/mux.py's ``Connection`` or, for websocktunnel's
+clients, protocol/wsmux.py's ``WsmuxConnection`` (the same operations and
+events; it pings with WebSocket pings, having no ping frame of its own).
+
 A protocol error (WebSocket or mux) closes this agent only, with its close
 code (1002 for a malformed mux frame) and one log line; a silent agent is
 dead after ``dead_after`` seconds: its streams are reset, their users
@@ -70,7 +74,8 @@ class Link:
 
     def __init__(self, loop, sock, *, agent_id: str, peer: str, serial: int,
                  on_finish: Callable[["Link"], None], ping_interval: float = 15.0,
-                 dead_after: float = 45.0, token_expiry: Optional[float] = None):
+                 dead_after: float = 45.0, token_expiry: Optional[float] = None,
+                 codec=None):
         self.loop = loop
         self.sock = sock
         self.agent_id = agent_id
@@ -80,7 +85,9 @@ class Link:
         self.on_finish = on_finish
         self.token_expiry = token_expiry
         self.connected_since = time.time()
-        self.conn = Connection(role="server")
+        # Our protocol's Connection, or another codec with its operations and
+        # events (protocol/wsmux.py's, for websocktunnel's clients).
+        self.conn = codec if codec is not None else Connection(role="server")
         self.max_message = self.conn.max_message
         self.parser = FrameParser(self._on_data, self._on_control,
                                   max_frame_size=self.max_message, require_mask=True,
@@ -406,7 +413,10 @@ class Link:
         verdict = self.liveness.poll(time.monotonic())
         if verdict == "ping":
             self._pings += 1
-            self.conn.ping(self._pings.to_bytes(8, "big"))
+            if getattr(self.conn, "websocket_pings", False):
+                self._queue(encode_frame(OP_PING, self._pings.to_bytes(8, "big")))
+            else:
+                self.conn.ping(self._pings.to_bytes(8, "big"))
             self._update()
         elif verdict == "dead":
             log.info("%s: no message for %g s: the agent is dead; closing its tunnel",
