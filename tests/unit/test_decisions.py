@@ -595,3 +595,15 @@ def test_slot_pool_grows_by_regions_and_reuses_freed_slots():
     pool.release(slots[0])
     _, live, done, booted, command = pool.allocate().read()
     assert (live, done, booted, command) == (0, 0, 0, sb.RUN)
+
+
+def test_a_heartbeat_read_as_zero_counts_from_the_boot_not_from_1970():
+    arbiter, procs, clock = started(1, worker_timeout=2)
+    (pid,) = pids(arbiter)
+    worker = arbiter.workers[pid]
+    worker.slot.board.report(worker.slot.index, 0, 0, now=0.0)
+    arbiter.tick()
+    assert procs.signals == []                 # booted just now: not silent for 56 years
+    clock.advance(2.25)
+    arbiter.tick()
+    assert procs.signals == [(pid, signal.SIGABRT)]   # still silent past the timeout: aborted

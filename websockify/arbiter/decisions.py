@@ -221,7 +221,9 @@ class Arbiter:
                             worker.number, worker.pid)
                 self._kill(worker)
             if timeout and not worker.killed:
-                silent = now - worker.slot.heartbeat
+                # Never silent for longer than it has been serving: a heartbeat read as
+                # 0 (seen once under load) must not abort a worker that just booted.
+                silent = now - max(worker.slot.heartbeat, worker.booted_at)
                 if worker.abort_sent is None and silent > timeout:
                     log.error("worker %d (pid %d) has not reported for %.0f s "
                               "(--worker-timeout %g); aborting it", worker.number,
