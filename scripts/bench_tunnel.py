@@ -64,8 +64,9 @@ def _write(path, text):
     return path
 
 
-def _http_json(port, path):
-    with socket.create_connection((B.HOST, port), timeout=5) as conn:
+def _http_get(port, path, timeout=5):
+    """The body of a 200 answer to GET ``path``, or None."""
+    with socket.create_connection((B.HOST, port), timeout=timeout) as conn:
         conn.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/json\r\n"
                       "Connection: close\r\n\r\n" % path).encode())
         data = b""
@@ -75,9 +76,12 @@ def _http_json(port, path):
                 break
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    if b" 200 " not in head.split(b"\r\n")[0]:
-        return None
-    return json.loads(body.decode())
+    return body if b" 200 " in head.split(b"\r\n")[0] else None
+
+
+def _http_json(port, path):
+    body = _http_get(port, path)
+    return None if body is None else json.loads(body.decode())
 
 
 def _wait(predicate, timeout, what):
@@ -551,17 +555,7 @@ def websocktunnel_server(bindir):
 
 def viewer_get(port, path):
     """True when an HTTP GET of ``path`` answers 200 "hello"."""
-    with socket.create_connection((B.HOST, port), timeout=10) as conn:
-        conn.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n"
-                      % (path, port)).encode())
-        data = b""
-        while True:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return b" 200 " in head.split(b"\r\n")[0] and body.endswith(b"hello")
+    return _http_get(port, path, timeout=10) == b"hello"
 
 
 def bridge_http_get(port, agent_id):
