@@ -20,6 +20,11 @@ Phases:
   idle agents  1,000 agents held by one server (lightweight agents run by this
                script over the same protocol, websockify.protocol.mux): PSS per
                agent, and every one of them answering through the bridge face
+  idle wst-client agents  N websocktunnel clients (wst-client, built by
+               build.sh) held by one server: ours (--tunnel-config naming the N
+               IDs) against websocktunnel's own server; PSS per agent, and each
+               client answering (a tiny HTTP service behind all of them: ours
+               through the bridge face, websocktunnel through its viewer URLs)
   two instances  two servers sharing one redis-server ([tunnels] registry), the
                agent held by the first: the same download through the TCP face
                of the instance that does not hold the agent (carried over the
@@ -27,7 +32,8 @@ Phases:
                reason without redis-server or redis-py; the HTTP face's
                download is pending that face)
 
---tunnel-phases cluster runs the two-instance phase alone.
+--tunnel-phases cluster runs the two-instance phase alone, --tunnel-phases wst the
+idle wst-client one (N = --wst-agents).
 
 The script is loaded by scripts/bench (--tunnel); it uses its helpers (B).
 """
@@ -58,8 +64,9 @@ def _write(path, text):
     return path
 
 
-def _http_json(port, path):
-    with socket.create_connection((B.HOST, port), timeout=5) as conn:
+def _http_get(port, path, timeout=5):
+    """The body of a 200 answer to GET ``path``, or None."""
+    with socket.create_connection((B.HOST, port), timeout=timeout) as conn:
         conn.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/json\r\n"
                       "Connection: close\r\n\r\n" % path).encode())
         data = b""
@@ -69,9 +76,12 @@ def _http_json(port, path):
                 break
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    if b" 200 " not in head.split(b"\r\n")[0]:
-        return None
-    return json.loads(body.decode())
+    return body if b" 200 " in head.split(b"\r\n")[0] else None
+
+
+def _http_json(port, path):
+    body = _http_get(port, path)
+    return None if body is None else json.loads(body.decode())
 
 
 def _wait(predicate, timeout, what):
@@ -226,7 +236,8 @@ class ClusterPair:
 def build_peers(bench_dir):
     """The directory of reverse_websockify's binaries, or (None, why not)."""
     out = os.path.join(bench_dir, "peers")
-    wanted = ("reverse_websockify_server", "reverse_websockify_agent_service_side")
+    wanted = ("reverse_websockify_server", "reverse_websockify_agent_service_side",
+              "websocktunnel", "wst-client")
     if all(os.path.exists(os.path.join(out, name)) for name in wanted):
         return out, None
     script = os.path.join(PEERS_SRC, "build.sh")
@@ -234,7 +245,7 @@ def build_peers(bench_dir):
         return None, "no ../shared/peers/build.sh beside the repository"
     if shutil.which("go") is None:
         return None, "go not found (apt-get install golang-go)"
-    B.note("building reverse_websockify from ../shared/peers")
+    B.note("building reverse_websockify and websocktunnel from ../shared/peers")
     done = subprocess.run(["bash", script, out], capture_output=True, text=True)
     if done.returncode != 0 or not all(os.path.exists(os.path.join(out, n)) for n in wanted):
         return None, "build.sh failed: %s" % (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -491,6 +502,173 @@ def idle_agents(side, count):
         srv.stop()
 
 
+class HelloService:
+    """A tiny HTTP service behind every wst-client: ``GET`` answers 200 "hello"."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        class Hello(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "5")
+                self.end_headers()
+                self.wfile.write(b"hello")
+
+            def log_message(self, *args):
+                pass
+        self.httpd = http.server.ThreadingHTTPServer((B.HOST, 0), Hello)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def ours_wst_server(workdir, python, env, ids):
+    """Our server naming ``ids`` as websocktunnel clients; (proc, port, answers(id))."""
+    secret = _write(os.path.join(workdir, "wst.key"), SECRET.decode())
+    lines = ["[tunnels]", "secrets = [%s]" % json.dumps(secret), 'http_path = "/view/"']
+    for agent_id in ids:
+        lines += ["[tunnels.agent.%s]" % agent_id, "token = true"]
+    config = _write(os.path.join(workdir, "wst-tunnels.toml"), "\n".join(lines) + "\n")
+    srv, port = OursTunnel(workdir, python, env).start_server(config, "tunnel-wst-ours")
+    return srv, port, lambda agent_id: bridge_http_get(port, agent_id)
+
+
+def websocktunnel_server(bindir):
+    """websocktunnel's server (configured by environment only); (proc, port, answers(id))."""
+    port = B.free_port()
+    env = dict(os.environ, URL_PREFIX="http://%s:%d" % (B.HOST, port), PORT=str(port),
+               TASKCLUSTER_PROXY_SECRET_A=SECRET.decode(),
+               TASKCLUSTER_PROXY_SECRET_B=SECRET.decode())
+    srv = B.Proc([os.path.join(bindir, "websocktunnel")], "tunnel-wst-websocktunnel", env=env)
+    # it listens on every address (":PORT", dual-stack): probe by connecting
+    _wait(lambda: socket.create_connection((B.HOST, port), timeout=1).close() or True
+          if srv.alive() else True, 30, "websocktunnel")
+    if not srv.alive():
+        raise B.BenchError("websocktunnel exited:\n%s" % srv.log_tail())
+    return srv, port, lambda agent_id: viewer_get(port, "/%s/" % agent_id)
+
+
+def viewer_get(port, path):
+    """True when an HTTP GET of ``path`` answers 200 "hello"."""
+    return _http_get(port, path, timeout=10) == b"hello"
+
+
+def bridge_http_get(port, agent_id):
+    """True when a GET sent through the bridge face (?token=ID) comes back 200 "hello"."""
+    sock = socket.create_connection((B.HOST, port), timeout=10)
+    try:
+        sock.sendall(B.handshake_request(port).replace(
+            b"GET / ", ("GET /?token=%s " % agent_id).encode(), 1))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return False
+            data += chunk
+        if b" 101 " not in data.split(b"\r\n")[0]:
+            return False
+        sock.sendall(B.client_frame(b"GET / HTTP/1.0\r\nHost: hello\r\n\r\n"))
+        # the server's frames are unmasked: the answer's bytes appear as they are
+        while not (b" 200 " in data and b"hello" in data.split(b" 200 ", 1)[1]):
+            chunk = sock.recv(65536)
+            if not chunk:
+                return False
+            data += chunk
+        return True
+    except socket.timeout:
+        return False
+    finally:
+        sock.close()
+
+
+def idle_wst_clients(start_server, bindir, workdir, count, label):
+    """(KiB of PSS per client, answering clients) for ``count`` wst-clients on one server."""
+    ids = ["w%04d" % number for number in range(count)]
+    service = HelloService()
+    srv, port, answers = start_server(ids)
+    clients = []
+    urls = os.path.join(workdir, "wst-urls-" + label)
+    shutil.rmtree(urls, ignore_errors=True)
+    os.makedirs(urls)
+    try:
+        time.sleep(3.0)     # let the server settle before the baseline
+        idle = B.tree_pss_kib(srv.pid)
+        started = time.monotonic()
+        for agent_id in ids:
+            clients.append(subprocess.Popen(
+                [os.path.join(bindir, "wst-client"), "ws://%s:%d" % (B.HOST, port), agent_id,
+                 str(service.port), "--token", _token(agent_id),
+                 "--out-file", os.path.join(urls, agent_id)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True))
+        # wst-client writes its URL file once the server has answered its upgrade
+        _wait(lambda: len(os.listdir(urls)) >= count, 300,
+              "%d wst-clients registered with %s" % (count, label))
+        B.note("  %s: %d wst-clients registered in %.1f s" % (
+            label, count, time.monotonic() - started))
+        time.sleep(2.0)
+        loaded = B.tree_pss_kib(srv.pid)
+        answering = sum(bool(answers(agent_id)) for agent_id in ids)
+        return (loaded - idle) / count, answering
+    finally:
+        for client in clients:
+            client.kill()
+        for client in clients:
+            client.wait()
+        srv.stop()
+        service.close()
+
+
+def wst_phase(python, env, workdir, bindir, why, opts, results, errors):
+    """The idle wst-client phase: ours against websocktunnel's own server."""
+    results["wst"] = {"n": opts.wst_agents}
+    if bindir is None:
+        results["wst"]["why"] = why
+        B.note("idle wst-client phase skipped: %s" % why)
+        return
+    sides = (("ours", lambda ids: ours_wst_server(workdir, python, env, ids)),
+             ("websocktunnel", lambda ids: websocktunnel_server(bindir)))
+    for label, start_server in sides:
+        try:
+            results["wst"][label] = idle_wst_clients(start_server, bindir, workdir,
+                                                     opts.wst_agents, label)
+            B.note("  idle wst-clients, %s: %.1f KiB each, %d of %d answering" % (
+                label, results["wst"][label][0], results["wst"][label][1], opts.wst_agents))
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            B.note("ERROR idle wst-clients / %s: %s" % (label, exc))
+            errors.append("idle wst-clients / %s: %s" % (label, exc))
+
+
+def report_wst(wst):
+    n = wst["n"]
+    ours, theirs = wst.get("ours"), wst.get("websocktunnel")
+
+    def kib(side):
+        return "%.1f" % side[0] if side else "-"
+
+    def answering(side):
+        return ("yes" if side[1] == n else "no (%d of %d)" % (side[1], n)) if side else "-"
+    lines = ["| %d idle wst-client agents, one server | ours | websocktunnel | "
+             "ours / websocktunnel |" % n, "|---|---:|---:|---:|",
+             "| server PSS KiB per agent | %s | %s | %s |" % (
+                 kib(ours), kib(theirs), "%.2f" % (ours[0] / theirs[0])
+                 if ours and theirs and theirs[0] > 0 else "-"),
+             "| all answering | %s | %s | |" % (answering(ours), answering(theirs)), "",
+             "Idle wst-clients: websocktunnel's own client (build.sh), one process per agent, "
+             "all with one HTTP service behind them; PSS summed over the server's processes "
+             "(ours: --workers 2), after minus before, over N; answering = a GET through our "
+             "bridge face, or websocktunnel's viewer URL, came back 200.%s" % (
+                 " Skipped: %s." % wst["why"] if wst.get("why") else "")]
+    return "\n".join(lines) + "\n"
+
+
 # -- the run -------------------------------------------------------------------------------
 
 def run(bench, opts, cfg):
@@ -561,6 +739,9 @@ def run(bench, opts, cfg):
         results["cluster"] = {}
         cluster_phase(python, env, workdir, volume, opts, results, errors)
         return report_cluster(results["cluster"], volume, opts), results, errors
+    if getattr(opts, "tunnel_phases", "all") == "wst":
+        wst_phase(python, env, workdir, bindir, why, opts, results, errors)
+        return report_wst(results["wst"]), results, errors
 
     sides = [ours] + ([rw] if rw else [])
     rounds = {"ours": {"down": [], "up": []}, "rw": {"down": [], "up": []},
@@ -599,9 +780,11 @@ def run(bench, opts, cfg):
     except Exception as exc:
         B.note("ERROR idle agents: %s" % exc)
         errors.append("idle agents: %s" % exc)
+    wst_phase(python, env, workdir, bindir, why, opts, results, errors)
     results["cluster"] = {}
     cluster_phase(python, env, workdir, volume, opts, results, errors)
     return (report(results, rw is not None, why, volume, each, opts)
+            + "\n" + report_wst(results["wst"])
             + "\n" + report_cluster(results["cluster"], volume, opts)), results, errors
 
 
