@@ -18,7 +18,8 @@ import urllib.request
 
 import pytest
 
-from tests.helpers import (PYTHON, RawWebSocket, free_port, handshake_request, port_open,
+from tests.e2e.test_master import worker_pids
+from tests.helpers import (RawWebSocket, free_port, handshake_request, port_open,
                            read_http_response, require_module, require_program, wait_for,
                            websockify_argv)
 
@@ -46,11 +47,6 @@ def http_status(port: int, request: bytes) -> tuple:
         sock.sendall(request)
         status, headers, body = read_http_response(sock)
         return status, headers, body
-
-
-def worker_pids(master_pid: int) -> list:
-    from tests.e2e.test_master import worker_pids as pids
-    return pids(master_pid)
 
 
 def start(websockify, *args, workers=2):

@@ -266,10 +266,13 @@ class Master:
         self.metrics = MetricsEndpoint(host, port, self.serving, self._render_metrics)
         log.info("metrics on http://%s/metrics (and /healthz)", self.metrics.address)
 
+    def _serving_workers(self) -> int:
+        return sum(1 for worker in self.arbiter.workers.values()
+                   if worker.booted and not worker.retiring)
+
     def serving(self) -> bool:
         """Whether at least one booted worker is accepting (/healthz)."""
-        return self.arbiter.stopping is None and any(
-            worker.booted and not worker.retiring for worker in self.arbiter.workers.values())
+        return self.arbiter.stopping is None and self._serving_workers() > 0
 
     def _render_metrics(self) -> bytes:
         from websockify.metrics.counters import LOOKUP_RESULTS
@@ -287,8 +290,7 @@ class Master:
                        sum(row["open_streams"] for row in rows))
         return render(Snapshot(
             words=words, lookups=lookups,
-            workers_serving=sum(1 for worker in arbiter.workers.values()
-                                if worker.booted and not worker.retiring),
+            workers_serving=self._serving_workers(),
             worker_restarts=arbiter.restarts, reloads=arbiter.reloads,
             reload_failures=arbiter.failed_reloads, start_time=self.started,
             tunnels=tunnels))

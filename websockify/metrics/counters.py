@@ -180,9 +180,7 @@ class Totals:
             if index not in gauges:
                 retired[index] += block[index]
         if plugin:
-            lookups = self.retired_lookups.setdefault(plugin, [0] * len(LOOKUP_RESULTS))
-            for position, result in enumerate(LOOKUP_RESULTS):
-                lookups[position] += block[LOOKUPS[result]]
+            _add_lookups(self.retired_lookups, plugin, block)
 
     def sum(self, live: Iterable[Tuple[str, Sequence[int]]]
             ) -> Tuple[List[int], Dict[str, List[int]]]:
@@ -193,7 +191,12 @@ class Totals:
             for index in range(BLOCK_WORDS):
                 total[index] += block[index]
             if plugin:
-                counts = lookups.setdefault(plugin, [0] * len(LOOKUP_RESULTS))
-                for position, result in enumerate(LOOKUP_RESULTS):
-                    counts[position] += block[LOOKUPS[result]]
+                _add_lookups(lookups, plugin, block)
         return total, lookups
+
+
+def _add_lookups(by_plugin: Dict[str, List[int]], plugin: str, block: Sequence[int]) -> None:
+    """Add ``block``'s token lookups, in LOOKUP_RESULTS order, to ``plugin``'s counts."""
+    counts = by_plugin.setdefault(plugin, [0] * len(LOOKUP_RESULTS))
+    for position, result in enumerate(LOOKUP_RESULTS):
+        counts[position] += block[LOOKUPS[result]]

@@ -282,8 +282,8 @@ class HookedService(ProxyService):
         websocket = session.websocket
         code = websocket.close_code if websocket is not None else None
         reason = (websocket.close_reason if websocket is not None else None) or ""
-        metrics.session_closed(code, time.time() - session.started)
+        lasted = time.time() - session.started
+        metrics.session_closed(code, lasted)
         log.info("%s: closed (%s%s) after %.1fs", session.label,
-                 code if code is not None else "-", " " + reason if reason else "",
-                 time.time() - session.started)
+                 code if code is not None else "-", " " + reason if reason else "", lasted)
         self.on_session_end()

@@ -246,11 +246,12 @@ class ProxyService:
         self.forget(relay, relay.recorder)
         stats = relay.stats
         code = relay.session.close_code
-        metrics.session_closed(code, time.time() - stats.started)
+        lasted = time.time() - stats.started
+        metrics.session_closed(code, lasted)
         reason = (" %s" % relay.session.close_reason) if relay.session.close_reason else ""
         log.info("%s: closed (%s%s) after %.1fs, %d bytes from client, %d bytes to client",
                  relay.label, code if code is not None else "-", reason,
-                 time.time() - stats.started, stats.from_client, stats.to_client)
+                 lasted, stats.from_client, stats.to_client)
         self.on_session_end()
 
     def shutdown_all(self, code: int = 1001, reason: str = "Server shutting down") -> None:
