@@ -224,6 +224,32 @@ def ipv6_available() -> bool:
         return False
 
 
+# Test payloads: random bytes repeating with a prime period, so no repetition
+# lines up with a frame, window or read size.
+_PATTERN_PERIOD = 1000003
+_PATTERN = os.urandom(_PATTERN_PERIOD)
+
+
+def pattern(size: int) -> bytes:
+    return (_PATTERN * (size // _PATTERN_PERIOD + 1))[:size]
+
+
+def bridge_echoes(port, token, sizes=(1, 12, 65536, 300000)):
+    """A bridge session to ``?token=<token>`` (an echo service behind it): each size's
+    pattern comes back exactly, then a close 1000 answered with 1000."""
+    ws = RawWebSocket(port, path="/websockify?token=%s" % token)
+    try:
+        assert ws.status == 101, ws.buffer
+        for size in sizes:
+            data = pattern(size)
+            ws.send_binary(data)
+            assert ws.recv_data(size) == data
+        ws.send(0x8, struct.pack("!H", 1000))
+        assert ws.expect_close()[0] == 1000
+    finally:
+        ws.close()
+
+
 def echo_through(port, path="/", extra=(), payload=b"hello through the token"):
     """One WebSocket session that must echo ``payload`` through the server."""
     ws = RawWebSocket(port, path=path, extra=extra)

@@ -8,7 +8,6 @@ are raw sockets (the TCP face) and a raw WebSocket (the bridge face).
 
 import hashlib
 import json
-import os
 import re
 import socket
 import subprocess
@@ -17,8 +16,8 @@ import time
 
 import pytest
 
-from tests.helpers import (PYTHON, RawWebSocket, SharedProcess, free_port, port_open, start_nginx,
-                           wait_for)
+from tests.helpers import (PYTHON, RawWebSocket, SharedProcess, free_port, pattern, port_open,
+                           start_nginx, wait_for)
 from tests.tunnel_agent import Service, agent_token
 from websockify.config import OPTIONS
 
@@ -30,13 +29,6 @@ pytestmark = pytest.mark.skipif(
 SECRET = b"agent tests' tunnel secret"
 AGENT = [PYTHON, "-m", "websockify.agent"]
 LIVENESS = {"WEBSOCKIFY_TUNNEL_PING": "0.3", "WEBSOCKIFY_TUNNEL_DEAD": "1.0"}
-_BLOCK = os.urandom(1 << 20)
-
-
-def pattern(size: int) -> bytes:
-    return (_BLOCK * (size // len(_BLOCK) + 1))[:size]
-
-
 def write_config(directory, agents):
     (directory / "tunnel.key").write_bytes(SECRET + b"\n")
     lines = ["[tunnels]", 'path = "/tunnel/"', 'secrets = ["tunnel.key"]']

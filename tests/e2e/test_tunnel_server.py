@@ -18,22 +18,14 @@ import time
 
 import pytest
 
-from tests.helpers import (RawWebSocket, SharedProcess, children_of, free_port, mask_frame,
-                           read_http_response, rss_kib, wait_for)
+from tests.helpers import (RawWebSocket, SharedProcess, bridge_echoes, children_of, free_port,
+                           mask_frame, pattern, read_http_response, rss_kib, wait_for)
 from tests.tunnel_agent import ScriptedAgent, Service, agent_token, hs256_token
 
 SECRET = b"tunnel secret for the tests"
 OTHER_SECRET = b"another secret"
 DEAD_AFTER = 1.0
 LIVENESS = {"WEBSOCKIFY_TUNNEL_PING": "0.3", "WEBSOCKIFY_TUNNEL_DEAD": str(DEAD_AFTER)}
-
-_PERIOD = 1000003
-_BASE = os.urandom(_PERIOD)
-
-
-def pattern(size: int) -> bytes:
-    return (_BASE * (size // _PERIOD + 1))[:size]
-
 
 def write_config(directory, agents, on_duplicate="replace", status_allow=None, name="tunnels"):
     """A tunnel config file; ``agents``: {id: {"listen": port, "token": bool, "nickname": s}}."""
@@ -620,17 +612,7 @@ def test_real_agent_tcp_face_and_bridge_session(tunnel_server, processes, tmp_pa
     echo_check(server.faces["tcp"], payload)
     start_real_agent(processes, tmp_path, server, "bridge", echo_service.port)
     # A noVNC-style session: binary subprotocol, ?token=<ID>, messages both ways.
-    ws = RawWebSocket(server.port, path="/websockify?token=bridge", protocols="binary")
-    try:
-        assert ws.status == 101, ws.buffer
-        for size in (1, 12, 65536, 300000):
-            data = pattern(size)
-            ws.send_binary(data)
-            assert ws.recv_data(size) == data
-        ws.send(0x8, struct.pack("!H", 1000))
-        assert ws.expect_close()[0] == 1000
-    finally:
-        ws.close()
+    bridge_echoes(server.port, "bridge")
 
 
 def test_real_agent_service_refusing_is_502(tunnel_server, processes, tmp_path):

@@ -25,8 +25,8 @@ import time
 
 import pytest
 
-from tests.helpers import (ROOT, RawWebSocket, SharedProcess, find_program, free_port,
-                           port_open, skip_or_fail, wait_for)
+from tests.helpers import (ROOT, RawWebSocket, SharedProcess, bridge_echoes, find_program,
+                           free_port, pattern, port_open, skip_or_fail, wait_for)
 from tests.tunnel_agent import Service, agent_token, hs256_token
 
 SECRET_A = b"websocktunnel secret A"
@@ -36,13 +36,6 @@ DEAD_AFTER = 1.0
 LIVENESS = {"WEBSOCKIFY_TUNNEL_PING": "0.3", "WEBSOCKIFY_TUNNEL_DEAD": str(DEAD_AFTER)}
 BUILD_SCRIPT = os.path.join(os.path.dirname(ROOT), "shared", "peers", "build.sh")
 IDS = ("tcp", "bridge", "auth", "bulk", "many", "gone", "status", "bad", "good", "rotated")
-_BLOCK = os.urandom(1 << 20)
-
-
-def pattern(size: int) -> bytes:
-    return (_BLOCK * (size // len(_BLOCK) + 1))[:size]
-
-
 @pytest.fixture(scope="session")
 def wst_client(tmp_path_factory):
     """The path of a wst-client built from ../shared/peers (once per run)."""
@@ -168,17 +161,7 @@ def test_the_bridge_face_reaches_a_wst_client(processes, wst_client, server, ech
     start_wst(processes, wst_client, server.port, "bridge", echo.port,
               agent_token("bridge", SECRET_A), tmp_path)
     connected(server, "bridge")
-    ws = RawWebSocket(server.port, path="/websockify?token=bridge")
-    try:
-        assert ws.status == 101, ws.buffer
-        for size in (1, 12, 65536, 300000):
-            data = pattern(size)
-            ws.send_binary(data)
-            assert ws.recv_data(size) == data
-        ws.send(0x8, struct.pack("!H", 1000))
-        assert ws.expect_close()[0] == 1000
-    finally:
-        ws.close()
+    bridge_echoes(server.port, "bridge")
 
 
 @pytest.mark.parametrize("case,reason", [
