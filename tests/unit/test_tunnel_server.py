@@ -37,7 +37,7 @@ def test_registry_claim_release_and_serials(tmp_path):
     assert registry.holder("A") == 200
     registry.publish("A", 2, streams=3, bytes_out=10, bytes_in=20)
     row = [r for r in registry.snapshot() if r["id"] == "A"][0]
-    assert row == {"id": "A", "connected": True, "worker_pid": 200, "worker": 2,
+    assert row == {"id": "A", "open": False, "connected": True, "worker_pid": 200, "worker": 2,
                    "peer": "10.0.0.2:6000", "connected_since": 60.0, "connects": 2,
                    "open_streams": 3, "bytes_to_agent": 10, "bytes_from_agent": 20,
                    "token_expires": None}
@@ -203,3 +203,31 @@ def test_registry_claims_exclude_each_other_across_processes(tmp_path):
     # Every win took a new serial: none was lost to a torn read-modify-write.
     assert registry.serial("race") == total
     assert [r["connects"] for r in registry.snapshot()] == [total]
+
+
+def test_registry_open_registration_entries(tmp_path):
+    registry = Registry(3, str(tmp_path / "lock"))
+    assert registry.configure(["A"], keep_open=True) == []
+    assert registry.known("X") is False
+    assert registry.register_open("X") is True
+    assert (registry.known("X"), registry.is_open("X"), registry.configured("X")) == \
+        (True, True, False)
+    assert registry.is_open("A") is False
+    claim = registry.claim("X", 100, 1, "10.0.0.1:5000", 99.0, refuse=False, now=5.0)
+    assert claim.taken is True
+    row = [r for r in registry.snapshot() if r["id"] == "X"][0]
+    assert (row["open"], row["connected"], row["worker_pid"]) == (True, True, 100)
+    # A reload keeps open entries while open registration stays on ...
+    assert registry.configure(["A", "B"], keep_open=True) == []
+    assert registry.removed("X") is False
+    assert registry.holder("X") == 100
+    # ... and the table is full now (A, X, B): a fourth ID recycles only an
+    # open entry whose agent has left.
+    assert registry.register_open("Y") is False
+    assert registry.release("X", 100, claim.serial) is True
+    assert registry.register_open("Y") is True
+    assert (registry.known("X"), registry.is_open("Y")) == (False, True)
+    # Turning open registration off removes the open entries.
+    registry.configure(["A", "B"], keep_open=False)
+    assert (registry.removed("Y"), registry.known("Y"), registry.known("A")) == \
+        (True, False, True)

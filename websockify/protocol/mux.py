@@ -57,6 +57,10 @@ HEADER_SIZE = HEADER.size
 MAX_DATA = 16384
 DEFAULT_WINDOW = 262144
 SUBPROTOCOL = "websockify-tunnel.v1"
+#: In an agent's upgrade request: "http" when its service speaks HTTP (websockify-agent --http).
+SERVICE_HEADER = "X-Websockify-Service"
+#: In the server's 101 to an agent with an HTTP face: the viewers' URL.
+VIEWER_URL_HEADER = "X-Websockify-Viewer-URL"
 MAX_OPEN_META = 1024
 MAX_REASON = 123
 PING_SIZE = 8

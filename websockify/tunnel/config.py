@@ -14,11 +14,13 @@ Our layout::
     cluster_secret = "cluster.key"     # with registry: the internal link's key, relative to FILE
     registry_ttl = 10                  # seconds a registration outlives its last refresh
     http_path = "/t/"                  # viewers' URLs <http_path><ID>/ (told to wst-client)
+    open = false                       # true: any ID with a valid token registers (HTTP face)
 
     [tunnels.agent.LKLAFA151NA774655]
     nickname = "Bus02"
     listen = "127.0.0.1:39036"         # optional TCP face
     token = true                       # optional bridge face (?token=<ID>)
+    http = true                        # optional HTTP face (<http_path><ID>/)
 
 reverse_websockify's ``config.toml`` is read as it is: top-level
 ``http_server_endpoint`` (informational: our listen address is the command
@@ -61,10 +63,10 @@ _ID_RULE = "1 to 128 of A-Z a-z 0-9 _ ~ . % -"
 
 _TUNNELS_KEYS = ("path", "secrets", "audience", "on_duplicate", "status_allow",
                  "connect_timeout", "http_path", "agent", "registry", "node",
-                 "cluster_secret", "registry_ttl")
+                 "cluster_secret", "registry_ttl", "open")
 REGISTRY_SCHEMES = ("redis://", "rediss://", "unix://")
 DEFAULT_REGISTRY_TTL = 10.0
-_AGENT_KEYS = ("nickname", "listen", "token")
+_AGENT_KEYS = ("nickname", "listen", "token", "http")
 _REVERSE_TOP_KEYS = ("http_server_endpoint", "remote_service")
 _REMOTE_SERVICE_KEYS = ("nickname", "local_listen_endpoint")
 # A listen host meaning every address: it overlaps any other host on its port.
@@ -92,6 +94,8 @@ class AgentEntry:
     listen: Optional[Tuple[str, int]] = None
     #: The bridge face: reachable as ``?token=<ID>``.
     token: bool = False
+    #: The HTTP face: viewers reach the agent's service at ``<http_path><ID>/``.
+    http: bool = False
 
     @property
     def listen_description(self) -> Optional[str]:
@@ -130,6 +134,8 @@ class TunnelConfig:
         return format_host_port(*self.node) if self.node else None
     #: The HTTP face's prefix: an agent's viewer URL is <scheme>://<host><http_path><ID>/.
     http_path: str = DEFAULT_HTTP_PATH
+    #: Open registration: any valid ID with a valid token registers (HTTP face only).
+    open: bool = False
 
     def describe(self) -> str:
         faces = sum(1 for agent in self.agents.values() if agent.listen)
@@ -248,6 +254,13 @@ class _Loader:
                                 % (key, index, where, _type_name(item)))
         return tuple(value)
 
+    def _boolean(self, table: Dict[str, Any], key: str, where: str) -> bool:
+        value = table.get(key, False)
+        if not isinstance(value, bool):
+            raise self.fail("%s in %s must be true or false, not %s"
+                            % (key, where, _type_name(value)))
+        return value
+
     def _prefix(self, table: Dict[str, Any], key: str, where: str, default: str) -> str:
         """A URL path prefix: "/" ... "/", no spaces, '?' or '#'."""
         value = self._string(table, key, where, default)
@@ -301,21 +314,22 @@ class _Loader:
             table = self._table(table, agent_id, "[tunnels.agent]")
             self._known(table, _AGENT_KEYS, agent_where)
             listen = self._string(table, "listen", agent_where)
-            token = table.get("token", False)
-            if not isinstance(token, bool):
-                raise self.fail("token in %s must be true or false, not %s"
-                                % (agent_where, _type_name(token)))
             agents.append(AgentEntry(
                 agent_id, self._string(table, "nickname", agent_where, ""),
                 self._listen(listen, "listen", agent_where) if listen is not None else None,
-                token))
+                self._boolean(table, "token", agent_where),
+                self._boolean(table, "http", agent_where)))
+        open_registration = self._boolean(tunnels, "open", where)
+        if open_registration and not secrets:
+            raise self.fail("open = true in %s needs secrets (open registration is by token)"
+                            % where)
         agents_map = self._agents(agents, "listen", "tunnels.agent")
         self._node_apart(cluster.get("node"), agents)
         return TunnelConfig(path=path, secrets=secrets, audience=audience,
                             on_duplicate=on_duplicate, status_allow=status_allow,
                             agents=agents_map, source=self.path,
                             connect_timeout=float(timeout), layout=OURS, http_path=http_path,
-                            **cluster)
+                            open=open_registration, **cluster)
 
     def _cluster(self, tunnels: Dict[str, Any], where: str) -> Dict[str, Any]:
         """registry, node, cluster_secret and registry_ttl: all three or none, checked."""

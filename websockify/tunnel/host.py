@@ -23,6 +23,9 @@ log = logging.getLogger("websockify")
 #: Registry entries made at start (at least twice the agents configured):
 #: a reload can add agents up to this many in all.
 MIN_CAPACITY = 4096
+#: With ``open = true``: entries for openly registered agents too (288 bytes each,
+#: touched only when used); past it the one that left longest ago is recycled.
+OPEN_CAPACITY = 65536
 
 
 class TunnelHost:
@@ -32,12 +35,14 @@ class TunnelHost:
         self.config = config
         self.directory = tempfile.mkdtemp(prefix="websockify-tunnel-")
         os.chmod(self.directory, 0o700)
-        self.registry = Registry(capacity or max(MIN_CAPACITY, 2 * len(config.agents)),
+        minimum = OPEN_CAPACITY if getattr(config, "open", False) else MIN_CAPACITY
+        self.registry = Registry(capacity or max(minimum, 2 * len(config.agents)),
                                  lock_path=os.path.join(self.directory, "registry.lock"))
         self._configure(config)
 
     def _configure(self, config) -> None:
-        for agent_id in self.registry.configure(config.agents):
+        for agent_id in self.registry.configure(config.agents,
+                                                keep_open=getattr(config, "open", False)):
             log.error("%s: agent %s: no room left in the tunnel registry (%d entries); "
                       "restart the server to grow it", config.source, agent_id,
                       self.registry.capacity)

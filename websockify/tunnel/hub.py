@@ -33,7 +33,7 @@ from websockify.errors import BadRequest, HTTPError
 from websockify.net.sockets import tune_stream
 from websockify.protocol.handshake import UpgradeRequest, accept_key, negotiate
 from websockify.protocol.codec import HYBI
-from websockify.protocol.mux import SUBPROTOCOL, StreamLimitError
+from websockify.protocol.mux import SERVICE_HEADER, SUBPROTOCOL, VIEWER_URL_HEADER, StreamLimitError
 from websockify.protocol.wsmux import ID_HEADER as WSMUX_ID_HEADER
 from websockify.protocol.wsmux import URL_HEADER as WSMUX_URL_HEADER
 from websockify.tunnel.faces import (AgentUnavailable, FaceAcceptor, StreamUser,
@@ -53,13 +53,15 @@ class Conflict(HTTPError):
         super().__init__(409, text)
 
 
-def agent_response(key: str) -> bytes:
-    """The 101 for an agent: the tunnel subprotocol answered."""
+def agent_response(key: str, url: Optional[str] = None) -> bytes:
+    """The 101 for an agent: the tunnel subprotocol answered (and its viewer URL, if any)."""
     lines = ["HTTP/1.1 101 Switching Protocols",
              "Upgrade: websocket",
              "Connection: Upgrade",
              "Sec-WebSocket-Accept: %s" % accept_key(key),
              "Sec-WebSocket-Protocol: %s" % SUBPROTOCOL]
+    if url:
+        lines.append("%s: %s" % (VIEWER_URL_HEADER, url))
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
@@ -153,6 +155,18 @@ class TunnelHub:
     def path(self) -> str:
         return self.tunnels.path
 
+    @property
+    def http_path(self) -> str:
+        return getattr(self.tunnels, "http_path", "/t/")
+
+    def has_http_face(self, agent_id: str) -> bool:
+        """Whether viewers reach ``agent_id`` at <http_path><ID>/: ``http = true`` in its
+        entry, or registered openly (``open = true``)."""
+        entry = self.tunnels.agents.get(agent_id)
+        if entry is not None:
+            return entry.http
+        return bool(getattr(self.tunnels, "open", False)) and self.registry.is_open(agent_id)
+
     # -- routing (the handshake handler asks) -----------------------------------
 
     def is_agent_request(self, handler) -> bool:
@@ -213,13 +227,14 @@ class TunnelHub:
         # The ID is the path segment as sent: IDs are made of characters a URL
         # carries as they are (%-escapes included, compared undecoded).
         agent_id = urlsplit(handler.path).path[len(self.path):]
-        # The registry, not this worker's copy of the file: a reload may have
-        # added or removed the ID since this worker was forked.
-        if not self.registry.configured(agent_id):
-            raise HTTPError(403, "agent ID %r is not in the tunnel configuration" % agent_id)
-        expiry = self._authenticate(handler, agent_id)
+        expiry = self._admit(handler, agent_id)
+        url = None
+        if self.has_http_face(agent_id):
+            url = viewer_url(handler, self.http_path, agent_id, self.server.trusted_proxy)
+        http_service = (headers.get(SERVICE_HEADER) or "").strip().lower() == "http"
         self._start_link(handler, agent_id, expiry,
-                         agent_response(headers.get("sec-websocket-key", "").strip()))
+                         agent_response(headers.get("sec-websocket-key", "").strip(), url),
+                         http_service=http_service)
 
     def accept_wsmux_agent(self, handler) -> None:
         """websocktunnel's client: an upgrade to "/" naming its ID in x-websocktunnel-id.
@@ -229,7 +244,6 @@ class TunnelHub:
         link speaks wsmux (protocol/wsmux.py).
         """
         from websockify.protocol.wsmux import WsmuxConnection
-        from websockify.tunnel.config import AGENT_ID
         headers = handler.headers
         accept = negotiate(UpgradeRequest(handler.request_version, handler.path, headers,
                                           secure=handler.tls is not None),
@@ -237,20 +251,40 @@ class TunnelHub:
         if accept.codec is not HYBI:
             raise BadRequest("a websocktunnel client must use RFC 6455 WebSocket framing")
         agent_id = headers.get(WSMUX_ID_HEADER, "").strip()
-        if not AGENT_ID.fullmatch(agent_id):
-            raise BadRequest("x-websocktunnel-id %r is not a valid ID (1 to 128 of "
-                             "A-Z a-z 0-9 _ ~ . %% -)" % agent_id[:140])
-        if not self.registry.configured(agent_id):
-            raise HTTPError(403, "agent ID %r is not in the tunnel configuration" % agent_id)
-        expiry = self._authenticate(handler, agent_id)
-        url = viewer_url(handler, getattr(self.tunnels, "http_path", "/t/"), agent_id,
-                         self.server.trusted_proxy)
+        expiry = self._admit(handler, agent_id)
+        url = viewer_url(handler, self.http_path, agent_id, self.server.trusted_proxy)
+        # websocktunnel's clients serve HTTP by definition: keep-alive to them.
         self._start_link(handler, agent_id, expiry,
                          wsmux_response(headers.get("sec-websocket-key", "").strip(), url),
-                         codec=WsmuxConnection(), kind="websocktunnel client")
+                         codec=WsmuxConnection(), kind="websocktunnel client", http_service=True)
+
+    def _admit(self, handler, agent_id: str) -> Optional[float]:
+        """May ``agent_id`` connect: its token's expiry (None: a client certificate).
+
+        The registry, not this worker's copy of the file, says which IDs are
+        configured (a reload may have changed them since this worker was
+        forked).  With ``open = true`` an ID without an entry gets one once
+        its token verifies.  Raises 400 (bad ID), 401, 403 or 503 (no room).
+        """
+        from websockify.tunnel.config import AGENT_ID
+        if not AGENT_ID.fullmatch(agent_id):
+            raise BadRequest("agent ID %r is not a valid ID (1 to 128 of A-Z a-z 0-9 _ ~ . %% -)"
+                             % agent_id[:140])
+        if self.registry.known(agent_id):
+            return self._authenticate(handler, agent_id)
+        if not getattr(self.tunnels, "open", False):
+            raise HTTPError(403, "agent ID %r is not in the tunnel configuration" % agent_id)
+        expiry = self._authenticate(handler, agent_id)
+        if expiry is None:
+            raise HTTPError(401, "agent %s: open registration needs a token" % agent_id,
+                            [("WWW-Authenticate", "Bearer")])
+        if not self.registry.register_open(agent_id):
+            raise AgentUnavailable("agent %s: no room left in the tunnel registry" % agent_id)
+        log.info("agent %s: registered openly (no entry in %s)", agent_id, self.tunnels.source)
+        return expiry
 
     def _start_link(self, handler, agent_id: str, expiry: Optional[float], response: bytes,
-                    codec=None, kind: str = "agent") -> None:
+                    codec=None, kind: str = "agent", http_service: bool = False) -> None:
         """Claim the agent's entry, send the 101 and hand the socket to a Link."""
         peer = handler.peer
         claim = self.registry.claim(agent_id, self.pid, self.worker_number, peer,
@@ -285,6 +319,7 @@ class TunnelHub:
                     on_finish=self._link_finished, ping_interval=self.ping_interval,
                     dead_after=self.dead_after, token_expiry=expiry, codec=codec)
         link.holding = holding      # its record in the cluster registry (None: alone)
+        link.http_service = http_service   # keep-alive on the HTTP face (else one request each)
         self.links[agent_id] = link
         log.info("agent %s connected from %s (worker %d%s)", agent_id, peer, self.worker_number,
                  "" if codec is None else ", %s" % kind)

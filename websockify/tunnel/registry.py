@@ -35,6 +35,9 @@ _REGISTRY_DOWN_OFFSET = 16
 FREE = 0
 CONFIGURED = 1
 REMOVED = 2
+#: Made by a worker for an ID that registered without a config entry (``open = true``).
+OPEN = 3
+_SERVED = (CONFIGURED, OPEN)
 
 _STATE, _PID, _WORKER, _SERIAL, _SINCE, _CONNECTS, _STREAMS, _OUT, _IN, _EXPIRY = range(10)
 _FLOAT_FIELDS = (_SINCE, _EXPIRY)
@@ -91,21 +94,29 @@ class Registry:
 
     # -- the master ----------------------------------------------------------
 
-    def configure(self, agent_ids: Iterable[str]) -> List[str]:
+    def configure(self, agent_ids: Iterable[str], keep_open: bool = False) -> List[str]:
         """Make the configured IDs exactly ``agent_ids``; returns those that did not fit.
 
         An ID kept keeps its entry (holder, counters); a removed one is
         marked REMOVED, so its holder closes the link; a new one takes a free
-        or released entry.
+        or released entry.  Openly registered IDs stay while ``keep_open``.
         """
         wanted = list(dict.fromkeys(agent_ids))
+        fd = self._lock()
+        try:
+            return self._configure(wanted, keep_open)
+        finally:
+            self._unlock(fd)
+
+    def _configure(self, wanted: List[str], keep_open: bool) -> List[str]:
         version, used = self._header()
         known = {}
         for index in range(used):
             if self._get(index, _STATE) != FREE:
                 known[self._entry_id(index)] = index
         for agent_id, index in known.items():
-            if agent_id not in wanted:
+            if agent_id not in wanted and not (keep_open and
+                                               self._get(index, _STATE) == OPEN):
                 self._set(index, _STATE, REMOVED)
         left_out = []
         for agent_id in wanted:
@@ -124,11 +135,49 @@ class Registry:
         return left_out
 
     def _free_entry(self, used: int) -> Optional[int]:
+        """A free or released entry; when none is left, the openly registered
+        entry whose agent left longest ago (its ID becomes unknown again)."""
+        recyclable, since = None, None
         for index in range(used):
             state = self._get(index, _STATE)
             if state == FREE or (state == REMOVED and not self._get(index, _PID)):
                 return index
-        return used if used < self.capacity else None
+            if state == OPEN and not self._get(index, _PID):
+                left = self._get(index, _SINCE)
+                if since is None or left < since:
+                    recyclable, since = index, left
+        if used < self.capacity:
+            return used
+        return recyclable
+
+    def register_open(self, agent_id: str) -> bool:
+        """Make an entry for an ID with no config entry (``open = true``); False when full.
+
+        A worker calls it after the agent's token verified, so only holders
+        of a valid token make entries.
+        """
+        fd = self._lock()
+        try:
+            index = self.index_of(agent_id)
+            if index is not None and self._get(index, _STATE) in _SERVED:
+                return True
+            version, used = self._header()
+            if index is None:
+                index = self._free_entry(used)
+                if index is None:
+                    return False
+            raw = agent_id.encode("utf-8")[:MAX_ID]
+            _ENTRY.pack_into(self._map, self._offset(index), OPEN, 0, 0, 0, time.time(), 0, 0,
+                             0, 0, 0.0, len(raw), 0, raw, b"")
+            _HEADER.pack_into(self._map, 0, version + 1, max(used, index + 1))
+            return True
+        finally:
+            self._unlock(fd)
+
+    def is_open(self, agent_id: str) -> bool:
+        """Whether ``agent_id`` registered openly (has an OPEN entry)."""
+        index = self.index_of(agent_id)
+        return index is not None and self._get(index, _STATE) == OPEN
 
     def worker_exited(self, pid: int) -> List[str]:
         """Clear the entries a dead worker held; returns their IDs."""
@@ -140,6 +189,8 @@ class Registry:
         return cleared
 
     def _clear(self, index: int) -> None:
+        if self._get(index, _STATE) == OPEN:
+            self._set(index, _SINCE, time.time())      # when it left: the recycling order
         self._set(index, _PID, 0)
         self._set(index, _WORKER, 0)
         self._set(index, _STREAMS, 0)
@@ -159,9 +210,14 @@ class Registry:
         index = self.index_of(agent_id)
         return index is not None and self._get(index, _STATE) == CONFIGURED
 
+    def known(self, agent_id: str) -> bool:
+        """Configured, or registered openly."""
+        index = self.index_of(agent_id)
+        return index is not None and self._get(index, _STATE) in _SERVED
+
     def removed(self, agent_id: str) -> bool:
         index = self.index_of(agent_id)
-        return index is None or self._get(index, _STATE) != CONFIGURED
+        return index is None or self._get(index, _STATE) not in _SERVED
 
     def holder(self, agent_id: str) -> int:
         """The pid of the worker holding ``agent_id``'s link, 0 for none."""
@@ -200,7 +256,7 @@ class Registry:
               refuse: bool, now: Optional[float] = None) -> Claim:
         """Take ``agent_id``'s entry for a new link (unless ``refuse`` and it is held)."""
         index = self.index_of(agent_id)
-        if index is None or self._get(index, _STATE) != CONFIGURED:
+        if index is None or self._get(index, _STATE) not in _SERVED:
             return Claim(False, 0, 0, "")
         fd = self._lock()
         try:
@@ -264,14 +320,15 @@ class Registry:
         self._set(index, _IN, bytes_in)
 
     def snapshot(self) -> List[dict]:
-        """Every configured agent's entry as plain values (the status page's input)."""
+        """Every configured or open agent's entry as plain values (the status page's input)."""
         rows = []
         for index in range(self._header()[1]):
             fields = self._entry(index)
-            if fields[_STATE] != CONFIGURED:
+            if fields[_STATE] not in _SERVED:
                 continue
             rows.append({
                 "id": fields[12][:fields[10]].decode("utf-8"),
+                "open": fields[_STATE] == OPEN,
                 "connected": bool(fields[_PID]),
                 "worker_pid": fields[_PID],
                 "worker": fields[_WORKER],
