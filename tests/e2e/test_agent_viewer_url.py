@@ -1,0 +1,212 @@
+"""websockify-agent's viewer URL and open registration, against the real server.
+
+The server is ``websockify --tunnel-config`` on loopback: one with an
+agent entry with ``http = true`` and one without, one with ``[tunnels]
+open = true`` and no entries at all.  The agents are real
+``websockify-agent`` processes logging to a file (``--log-file``), so what
+they print on standard output is their process output alone.  A
+websocktunnel-style client (an upgrade to "/" with ``x-websocktunnel-id``)
+is a raw socket here (tests/e2e/test_websocktunnel_clients.py runs the
+real wst-client).
+"""
+
+import json
+import re
+import socket
+import subprocess
+
+import pytest
+
+from tests.e2e.test_agent_server import LIVENESS, start_agent
+from tests.helpers import (PYTHON, RawWebSocket, SharedProcess, free_port, port_open,
+                           wait_for)
+from tests.tunnel_agent import Service, agent_token
+
+SECRET = b"viewer URL tests' tunnel secret"
+OTHER_SECRET = b"a secret this server does not have"
+
+
+def write_config(directory, open_registration=False, http_path=None, agents=()):
+    """A tunnel file: ``agents`` is (ID, lines of its table) pairs."""
+    (directory / "tunnel.key").write_bytes(SECRET + b"\n")
+    lines = ["[tunnels]", 'path = "/tunnel/"', 'secrets = ["tunnel.key"]',
+             "open = %s" % ("true" if open_registration else "false")]
+    if http_path:
+        lines.append('http_path = "%s"' % http_path)
+    for agent_id, table in agents:
+        lines += ["[tunnels.agent.%s]" % agent_id] + list(table)
+    path = directory / ("tunnels-%s.toml" % (http_path or "default").strip("/"))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+CLOSED_AGENTS = (("web", ["http = true"]), ("plain", ["token = true"]))
+
+
+class Rendezvous:
+    def __init__(self, proc, port, directory, config):
+        self.proc = proc
+        self.port = port
+        self.directory = directory
+        self.config = config
+
+    def url(self, agent_id):
+        return "ws://127.0.0.1:%d/tunnel/%s" % (self.port, agent_id)
+
+    def viewer_url(self, agent_id, http_path="/t/"):
+        return "http://127.0.0.1:%d%s%s/" % (self.port, http_path, agent_id)
+
+    def token_file(self, agent_id, secret=SECRET, **claims):
+        path = self.directory / ("%s.token" % agent_id.replace("*", "star"))
+        path.write_text(agent_token(agent_id, secret, **claims) + "\n")
+        return str(path)
+
+
+def _rendezvous(module_websockify, directory, config, workers):
+    proc, port = module_websockify("--tunnel-config", config, "--workers", str(workers),
+                                   "{port}", env=LIVENESS)
+    return Rendezvous(SharedProcess(proc), port, directory, config)
+
+
+@pytest.fixture(scope="module")
+def closed_rendezvous(module_websockify, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("closed")
+    return _rendezvous(module_websockify, directory,
+                       write_config(directory, agents=CLOSED_AGENTS), 1)
+
+
+@pytest.fixture(scope="module")
+def open_rendezvous(module_websockify, tmp_path_factory):
+    # Two workers: an agent registered in one is in the status page the other serves.
+    directory = tmp_path_factory.mktemp("open")
+    return _rendezvous(module_websockify, directory,
+                       write_config(directory, open_registration=True), 2)
+
+
+@pytest.fixture
+def closed(closed_rendezvous):
+    closed_rendezvous.proc.mark()
+    return closed_rendezvous
+
+
+@pytest.fixture
+def opened(open_rendezvous):
+    open_rendezvous.proc.mark()
+    return open_rendezvous
+
+
+@pytest.fixture
+def echo():
+    service = Service()
+    yield service
+    service.close()
+
+
+class Agent:
+    """A websockify-agent whose log goes to a file: its process output is its stdout."""
+
+    def __init__(self, processes, tmp_path, server_url, service_port, *args):
+        self.log_path = tmp_path / ("agent-log-%d.txt" % len(processes.started))
+        self.process = start_agent(processes, server_url, service_port,
+                                   "--log-file", self.log_path, *args)
+
+    def stdout(self) -> str:
+        return self.process.log()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, pattern, timeout=10.0):
+        regex = re.compile(pattern)
+        return wait_for(lambda: regex.search(self.log()), timeout,
+                        what="agent log line %r in:\n%s" % (pattern, self.log()))
+
+
+def status_ids(port) -> dict:
+    """ID -> row of the status page's JSON, asked from 127.0.0.1."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /tunnel/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Accept: application/json\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return {row["id"]: row for row in json.loads(body)["agents"]}
+
+
+# -- the viewer URL ---------------------------------------------------------------------
+
+def test_an_http_agent_prints_its_url_once_and_writes_the_url_file(processes, tmp_path,
+                                                                   closed, echo):
+    url_file = tmp_path / "viewer.url"
+    agent = Agent(processes, tmp_path, closed.url("web"), echo.port, "--http",
+                  "--url-file", url_file, "--token-file", closed.token_file("web"))
+    expected = closed.viewer_url("web")
+    wait_for(lambda: url_file.exists(), what="the URL file")
+    assert url_file.read_text() == expected + "\n"
+    closed.proc.wait_log(r"agent web connected from 127\.0\.0\.1:\d+ \(worker 1\)")
+    wait_for(lambda: agent.stdout(), what="the printed URL")
+    assert agent.stdout() == expected + "\n"
+    agent.wait_log(r"connected to %s: tunnel up" % re.escape(closed.url("web")))
+    assert agent.log().count("viewer URL: %s" % expected) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("viewer")) == \
+        ["viewer.url"]       # no temporary file left beside it
+
+
+def test_an_agent_without_an_http_face_prints_nothing(processes, tmp_path, closed, echo):
+    url_file = tmp_path / "viewer.url"
+    # --http or not, the server gives a URL only to agents with an HTTP face.
+    agent = Agent(processes, tmp_path, closed.url("plain"), echo.port, "--http",
+                  "--url-file", url_file, "--token-file", closed.token_file("plain"))
+    agent.wait_log(r"tunnel up")
+    agent.wait_log(r"the server gave no viewer URL \(no HTTP face for this agent\): nothing "
+                   r"written to %s" % re.escape(str(url_file)))
+    assert agent.stdout() == ""
+    assert not url_file.exists()
+    assert "viewer URL:" not in agent.log()
+
+
+def test_reconnecting_prints_again_only_a_different_url(processes, tmp_path, echo):
+    """The same URL after a server restart: nothing new on stdout, the file untouched;
+    the server restarted with another http_path: the new URL printed and written."""
+    port = free_port()
+    first_config = write_config(tmp_path, agents=CLOSED_AGENTS)
+
+    def serve(config):
+        server = processes([PYTHON, "-m", "websockify", "--tunnel-config", config,
+                            "--workers", "1", str(port)], name="websockify", env=LIVENESS)
+        wait_for(lambda: port_open(port), what="server up")
+        return server
+
+    server = serve(first_config)
+    url_file = tmp_path / "viewer.url"
+    rendezvous = Rendezvous(server, port, tmp_path, first_config)
+    agent = Agent(processes, tmp_path, rendezvous.url("web"), echo.port, "--http",
+                  "--url-file", url_file, "--token-file", rendezvous.token_file("web"))
+    first = rendezvous.viewer_url("web")
+    wait_for(lambda: agent.stdout() == first + "\n", what="the first URL printed")
+    written = url_file.stat().st_mtime_ns
+    for count, config in ((2, first_config),
+                          (3, write_config(tmp_path, http_path="/view/",
+                                           agents=CLOSED_AGENTS))):
+        server.stop()
+        agent.wait_log(r"tunnel closed: [^\n]+; reconnecting")
+        server = serve(config)
+        wait_for(lambda: agent.log().count("tunnel up") == count, timeout=20,
+                 what="tunnel %d up" % count)
+        if count == 2:
+            assert agent.stdout() == first + "\n"
+            assert url_file.read_text() == first + "\n"
+            assert url_file.stat().st_mtime_ns == written
+    second = rendezvous.viewer_url("web", "/view/")
+    wait_for(lambda: agent.stdout() == first + "\n" + second + "\n",
+             what="the second URL printed")
+    assert url_file.read_text() == second + "\n"
+    assert re.findall(r"viewer URL: (\S+)", agent.log()) == [first, second]
