@@ -10,17 +10,17 @@ is a raw socket here (tests/e2e/test_websocktunnel_clients.py runs the
 real wst-client).
 """
 
-import json
 import re
-import socket
 import subprocess
+import time
 
 import pytest
 
+from tests.e2e.test_agent_server import echo  # noqa: F401  (a fixture: a TCP echo service)
 from tests.e2e.test_agent_server import LIVENESS, start_agent
 from tests.helpers import (PYTHON, RawWebSocket, SharedProcess, free_port, port_open,
-                           wait_for)
-from tests.tunnel_agent import Service, agent_token
+                           tunnel_status, wait_for)
+from tests.tunnel_agent import agent_token
 
 SECRET = b"viewer URL tests' tunnel secret"
 OTHER_SECRET = b"a secret this server does not have"
@@ -57,7 +57,8 @@ class Rendezvous:
         return "http://127.0.0.1:%d%s%s/" % (self.port, http_path, agent_id)
 
     def token_file(self, agent_id, secret=SECRET, **claims):
-        path = self.directory / ("%s.token" % agent_id.replace("*", "star"))
+        path = self.directory / ("%s-%d.token" % (agent_id.replace("*", "star"),
+                                                   time.monotonic_ns()))
         path.write_text(agent_token(agent_id, secret, **claims) + "\n")
         return str(path)
 
@@ -95,13 +96,6 @@ def opened(open_rendezvous):
     return open_rendezvous
 
 
-@pytest.fixture
-def echo():
-    service = Service()
-    yield service
-    service.close()
-
-
 class Agent:
     """A websockify-agent whose log goes to a file: its process output is its stdout."""
 
@@ -123,22 +117,6 @@ class Agent:
         regex = re.compile(pattern)
         return wait_for(lambda: regex.search(self.log()), timeout,
                         what="agent log line %r in:\n%s" % (pattern, self.log()))
-
-
-def status_ids(port) -> dict:
-    """ID -> row of the status page's JSON, asked from 127.0.0.1."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"GET /tunnel/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     b"Accept: application/json\r\nConnection: close\r\n\r\n")
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return {row["id"]: row for row in json.loads(body)["agents"]}
 
 
 # -- the viewer URL ---------------------------------------------------------------------
@@ -210,3 +188,131 @@ def test_reconnecting_prints_again_only_a_different_url(processes, tmp_path, ech
              what="the second URL printed")
     assert url_file.read_text() == second + "\n"
     assert re.findall(r"viewer URL: (\S+)", agent.log()) == [first, second]
+
+
+# -- open registration: websockify-agent ---------------------------------------------------
+
+def test_an_agent_registers_openly_and_is_told_its_url(processes, tmp_path, opened, echo):
+    url_file = tmp_path / "viewer.url"
+    agent = Agent(processes, tmp_path, opened.url("fleet-01"), echo.port, "--http",
+                  "--url-file", url_file, "--token-file", opened.token_file("fleet-01"))
+    opened.proc.wait_log(r"agent fleet-01: registered openly \(no entry in %s\)"
+                         % re.escape(opened.config))
+    opened.proc.wait_log(r"agent fleet-01 connected from 127\.0\.0\.1:\d+ \(worker [12]\)")
+    expected = opened.viewer_url("fleet-01")
+    wait_for(lambda: agent.stdout(), what="the printed URL")
+    assert agent.stdout() == expected + "\n"
+    wait_for(lambda: url_file.exists(), what="the URL file")
+    assert url_file.read_text() == expected + "\n"
+    # Whichever worker answers the status page, the agent is in it.
+    for _ in range(4):
+        rows = {row["id"]: row for row in tunnel_status(opened.port)["agents"]}
+        assert rows["fleet-01"]["connected"] is True
+        assert (rows["fleet-01"]["listen"], rows["fleet-01"]["bridge"]) == (None, False)
+
+
+@pytest.mark.parametrize("agent_id", ["bad!id", "star*"])
+def test_an_id_outside_the_id_rule_is_a_400_with_the_servers_reason(processes, tmp_path,
+                                                                    opened, echo, agent_id):
+    agent = Agent(processes, tmp_path, opened.url(agent_id), echo.port, "--http",
+                  "--token-file", opened.token_file(agent_id))
+    line = agent.wait_log(r"handshake with \S+ failed: 400 Bad Request: ([^\n]*); "
+                          r"retrying in \d+\.\d s")
+    reason = "agent ID %r is not a valid ID (1 to 128 of A-Z a-z 0-9 _ ~ . %% -)" % agent_id
+    assert line.group(1) == reason
+    opened.proc.wait_log(r"refused 'GET /tunnel/%s HTTP/1\.1': 400 %s"
+                         % (re.escape(agent_id), re.escape(reason)))
+    assert agent.stdout() == ""
+    assert "registered openly" not in opened.proc.log()
+    assert agent_id not in {row["id"] for row in tunnel_status(opened.port)["agents"]}
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("neither secret", "bad token signature"),
+    ("another ID", 'token is for agent "fleet-01", not "fleet-02"'),
+    ("expired", "token expired"),
+])
+def test_a_bad_token_for_an_open_id_is_a_401(processes, tmp_path, opened, echo, case, reason):
+    token = {
+        "neither secret": lambda: opened.token_file("fleet-02", OTHER_SECRET),
+        "another ID": lambda: opened.token_file("fleet-01"),
+        "expired": lambda: opened.token_file("fleet-02", lifetime=-120),
+    }[case]()
+    agent = Agent(processes, tmp_path, opened.url("fleet-02"), echo.port, "--http",
+                  "--token-file", token)
+    line = agent.wait_log(r"the server refused the agent: 401 Unauthorized: ([^\n]*); "
+                          r"retrying in 1\.0 s")
+    assert line.group(1) == "agent fleet-02: %s" % reason
+    opened.proc.wait_log(r"refused 'GET /tunnel/fleet-02 HTTP/1\.1': 401 agent fleet-02: %s"
+                         % re.escape(reason))
+    assert agent.stdout() == ""
+    assert "agent fleet-02: registered openly" not in opened.proc.whole_log()
+    assert "fleet-02" not in {row["id"] for row in tunnel_status(opened.port)["agents"]}
+
+
+def test_without_open_registration_an_unknown_id_is_a_403(processes, tmp_path, closed, echo):
+    agent = Agent(processes, tmp_path, closed.url("stranger"), echo.port, "--http",
+                  "--token-file", closed.token_file("stranger"))
+    line = agent.wait_log(r"the server refused the agent: 403 Forbidden: ([^\n]*); "
+                          r"retrying in 1\.0 s")
+    assert line.group(1) == "agent ID 'stranger' is not in the tunnel configuration"
+    assert agent.stdout() == ""
+    assert "registered openly" not in closed.proc.whole_log()
+
+
+# -- open registration: a websocktunnel-style client (raw socket) -------------------------
+
+def signed_token(config, agent_id):
+    """A token from websockify-sign agent --config FILE ID, as an operator makes one."""
+    result = subprocess.run([PYTHON, "-m", "websockify.sign", "agent", "--config", config,
+                             agent_id], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def wst_register(rendezvous, agent_id, token):
+    return RawWebSocket(rendezvous.port, path="/", protocols=None,
+                        extra=("x-websocktunnel-id: %s" % agent_id,
+                               "Authorization: Bearer %s" % token))
+
+
+def test_a_websocktunnel_client_registers_openly(opened):
+    ws = wst_register(opened, "wst-open", signed_token(opened.config, "wst-open"))
+    try:
+        assert ws.status == 101, ws.buffer
+        # The URL's host is the request's Host (here without a port).
+        assert ws.headers["x-websocktunnel-client-url"] == "http://127.0.0.1/t/wst-open/"
+        opened.proc.wait_log(r"agent wst-open: registered openly")
+        opened.proc.wait_log(r"agent wst-open connected from 127\.0\.0\.1:\d+ \(worker [12], "
+                             r"websocktunnel client\)")
+        rows = {row["id"]: row for row in tunnel_status(opened.port)["agents"]}
+        assert rows["wst-open"]["connected"] is True
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize("agent_id, secret, status, reason", [
+    ("wst!bad", SECRET, 400, "agent ID 'wst!bad' is not a valid ID"),
+    ("wst*", SECRET, 400, "agent ID 'wst*' is not a valid ID"),
+    ("wst-bad-token", OTHER_SECRET, 401, "agent wst-bad-token: bad token signature"),
+])
+def test_a_websocktunnel_client_refused_open_registration(opened, agent_id, secret, status,
+                                                          reason):
+    ws = wst_register(opened, agent_id, agent_token(agent_id, secret))
+    try:
+        assert ws.status == status, ws.buffer
+    finally:
+        ws.close()
+    line = opened.proc.wait_log(r"refused 'GET / HTTP/1\.1': (\d+) ([^\n]*)")
+    assert (int(line.group(1)), line.group(2).startswith(reason)) == (status, True), line.group(0)
+    assert "registered openly" not in opened.proc.log()
+
+
+def test_a_websocktunnel_client_without_open_registration_is_a_403(closed):
+    ws = wst_register(closed, "wst-stranger", agent_token("wst-stranger", SECRET))
+    try:
+        assert ws.status == 403, ws.buffer
+    finally:
+        ws.close()
+    closed.proc.wait_log(r"refused 'GET / HTTP/1\.1': 403 agent ID 'wst-stranger' is not in "
+                         r"the tunnel configuration")

@@ -92,10 +92,7 @@ class ViewerURL:
         except BadViewerURL as exc:
             log.warning("ignoring the server's viewer URL: %s", exc)
             return None
-        if url != self.printed:
-            log.info("viewer URL: %s", url)
-            self._print(url)
-            self.printed = url
+        # The file first: once the URL is on standard output, the file holds it too.
         if self.url_file and url != self.written:
             try:
                 write_atomically(self.url_file, url + "\n")
@@ -104,6 +101,10 @@ class ViewerURL:
                           exc.strerror or exc)
             else:
                 self.written = url
+        if url != self.printed:
+            log.info("viewer URL: %s", url)
+            self._print(url)
+            self.printed = url
         return url
 
     def _print(self, url: str) -> None:
