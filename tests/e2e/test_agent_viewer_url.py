@@ -17,7 +17,8 @@ import time
 import pytest
 
 from tests.e2e.test_agent_server import echo  # noqa: F401  (a fixture: a TCP echo service)
-from tests.e2e.test_agent_server import LIVENESS, start_agent
+from tests.e2e.test_agent import peer  # noqa: F401  (a fixture: the server's half, scripted)
+from tests.e2e.test_agent_server import AGENT, LIVENESS, start_agent
 from tests.helpers import (PYTHON, RawWebSocket, SharedProcess, free_port, port_open,
                            tunnel_status, wait_for)
 from tests.tunnel_agent import agent_token
@@ -188,6 +189,61 @@ def test_reconnecting_prints_again_only_a_different_url(processes, tmp_path, ech
              what="the second URL printed")
     assert url_file.read_text() == second + "\n"
     assert re.findall(r"viewer URL: (\S+)", agent.log()) == [first, second]
+
+
+# -- against a scripted server half (tests/tunnel_peer.py): the request, what the 101 says
+
+def token_file(directory):
+    path = directory / "scripted.token"
+    path.write_text("T.K.N\n")
+    return path
+
+
+def test_the_upgrade_says_http_only_with_the_flag(processes, tmp_path, peer, echo):
+    for flag, expected in ((("--http",), "http"), ((), None)):
+        agent = Agent(processes, tmp_path, "ws://127.0.0.1:%d/tunnel/a" % peer.port, echo.port,
+                      "--token-file", token_file(tmp_path), *flag)
+        conn = peer.accept()
+        assert conn.headers.get("x-websockify-service") == expected
+        assert conn.headers.get("authorization") == "Bearer T.K.N"
+        conn.close()
+        agent.process.stop()
+
+
+@pytest.mark.parametrize("header", [
+    "X-Websockify-Viewer-URL: javascript:alert(1)",
+    "X-Websockify-Viewer-URL: http://h/t/\x1b[2J/",
+    "X-Websockify-Viewer-URL: ftp://h/t/a/",
+])
+def test_a_garbage_viewer_url_is_a_warning_and_nothing_is_printed(processes, tmp_path, peer,
+                                                                  echo, header):
+    url_file = tmp_path / "viewer.url"
+    agent = Agent(processes, tmp_path, "ws://127.0.0.1:%d/tunnel/a" % peer.port, echo.port,
+                  "--http", "--url-file", url_file, "--token-file", token_file(tmp_path))
+    conn = peer.accept()
+    conn.upgrade(extra=(header,))
+    value = header.split(": ", 1)[1]
+    agent.wait_log(r"tunnel up")
+    line = agent.wait_log(r"WARNING ignoring the server's viewer URL: ([^\n]*)")
+    assert line.group(1) == ("not an http:// or https:// URL with a host and a path: %r"
+                             % value)
+    assert agent.stdout() == ""
+    assert not url_file.exists()
+    conn.close()
+
+
+def test_a_missing_url_file_folder_exits_5(tmp_path):
+    missing = tmp_path / "missing" / "viewer.url"
+    done = subprocess.run(AGENT + ["--service", "127.0.0.1:1", "--server",
+                                   "ws://127.0.0.1:1/tunnel/a", "--token-stdin",
+                                   "--url-file", str(missing)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 5
+    assert done.stdout == ""
+    assert done.stderr.strip().endswith(
+        "ERROR cannot write the viewer URL file %s: the folder %s is missing or not "
+        "writable" % (missing, missing.parent)), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 # -- open registration: websockify-agent ---------------------------------------------------
