@@ -10,6 +10,7 @@ is a raw socket here (tests/e2e/test_websocktunnel_clients.py runs the
 real wst-client).
 """
 
+import json
 import re
 import subprocess
 import time
@@ -372,3 +373,52 @@ def test_a_websocktunnel_client_without_open_registration_is_a_403(closed):
         ws.close()
     closed.proc.wait_log(r"refused 'GET / HTTP/1\.1': 403 agent ID 'wst-stranger' is not in "
                          r"the tunnel configuration")
+
+
+# -- the URL works: a viewer through the real agent -----------------------------------------
+
+@pytest.mark.parametrize("flag", ["--http", None])
+def test_the_printed_url_reaches_the_service_keep_alive_only_with_http(processes, tmp_path,
+                                                                       closed, flag):
+    """Two requests to the printed URL: with --http on one viewer connection, and
+    the service gets both on one connection; without, the server passes each
+    with Connection: close and ends the viewer's connection after it, so the
+    viewer connects again."""
+    import http.client
+    from urllib.parse import urlsplit
+    from tests.http_service import HttpService
+    service = HttpService()
+    try:
+        agent = Agent(processes, tmp_path, closed.url("web"), service.port,
+                      "--token-file", closed.token_file("web"), *([flag] if flag else []))
+        url = wait_for(lambda: agent.stdout().strip(), what="the printed URL")
+        assert url == closed.viewer_url("web")
+        parts = urlsplit(url)
+        viewer = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        try:
+            for n in range(2):
+                viewer.request("GET", parts.path + "echo/%d" % n)
+                answer = viewer.getresponse()
+                assert answer.status == 200
+                assert json.loads(answer.read())["path"] == "/echo/%d" % n
+                if not flag:
+                    viewer.close()      # the server closes it after this one request
+        finally:
+            viewer.close()
+        with service.lock:
+            requests = list(service.requests)
+        assert [r["path"] for r in requests] == ["/echo/0", "/echo/1"]
+        closes = [r["headers"].get("Connection", "").lower() == "close" for r in requests]
+        viewers = r"-> agent web \(http\): viewer connection closed after (\d+) request"
+        if flag:
+            assert closes == [False, False]
+            assert len(service.connections) == 1
+            closed.proc.wait_log(viewers)
+            assert re.findall(viewers, closed.proc.log()) == ["2"]
+        else:
+            assert closes == [True, True]
+            assert len(service.connections) == 2
+            wait_for(lambda: re.findall(viewers, closed.proc.log()) == ["1", "1"],
+                     what="two viewer connections of one request each")
+    finally:
+        service.close()
