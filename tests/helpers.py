@@ -3,6 +3,7 @@
 import base64
 import importlib
 import inspect
+import json
 import os
 import re
 import shutil
@@ -368,6 +369,16 @@ def read_http_response(sock, limit=65536) -> tuple:
             break
         rest += chunk
     return status, headers, rest
+
+
+def tunnel_status(port, path="/tunnel/") -> dict:
+    """The tunnel status page's JSON document, asked from 127.0.0.1 (200 expected)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/json\r\n"
+                      "Connection: close\r\n\r\n" % path).encode("latin-1"))
+        status, _, body = read_http_response(sock)
+    assert status == 200, body
+    return json.loads(body)
 
 
 def mask_frame(opcode, payload=b"", fin=True, mask=True, rsv=0, key=None, length=None) -> bytes:

@@ -53,11 +53,11 @@ def wst_client(tmp_path_factory):
     return str(path)
 
 
-def write_config(directory, faces, secrets=("a.key", "b.key")):
+def write_config(directory, faces, secrets=("a.key", "b.key"), open_registration=False):
     (directory / "a.key").write_bytes(SECRET_A + b"\n")
     (directory / "b.key").write_bytes(SECRET_B + b"\n")
     lines = ["[tunnels]", "secrets = [%s]" % ", ".join('"%s"' % s for s in secrets),
-             'http_path = "/view/"']
+             'http_path = "/view/"', "open = %s" % ("true" if open_registration else "false")]
     for agent_id, port in faces.items():
         lines += ["[tunnels.agent.%s]" % agent_id, 'listen = "127.0.0.1:%d"' % port,
                   "token = true"]
@@ -383,4 +383,31 @@ def test_wst_client_comes_back_after_the_server_restarts(processes, wst_client, 
              what="wst-client registered again")
     payload = pattern(300000)
     assert exchange(faces["restart"], payload) == payload
+    assert proc.proc.poll() is None
+
+
+def test_wst_client_registers_openly_and_a_bad_token_is_refused(processes, wst_client,
+                                                                tmp_path, echo):
+    """[tunnels] open = true and no agent entries: websocktunnel's fleet model."""
+    from tests.helpers import PYTHON, tunnel_status
+    config = write_config(tmp_path, {}, open_registration=True)
+    port = free_port()
+    server = processes([PYTHON, "-m", "websockify", "--tunnel-config", config, "--workers",
+                        "2", str(port)], name="websockify", env=LIVENESS)
+    wait_for(lambda: port_open(port), what="server up")
+    proc, out_file = start_wst(processes, wst_client, port, "fleet-7", echo.port,
+                               agent_token("fleet-7", SECRET_B), tmp_path)
+    assert out_file.read_text() == "http://127.0.0.1:%d/view/fleet-7/" % port
+    server.wait_log(r"agent fleet-7: registered openly \(no entry in %s\)" % re.escape(config))
+    server.wait_log(r"agent fleet-7 connected from 127\.0\.0\.1:\d+ \(worker [12], "
+                    r"websocktunnel client\)")
+    rows = {row["id"]: row for row in tunnel_status(port)["agents"]}
+    assert rows["fleet-7"]["connected"] is True
+    # Another ID with a token signed by neither secret: 401, no entry made.
+    stranger, _ = start_wst(processes, wst_client, port, "fleet-8", echo.port,
+                            agent_token("fleet-8", STRANGER), tmp_path, wait=False)
+    assert stranger.wait(30) == 1
+    server.wait_log(r"refused 'GET / HTTP/1\.1': 401 agent fleet-8: bad token signature")
+    assert "fleet-8: registered openly" not in server.log()
+    assert "fleet-8" not in {row["id"] for row in tunnel_status(port)["agents"]}
     assert proc.proc.poll() is None
