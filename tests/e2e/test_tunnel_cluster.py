@@ -43,7 +43,7 @@ class Instance:
 
 class Cluster:
     def __init__(self, processes, tmp_path, redis_program, redis_module, websockify,
-                 on_duplicate="replace"):
+                 on_duplicate="replace", http=False):
         self.processes = processes
         self.tmp_path = tmp_path
         self.redis_program = redis_program
@@ -69,6 +69,7 @@ class Cluster:
                 "registry_ttl = %d" % TTL, "connect_timeout = 2",
                 'on_duplicate = "%s"' % on_duplicate,
                 "[tunnels.agent.%s]" % AGENT, 'listen = "127.0.0.1:%d"' % face, "token = true",
+                "http = %s" % ("true" if http else "false"),
             ]) + "\n")
             # Two workers: internal connections also reach the worker not holding the agent.
             proc, port = websockify("--tunnel-config", str(path), "--workers", "2",
@@ -88,16 +89,15 @@ class Cluster:
         value = self.store.get("websockify:tunnel:" + agent_id)
         return value.decode().split(" ")[0] if value else None
 
-    def connect(self, instance, service, agent_id=AGENT):
+    def connect(self, instance, service, agent_id=AGENT, extra=()):
         mark = len(instance.proc.log())
         agent = ScriptedAgent(instance.port, agent_id, token=agent_token(agent_id, SECRET),
-                              service=service.port)
+                              service=service.port, extra=extra)
         assert agent.status == 101, (agent.status, agent.body)
         wait_for(lambda: "agent %s connected from" % agent_id in instance.proc.log()[mark:],
                  what="agent connected")
         wait_for(lambda: self.holder(agent_id) == instance.node, what="agent registered")
         return agent
-
 
     def real_agent(self, instance, service, agent_id=AGENT):
         """websockify-agent (the real one) connected to ``instance``."""
@@ -511,3 +511,82 @@ def test_the_registry_scripts_against_redis(processes, tmp_path, redis_program, 
     finally:
         a.close()
         b.close()
+
+
+# -- the HTTP face across instances ------------------------------------------------------
+
+HTTP_AGENT_SERVICE = ("X-Websockify-Service: http",)    # what an agent run with --http sends
+
+
+@pytest.fixture
+def http_cluster(processes, tmp_path, redis_program, redis, websockify):
+    """The cluster with ``http = true`` in the agent's entry (its HTTP face at /t/bus02/)."""
+    return Cluster(processes, tmp_path, redis_program, redis, websockify, http=True)
+
+
+@pytest.fixture
+def http_service():
+    from tests.http_service import HttpService
+    service = HttpService()
+    yield service
+    service.close()
+
+
+def http_request(port, method, path, body=None, headers=(), timeout=30):
+    """One request on a connection of its own: (status, headers lower-cased, body)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=dict(headers))
+        response = conn.getresponse()
+        return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                response.read())
+    finally:
+        conn.close()
+
+
+def echoed(port, path, body=None, headers=()):
+    """The request as the service behind the agent saw it (its /echo answer)."""
+    import json
+    status, _, answer = http_request(port, "POST" if body is not None else "GET", path,
+                                     body=body, headers=headers)
+    assert status == 200, answer
+    return json.loads(answer)
+
+
+def test_http_face_at_b_reaches_the_agent_held_by_a(http_cluster, http_service):
+    cluster = http_cluster
+    agent = cluster.real_agent(cluster.a, http_service)
+    size = 8 * 1024 * 1024
+    for instance in (cluster.b, cluster.a):
+        status, headers, body = http_request(instance.port, "GET", "/t/bus02/bytes/%d" % size)
+        assert status == 200 and headers["content-length"] == str(size)
+        assert len(body) == size and body == pattern(size)
+    status, headers, body = http_request(cluster.b.port, "GET", "/t/bus02/chunked/300001")
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    assert body == pattern(300001)
+    # The service sees the path without the prefix and the forwarded headers,
+    # the viewer's own copies replaced (127.0.0.1 is no --trusted-proxy).
+    seen = echoed(cluster.b.port, "/t/bus02/echo/deeper?q=1&r=%2F",
+                  headers=[("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-Host", "forged"),
+                           ("x-websocktunnel-original-path", "/forged")])
+    assert seen["method"] == "GET" and seen["path"] == "/echo/deeper?q=1&r=%2F"
+    forwarded = {name: value for name, value in seen["headers"].items()
+                 if name.lower().startswith(("x-forwarded-", "x-websocktunnel-"))}
+    assert forwarded == {"X-Forwarded-For": "127.0.0.1", "X-Forwarded-Proto": "http",
+                         "X-Forwarded-Host": "127.0.0.1:%d" % cluster.b.port,
+                         "x-websocktunnel-original-path": "/t/bus02/echo/deeper?q=1&r=%2F"}
+    # websockify-agent without --http: one request per stream, the service told so
+    assert seen["headers"]["Connection"] == "close"
+    body = pattern(300007)
+    seen = echoed(cluster.b.port, "/t/bus02/echo", body=body)
+    assert seen["method"] == "POST" and seen["path"] == "/echo"
+    assert seen["body"].encode("latin-1") == body
+    assert seen["headers"]["Content-Length"] == str(len(body))
+    # each of B's viewers went over the internal link to A
+    log = cluster.b.proc.log()
+    assert len(re.findall(r"127\.0\.0\.1:\d+ -> agent bus02 \(http\): viewer connection closed "
+                          r"after 1 request\(s\)", log)) == 4, log
+    assert len(re.findall(r"-> agent bus02 \(http, via node %s\)" % re.escape(cluster.b.node),
+                          cluster.a.proc.log())) == 4, cluster.a.proc.log()
+    agent.stop()
