@@ -590,3 +590,125 @@ def test_http_face_at_b_reaches_the_agent_held_by_a(http_cluster, http_service):
     assert len(re.findall(r"-> agent bus02 \(http, via node %s\)" % re.escape(cluster.b.node),
                           cluster.a.proc.log())) == 4, cluster.a.proc.log()
     agent.stop()
+
+
+def test_http_face_through_nginx_in_front_of_both_instances(http_cluster, http_service,
+                                                            processes, tmp_path):
+    cluster = http_cluster
+    nport = free_port()
+    start_nginx(processes, require_program("nginx", "nginx"), tmp_path,
+                NGINX_HTTP.format(port=nport, a=cluster.a.port, b=cluster.b.port), nport)
+    agent = cluster.real_agent(cluster.a, http_service)
+    for index in range(10):
+        body = pattern(1000 + index)
+        seen = echoed(nport, "/t/bus02/echo/%d" % index, body=body)
+        assert (seen["path"], seen["body"].encode("latin-1")) == ("/echo/%d" % index, body)
+        # nginx is the viewer's peer; its Host ($host) is what the instance saw
+        assert (seen["headers"]["X-Forwarded-For"], seen["headers"]["X-Forwarded-Host"]) == \
+            ("127.0.0.1", "127.0.0.1")
+        status, _, data = http_request(nport, "GET", "/t/bus02/bytes/%d" % (65536 * index + 1))
+        assert status == 200 and data == pattern(65536 * index + 1)
+    # round robin: each instance answered half of the 20 requests
+    for instance in (cluster.a, cluster.b):
+        wait_for(lambda: len(re.findall(r"-> agent bus02 \(http\): viewer connection closed",
+                                        instance.proc.log())) == 10,
+                 what="ten viewers at %s" % instance.name)
+    assert len(http_service.requests) == 20
+    agent.stop()
+
+
+def test_http_viewers_at_b_with_the_internal_link_cut_get_503_never_a_hang(http_cluster,
+                                                                          http_service):
+    cluster = http_cluster
+    agent = cluster.connect(cluster.a, http_service)
+    assert http_request(cluster.b.port, "GET", "/t/bus02/")[2] == b"hello"
+    # A frozen: a new viewer at B has its 503 within the connect timeout (2 s)
+    frozen = cluster.a.pids()
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        status, headers, body = http_request(cluster.b.port, "GET", "/t/bus02/", timeout=15)
+        assert time.monotonic() - start < 5
+        assert (status, headers["retry-after"]) == (503, "5")
+        assert b"did not open the stream within" in body
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    agent.close()
+    wait_for(lambda: cluster.holder() is None, what="A's record removed")
+    agent = cluster.connect(cluster.a, http_service)
+    # A killed outright mid-download: B's viewer is closed short, new viewers get 503
+    size = 64 * 1024 * 1024
+    with socket.create_connection(("127.0.0.1", cluster.b.port), timeout=10) as viewer:
+        viewer.sendall(b"GET /t/bus02/bytes/%d HTTP/1.1\r\nHost: x\r\n\r\n" % size)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += viewer.recv(65536)
+        head, _, body = head.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: %d" % size in head
+        for pid in cluster.a.pids():
+            os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        received = len(body)
+        try:
+            while True:
+                chunk = viewer.recv(262144)
+                if not chunk:
+                    break
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - start < 5
+        assert received < size
+    status, headers, body = http_request(cluster.b.port, "GET", "/t/bus02/")
+    assert (status, headers["retry-after"]) == (503, "5")
+    assert b"cannot be reached" in body
+    agent.close()
+
+
+def test_http_face_agent_absent_is_503_and_an_unknown_id_404(http_cluster):
+    for instance in (http_cluster.a, http_cluster.b):
+        status, headers, body = http_request(instance.port, "GET", "/t/bus02/page")
+        assert (status, headers["retry-after"]) == (503, "5"), body
+        assert b"agent bus02 is not connected" in body
+        status, headers, body = http_request(instance.port, "GET", "/t/nobody/page")
+        assert status == 404 and "retry-after" not in headers, body
+        assert b"no agent 'nobody' with an HTTP face here" in body
+        # one line each
+        instance.proc.wait_log(r"refused 'GET /t/nobody/page HTTP/1\.1': 404 ")
+        log = instance.proc.log()
+        assert len(re.findall(r"127\.0\.0\.1:\d+: refused 'GET /t/bus02/page HTTP/1\.1': 503 "
+                              r"agent bus02 is not connected$", log, re.M)) == 1, log
+        assert len(re.findall(r"127\.0\.0\.1:\d+: refused 'GET /t/nobody/page HTTP/1\.1': 404 "
+                              r"no agent 'nobody' with an HTTP face here$", log, re.M)) == 1, log
+
+
+def test_http_keep_alive_through_b_for_an_http_agent(http_cluster, http_service):
+    import http.client
+    cluster = http_cluster
+    agent = cluster.connect(cluster.a, http_service, extra=HTTP_AGENT_SERVICE)
+    conn = http.client.HTTPConnection("127.0.0.1", cluster.b.port, timeout=30)
+    try:
+        answers = []
+        for method, path, body in (("GET", "/t/bus02/echo/1", None),
+                                   ("GET", "/t/bus02/bytes/100000", None),
+                                   ("POST", "/t/bus02/echo/3", pattern(70000))):
+            conn.request(method, path, body=body)
+            response = conn.getresponse()
+            answers.append((response.status, response.read()))
+            assert not response.will_close
+        assert [status for status, _ in answers] == [200, 200, 200]
+        assert answers[1][1] == pattern(100000)
+    finally:
+        conn.close()
+    assert [(r["method"], r["path"]) for r in http_service.requests] == [
+        ("GET", "/echo/1"), ("GET", "/bytes/100000"), ("POST", "/echo/3")]
+    assert http_service.requests[2]["body"] == pattern(70000)
+    assert all("Connection" not in r["headers"] for r in http_service.requests)
+    # one viewer connection: one stream, one connection to the service
+    assert len(http_service.connections) == 1
+    assert [meta["face"] for _, meta in agent.opened] == ["http"]
+    cluster.b.proc.wait_log(r"127\.0\.0\.1:\d+ -> agent bus02 \(http\): viewer connection "
+                            r"closed after 3 request\(s\)")
+    agent.close()
