@@ -21,7 +21,8 @@ from tests.e2e.test_tokens_redis import redis, redis_program, start_redis  # noq
 from tests.e2e.test_tunnel_server import (LIVENESS, SECRET, eof_within, pattern,
                                           send_and_read_to_eof, tcp_user)
 from tests.helpers import (RawWebSocket, children_of, free_port, port_open, read_http_response,
-                           require_program, start_nginx, wait_for)
+                           require_program, start_nginx, wait_for, websocket_echoes,
+                           websockify_argv)
 from tests.tunnel_agent import ScriptedAgent, Service, agent_token
 
 CLUSTER_SECRET = b"the instances' shared secret"
@@ -589,6 +590,21 @@ def test_http_face_at_b_reaches_the_agent_held_by_a(http_cluster, http_service):
                           r"after 1 request\(s\)", log)) == 4, log
     assert len(re.findall(r"-> agent bus02 \(http, via node %s\)" % re.escape(cluster.b.node),
                           cluster.a.proc.log())) == 4, cluster.a.proc.log()
+    agent.stop()
+
+
+def test_a_websocket_through_b_to_a_websocket_service_behind_the_agent_at_a(
+        http_cluster, processes):
+    """A real ``websockify --echo`` as the agent's service; the viewer's upgrade at B."""
+    echo_port = free_port()
+    processes(websockify_argv("--echo", "127.0.0.1:%d" % echo_port), name="echo")
+    wait_for(lambda: port_open(echo_port), what="websockify --echo")
+    from types import SimpleNamespace
+    agent = http_cluster.real_agent(http_cluster.a, SimpleNamespace(port=echo_port))
+    for instance in (http_cluster.b, http_cluster.a):
+        websocket_echoes(instance.port, "/t/bus02/ws?x=1", (5, 70000, 2 * 1024 * 1024 + 1))
+        instance.proc.wait_log(r"127\.0\.0\.1:\d+ -> agent bus02 \(http\): viewer connection "
+                               r"closed after 1 request\(s\)")
     agent.stop()
 
 
