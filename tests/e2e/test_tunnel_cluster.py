@@ -44,7 +44,7 @@ class Instance:
 
 class Cluster:
     def __init__(self, processes, tmp_path, redis_program, redis_module, websockify,
-                 on_duplicate="replace", http=False):
+                 on_duplicate="replace", http=False, open_registration=False):
         self.processes = processes
         self.tmp_path = tmp_path
         self.redis_program = redis_program
@@ -69,6 +69,7 @@ class Cluster:
                 'node = "127.0.0.1:%d"' % node, 'cluster_secret = "cluster.key"',
                 "registry_ttl = %d" % TTL, "connect_timeout = 2",
                 'on_duplicate = "%s"' % on_duplicate,
+                "open = %s" % ("true" if open_registration else "false"),
                 "[tunnels.agent.%s]" % AGENT, 'listen = "127.0.0.1:%d"' % face, "token = true",
                 "http = %s" % ("true" if http else "false"),
             ]) + "\n")
@@ -728,3 +729,26 @@ def test_http_keep_alive_through_b_for_an_http_agent(http_cluster, http_service)
     cluster.b.proc.wait_log(r"127\.0\.0\.1:\d+ -> agent bus02 \(http\): viewer connection "
                             r"closed after 3 request\(s\)")
     agent.close()
+
+
+def test_an_openly_registered_agent_at_a_serves_viewers_at_b(processes, tmp_path,
+                                                             redis_program, redis, websockify,
+                                                             http_service):
+    cluster = Cluster(processes, tmp_path, redis_program, redis, websockify,
+                      open_registration=True)
+    agent = cluster.connect(cluster.a, http_service, agent_id="fleet-9")
+    cluster.a.proc.wait_log(r"agent fleet-9: registered openly")
+    for instance in (cluster.b, cluster.a):
+        seen = echoed(instance.port, "/t/fleet-9/echo/at-%s" % instance.name)
+        assert (seen["path"], seen["headers"]["x-websocktunnel-original-path"]) == (
+            "/echo/at-%s" % instance.name, "/t/fleet-9/echo/at-%s" % instance.name)
+    assert [meta["face"] for _, meta in agent.opened] == ["http", "http"]
+    # an ID no instance holds: 404 at B (any valid ID may be held elsewhere, so asked)
+    status, _, body = http_request(cluster.b.port, "GET", "/t/fleet-10/")
+    assert (status, body) == (404, b"no agent 'fleet-10' is registered\n")
+    agent.close()
+    wait_for(lambda: cluster.holder("fleet-9") is None, what="fleet-9's record removed")
+    # where it registered, its open entry stays: 503 with Retry-After
+    status, headers, body = http_request(cluster.a.port, "GET", "/t/fleet-9/")
+    assert (status, headers["retry-after"], body) == (503, "5",
+                                                       b"agent fleet-9 is not connected\n")
