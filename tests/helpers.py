@@ -238,7 +238,13 @@ def pattern(size: int) -> bytes:
 def bridge_echoes(port, token, sizes=(1, 12, 65536, 300000)):
     """A bridge session to ``?token=<token>`` (an echo service behind it): each size's
     pattern comes back exactly, then a close 1000 answered with 1000."""
-    ws = RawWebSocket(port, path="/websockify?token=%s" % token)
+    websocket_echoes(port, "/websockify?token=%s" % token, sizes)
+
+
+def websocket_echoes(port, path, sizes):
+    """A WebSocket session to ``path`` whose messages are echoed: each size's pattern
+    comes back exactly, then a close 1000 answered with 1000."""
+    ws = RawWebSocket(port, path=path)
     try:
         assert ws.status == 101, ws.buffer
         for size in sizes:
