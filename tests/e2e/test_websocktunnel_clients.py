@@ -546,9 +546,7 @@ def test_open_registration_a_wst_client_serves_viewers_and_another_ids_token_is_
         processes, wst_client, tmp_path, http_service):
     import http.client
     from tests.helpers import PYTHON
-    config = write_config(tmp_path, {})
-    with open(config, "a") as handle:
-        handle.write("open = true\n")         # no agent tables: this line is [tunnels]'s
+    config = write_config(tmp_path, {}, open_registration=True)
     port = free_port()
     server = processes([PYTHON, "-m", "websockify", "--tunnel-config", config, "--workers",
                         "2", str(port)], name="websockify", env=LIVENESS)
