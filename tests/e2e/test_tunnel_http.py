@@ -533,3 +533,22 @@ def test_open_registration_reaches_the_http_face(websockify, tmp_path, service):
         agent.close()
     # Gone: known, absent.
     wait_for(lambda: request(port, "/t/fleet-0042.a~b%20/")[0] == 503, what="503 once gone")
+
+
+def test_a_viewer_that_half_closes_after_its_request_gets_the_answer(server, service):
+    agent = scripted_agent(server, "web", service.port)
+    try:
+        sock = viewer(server.port)
+        try:
+            body = pattern(200000)
+            sock.sendall(b"POST /t/web/slow-body HTTP/1.1\r\nHost: h\r\nContent-Length: %d"
+                         b"\r\n\r\n%s" % (len(body), body))
+            sock.shutdown(socket.SHUT_WR)
+            status, _, answer = read_http_response(sock)
+            assert (status, answer) == (200, hashlib.sha256(body).hexdigest().encode())
+            # Our FIN reached the service after the body; it closed; so do we.
+            assert closed_by_peer(sock)
+        finally:
+            sock.close()
+    finally:
+        agent.close()

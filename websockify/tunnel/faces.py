@@ -209,26 +209,30 @@ class StreamUser:
     def _on_readable(self) -> None:
         if self.finished:
             return
-        window = self.link.send_window(self.stream_id)
-        if window <= 0:
+        if not self._wants_read():
             self.reader.stop()
             return
         try:
-            data = self.sock.recv(min(USER_CHUNK, window))
+            data = self.sock.recv(min(USER_CHUNK, self.link.send_window(self.stream_id)))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
         if not data:
             self.read_done = True
-            self.link.end(self.stream_id)
-            self.link.kick()
-            self._update()
-            return
-        self.bytes_up += len(data)
-        self.link.send(self.stream_id, data)
+            self._user_ended()
+        else:
+            self.bytes_up += len(data)
+            self._carry_up(data)
         self.link.kick()
         self._update()
+
+    def _carry_up(self, data: bytes) -> None:
+        """What the user sent (at most the send window) goes to the agent."""
+        self.link.send(self.stream_id, data)
+
+    def _user_ended(self) -> None:
+        self.link.end(self.stream_id)
 
     def _finish(self, tell_link: bool = True) -> None:
         if self.finished:

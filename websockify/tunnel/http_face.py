@@ -191,6 +191,7 @@ class HttpStreamUser(ViewerSide, StreamUser):
         #: (sent once the stream is accepted, before the viewer is read again).
         self.pending = early
         self.up_bytes = len(early)
+        self.fin_sent = False
         StreamUser.__init__(self, loop, sock, link, meta, label=label, on_finish=on_finish,
                             open_timeout=open_timeout)
 
@@ -209,8 +210,15 @@ class HttpStreamUser(ViewerSide, StreamUser):
             taken = self.link.send(self.stream_id, self.pending[:window])
             self.pending = self.pending[taken:]
             self.link.kick()
-        if not self.pending and self.ends_stream and not self.read_done:
-            self.read_done = True
+        if not self.pending and not self.finished:
+            if self.ends_stream:
+                self.read_done = True
+            if self.read_done:
+                self._send_fin()
+
+    def _send_fin(self) -> None:
+        if not self.fin_sent:
+            self.fin_sent = True
             self.link.end(self.stream_id)
             self.link.kick()
 
@@ -222,27 +230,12 @@ class HttpStreamUser(ViewerSide, StreamUser):
         return (not self.read_done and not self.pending and self.reads_viewer
                 and self.link.send_window(self.stream_id) > 0)
 
-    def _on_readable(self) -> None:
-        if self.finished or not self._wants_read():
-            self.reader.stop()
-            return
-        try:
-            data = self.sock.recv(min(USER_CHUNK, self.link.send_window(self.stream_id)))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.read_done = True
-            if not self.pending:
-                self.link.end(self.stream_id)
-                self.link.kick()
-            self._update()
-            return
-        self.bytes_up += len(data)
+    def _carry_up(self, data: bytes) -> None:
         self.pending = self._rewrite_up(data)
         self._push()
-        self._update()
+
+    def _user_ended(self) -> None:
+        self._push()            # our FIN follows what the window has not taken yet
 
     def data(self, data: bytes) -> None:
         if self.finished:
@@ -265,6 +258,7 @@ class HttpStreamUser(ViewerSide, StreamUser):
             self.out = [out]
             self.peer_done = True
             self.read_done = True
+            self.fin_sent = True            # reset: nothing more goes on this stream
             self._update()
             return
         StreamUser.data(self, out)
@@ -282,8 +276,7 @@ class HttpStreamUser(ViewerSide, StreamUser):
     def _over(self) -> bool:
         # The service ended and the viewer has had all of it: nothing more can
         # be answered on this connection.
-        if self.shut and not self.read_done:
+        if self.shut:
             self.read_done = True
-            self.link.end(self.stream_id)
-            self.link.kick()
+            self._send_fin()
         return self.shut
