@@ -415,13 +415,13 @@ def test_status_json_exact_fields(server, echo_service):
         status, headers, body = _get(server.port, "/tunnel/", "application/json")
         assert status == 200 and headers["content-type"] == "application/json"
         document = json.loads(body)
-        assert sorted(document) == ["agents", "now", "path", "version"]
+        assert sorted(document) == ["agents", "http_path", "now", "path", "version"]
         assert [a["id"] for a in document["agents"]] == sorted(AGENTS)
         row = [a for a in document["agents"] if a["id"] == "status"][0]
         assert sorted(row) == sorted(["id", "nickname", "connected", "peer", "connected_since",
                                       "reconnects", "open_streams", "bytes_to_agent",
                                       "bytes_from_agent", "token_expires", "worker", "listen",
-                                      "bridge"])
+                                      "bridge", "open", "faces", "viewers", "requests"])
         assert row["nickname"] == "Bus02" and row["connected"] is True
         assert row["peer"] == "127.0.0.1:%d" % agent.sock.getsockname()[1]
         assert row["open_streams"] == 0 and row["reconnects"] == 0, row
@@ -429,11 +429,13 @@ def test_status_json_exact_fields(server, echo_service):
         assert abs(row["token_expires"] - (time.time() + 3600)) < 30
         assert abs(row["connected_since"] - time.time()) < 30
         assert row["listen"] == "127.0.0.1:%d" % server.faces["status"] and row["bridge"]
+        assert row["faces"] == {"tcp": row["listen"], "bridge": "?token=status", "http": None}
+        assert (row["open"], row["viewers"], row["requests"]) == (False, 0, 0)
         absent = [a for a in document["agents"] if a["id"] == "absent"][0]
         assert absent["connected"] is False and absent["peer"] is None
         status, headers, body = _get(server.port, "/tunnel/")
         assert status == 200 and headers["content-type"].startswith("text/html")
-        assert b"<td>status</td><td>Bus02</td>" in body
+        assert b"<td>status</td><td>Bus02</td><td>-</td><td>tcp 127.0.0.1:" in body
     finally:
         agent.close()
 

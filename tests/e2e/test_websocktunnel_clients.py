@@ -196,7 +196,7 @@ def _register(server, agent_id, token=None, host=None, extra=()):
 
 
 @pytest.mark.parametrize("agent_id,token,status,reason", [
-    ("bad id!", "x", 400, "x-websocktunnel-id 'bad id!' is not a valid ID"),
+    ("bad id!", "x", 400, "agent ID 'bad id!' is not a valid ID"),
     ("nobody", agent_token("nobody", SECRET_A), 403,
      "agent ID 'nobody' is not in the tunnel configuration"),
     ("auth", None, 401, "agent auth: no credentials"),

@@ -1,5 +1,6 @@
 """The server side's pure pieces: the registry's table, hand-off messages, the status page."""
 
+import dataclasses
 import ipaddress
 import types
 
@@ -40,7 +41,7 @@ def test_registry_claim_release_and_serials(tmp_path):
     assert row == {"id": "A", "open": False, "connected": True, "worker_pid": 200, "worker": 2,
                    "peer": "10.0.0.2:6000", "connected_since": 60.0, "connects": 2,
                    "open_streams": 3, "bytes_to_agent": 10, "bytes_from_agent": 20,
-                   "token_expires": None}
+                   "token_expires": None, "viewers": 0, "requests": 0}
     assert registry.release("A", 200, 2) is True
     assert registry.holder("A") == 0
 
@@ -116,25 +117,44 @@ def test_handoff_message_limits():
 
 def test_status_document_exact():
     config = tunnel_config(AgentEntry("B1", "Bus01", ("127.0.0.1", 39036), True),
-                           AgentEntry("A0", ""))
+                           AgentEntry("A0", ""), AgentEntry("C2", "web", None, False, True))
     rows = [{"id": "B1", "connected": True, "worker_pid": 9, "worker": 2, "peer": "1.2.3.4:5",
              "connected_since": 100.0, "connects": 3, "open_streams": 2,
-             "bytes_to_agent": 11, "bytes_from_agent": 22, "token_expires": 999.0}]
+             "bytes_to_agent": 11, "bytes_from_agent": 22, "token_expires": 999.0},
+            {"id": "C2", "connected": False, "connects": 1, "viewers": 3, "requests": 41},
+            # An openly registered ID shows only while the file allows open registration.
+            {"id": "Z9", "open": True, "connected": True, "connects": 1}]
     document = build_document(config, rows, 200.0)
     assert document == {
-        "version": 1, "now": 200.0, "path": "/tunnel/",
+        "version": 1, "now": 200.0, "path": "/tunnel/", "http_path": "/t/",
         "agents": [
-            {"id": "A0", "nickname": "", "connected": False, "peer": None,
+            {"id": "A0", "nickname": "", "open": False, "connected": False, "peer": None,
              "connected_since": None, "reconnects": 0, "open_streams": 0,
              "bytes_to_agent": 0, "bytes_from_agent": 0, "token_expires": None,
-             "worker": None, "listen": None, "bridge": False},
-            {"id": "B1", "nickname": "Bus01", "connected": True, "peer": "1.2.3.4:5",
-             "connected_since": 100.0, "reconnects": 2, "open_streams": 2,
-             "bytes_to_agent": 11, "bytes_from_agent": 22, "token_expires": 999.0,
-             "worker": 2, "listen": "127.0.0.1:39036", "bridge": True}]}
+             "worker": None, "listen": None, "bridge": False,
+             "faces": {"tcp": None, "bridge": None, "http": None},
+             "viewers": 0, "requests": 0},
+            {"id": "B1", "nickname": "Bus01", "open": False, "connected": True,
+             "peer": "1.2.3.4:5", "connected_since": 100.0, "reconnects": 2,
+             "open_streams": 2, "bytes_to_agent": 11, "bytes_from_agent": 22,
+             "token_expires": 999.0, "worker": 2, "listen": "127.0.0.1:39036", "bridge": True,
+             "faces": {"tcp": "127.0.0.1:39036", "bridge": "?token=B1", "http": None},
+             "viewers": 0, "requests": 0},
+            {"id": "C2", "nickname": "web", "open": False, "connected": False, "peer": None,
+             "connected_since": None, "reconnects": 0, "open_streams": 0,
+             "bytes_to_agent": 0, "bytes_from_agent": 0, "token_expires": None,
+             "worker": None, "listen": None, "bridge": False,
+             "faces": {"tcp": None, "bridge": None, "http": "/t/C2/"},
+             "viewers": 3, "requests": 41}]}
     page = render_html(document)
-    assert "<td>Bus01</td><td>1.2.3.4:5</td><td>1970-01-01 00:01:40 UTC</td><td>2</td>" in page
-    assert "2 agent(s), 1 connected" in page
+    assert ("<td>Bus01</td><td>-</td><td>tcp 127.0.0.1:39036, bridge ?token=B1</td>"
+            "<td>1.2.3.4:5</td><td>1970-01-01 00:01:40 UTC</td><td>2</td>") in page
+    assert "<td>http /t/C2/</td>" in page
+    assert "3 agent(s), 1 connected" in page
+    opened = build_document(dataclasses.replace(config, open=True), rows, 200.0)
+    assert [agent["id"] for agent in opened["agents"]] == ["A0", "B1", "C2", "Z9"]
+    assert opened["agents"][3]["open"] is True
+    assert opened["agents"][3]["faces"] == {"tcp": None, "bridge": None, "http": "/t/Z9/"}
 
 
 def test_status_html_escapes():

@@ -168,3 +168,98 @@ class BodyFramer:
         except ValueError:
             raise BadRequest("bad chunk size %r" % size[:20]) from None
         self.state = "data" if self.remaining else "trailer"
+
+
+def is_upgrade(head: RequestHead) -> bool:
+    """A request asking to switch protocols (a WebSocket): the bytes after it are relayed as they are."""
+    connection = (head.get("connection") or "").lower()
+    return bool(head.get("upgrade")) and "upgrade" in [t.strip() for t in connection.split(",")]
+
+
+class ViewerRequests:
+    """A viewer's bytes -> the bytes its agent's service gets, one request at a time.
+
+    Each request head is parsed (400 malformed, 431 over 16 KiB), must name
+    the same agent under the same prefix (a head for another ID or a path
+    outside the prefix ends the forwarding: ``stopped``, ``boundary`` true),
+    and is rewritten (the ``<prefix><ID>`` part removed, the forwarded
+    headers set).  Bodies pass as they are, delimited by Content-Length or
+    chunked framing; after an upgrade everything passes as it is.  With
+    ``keep_alive`` false each request gets ``Connection: close`` and the
+    forwarding stops after the first one (``boundary`` false: the service
+    closes the connection itself).
+
+    ``forwarded(head)`` returns the headers to set on a head.
+    """
+
+    def __init__(self, prefix: str, agent_id: str, forwarded, keep_alive: bool = True):
+        self.prefix = prefix
+        self.agent_id = agent_id
+        self.forwarded = forwarded
+        self.keep_alive = keep_alive
+        self.buffer = b""
+        self.body: Optional[BodyFramer] = None
+        self.raw = False
+        self.stopped = False
+        #: Why the forwarding stopped at a request boundary (None: it has not, or
+        #: it stopped after a request that asked for Connection: close).
+        self.boundary: Optional[str] = None
+        self.requests = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes to send on for ``data``; raises BadRequest / HeaderTooLarge
+        (``requests`` tells whether any request went before it)."""
+        if self.raw:
+            return data
+        if self.stopped:
+            return b""
+        out = []
+        data = self.buffer + data if self.buffer else data
+        self.buffer = b""
+        while data and not self.stopped:
+            if self.raw:
+                out.append(data)
+                break
+            if self.body is not None:
+                used = self.body.feed(data)
+                out.append(data[:used])
+                data = data[used:]
+                if self.body.done:
+                    self.body = None
+                    if not self.keep_alive:
+                        self.stopped = True
+                continue
+            if data[:1] in (b"\r", b"\n"):
+                # Empty lines before a request line are ignored (RFC 9112 2.2).
+                data = data.lstrip(b"\r\n")
+                if not data:
+                    break
+            end = head_end(data)
+            if end < 0:
+                self.buffer = data
+                break
+            out.append(self._head(data[:end]))
+            data = data[end:]
+        return b"".join(out)
+
+    def _head(self, raw: bytes) -> bytes:
+        head = parse_request_head(raw)
+        split = split_face_target(head.target, self.prefix)
+        if split is None or split[0] != self.agent_id:
+            self.stopped = True
+            self.boundary = "a request for %s, not agent %s" % (head.target[:100], self.agent_id)
+            return b""
+        self.requests += 1
+        upgrade = is_upgrade(head)
+        close = not self.keep_alive and not upgrade
+        rewritten = rewrite_request(head, split[1], self.forwarded(head), close=close)
+        if upgrade:
+            self.raw = True
+        else:
+            framer = BodyFramer(head)
+            if framer.done:
+                if close:
+                    self.stopped = True
+            else:
+                self.body = framer
+        return rewritten

@@ -367,16 +367,23 @@ class Handler(WebSocketHandler):
         server = self.server
         tunnels = server.tunnels
         try:
-            if is_upgrade_request(self.command, self.headers):
-                if tunnels is not None and tunnels.is_agent_request(self):
+            upgrade = is_upgrade_request(self.command, self.headers)
+            if tunnels is not None:
+                if upgrade and tunnels.is_agent_request(self):
                     tunnels.accept_agent(self)
-                else:
-                    self._upgrade()
-                return
-            if tunnels is not None and tunnels.is_status_request(self):
-                self.status = "200 OK"
-                self._send_and_close(tunnels.status(self))
-                self._log_status()
+                    return
+                if not upgrade and tunnels.is_status_request(self):
+                    self.status = "200 OK"
+                    self._send_and_close(tunnels.status(self))
+                    self._log_status()
+                    return
+                # A viewer's request (a WebSocket upgrade too) for an agent's HTTP service.
+                agent_id = tunnels.http_face_agent(self)
+                if agent_id is not None:
+                    tunnels.serve_http(self, agent_id)
+                    return
+            if upgrade:
+                self._upgrade()
                 return
             if server.web_auth is not None:
                 server.web_auth.check(self.headers, *server.web_auth_target)

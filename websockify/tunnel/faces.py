@@ -44,6 +44,10 @@ class AgentUnavailable(HTTPError):
         super().__init__(503, text)
 
 
+class AgentNotConnected(AgentUnavailable):
+    """No instance holds the agent (as opposed to one that cannot be reached)."""
+
+
 class StreamUser:
     """One user's socket carried as a stream of an agent's link."""
 

@@ -207,6 +207,9 @@ class Pipe:
                 end.stop_writer()
             else:
                 end.start_writer(self._update)
+        if self._is_over():
+            self.close()
+            return
         if self.half_close:
             for index, end in enumerate(self.ends):
                 other = self.ends[1 - index]
@@ -226,7 +229,7 @@ class Pipe:
             return
         for index, end in enumerate(self.ends):
             other = self.ends[1 - index]
-            if not end.eof and not other.out:
+            if not end.eof and not other.out and self._may_read(index):
                 end.start_reader(self._readable, index)
                 if getattr(end.sock, "buffered", None) is not None and end.sock.buffered():
                     self.loop.run_callback(self._readable, index)
@@ -250,15 +253,29 @@ class Pipe:
                 self.close()
                 return
             n = 0
-        if not n:
-            end.eof = True
-        else:
-            other.out = buf[:n]
         try:
+            if not n:
+                end.eof = True
+                other.out = bytearray(self._carry(index, b"", True))
+            else:
+                other.out = bytearray(self._carry(index, memoryview(buf)[:n], False))
             self._update()
         except Exception:
             log.exception("hand-off pipe failed")
             self.close()
+
+    # -- what a subclass may change ------------------------------------------------
+
+    def _carry(self, index: int, data, eof: bool):
+        """What goes to the other end for ``data`` read from end ``index`` (at EOF: b"")."""
+        return data
+
+    def _may_read(self, index: int) -> bool:
+        return True
+
+    def _is_over(self) -> bool:
+        """Over before both ends ended (the default: never)."""
+        return False
 
     def close(self) -> None:
         if self.finished:

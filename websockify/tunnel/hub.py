@@ -36,8 +36,10 @@ from websockify.protocol.codec import HYBI
 from websockify.protocol.mux import SERVICE_HEADER, SUBPROTOCOL, VIEWER_URL_HEADER, StreamLimitError
 from websockify.protocol.wsmux import ID_HEADER as WSMUX_ID_HEADER
 from websockify.protocol.wsmux import URL_HEADER as WSMUX_URL_HEADER
-from websockify.tunnel.faces import (AgentUnavailable, FaceAcceptor, StreamUser,
-                                     status_allowed, status_response, wait_for_open)
+from websockify.protocol.http1 import split_face_target
+from websockify.tunnel.faces import (AgentNotConnected, AgentUnavailable, FaceAcceptor,
+                                     StreamUser, status_allowed, status_response,
+                                     wait_for_open)
 from websockify.tunnel.handoff import HandoffListener, HandoffSender, Pipe
 from websockify.tunnel.link import Link, liveness_settings
 
@@ -102,6 +104,12 @@ def wsmux_response(key: str, url: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def request_bytes(handler) -> bytes:
+    """The request as the client sent it so far: its head, then whatever followed it."""
+    return (handler.requestline.encode("latin-1") + b"\r\n" + handler._header_block
+            + b"\r\n\r\n" + handler.rfile.take_buffer())
+
+
 def _raw(sock) -> _socket.socket:
     """A plain non-blocking socket object for a descriptor (the loop drives it)."""
     fd = sock.detach() if hasattr(sock, "detach") else sock
@@ -127,6 +135,8 @@ class TunnelHub:
         self.links: Dict[str, Link] = {}
         self.users: Set[StreamUser] = set()
         self.pipes: Set[Pipe] = set()
+        #: HTTP viewers' figures not yet added to the registry: ID -> (viewers, requests).
+        self.viewer_counts: Dict[str, tuple] = {}
         self.ping_interval, self.dead_after = liveness_settings()
         # An OPEN waits for the shorter of --connect-timeout and the file's connect_timeout.
         self.connect_timeout = min(config.connect_timeout,
@@ -406,6 +416,14 @@ class TunnelHub:
                              "its tunnel so it reconnects", agent_id)
                     self.links.pop(agent_id, None)
                     self._close_link(link, 1001, "server restarting")
+            for pipe in self.pipes:
+                served = getattr(pipe, "requests", None)
+                if served is not None and served.requests != pipe.counted:
+                    self._count_viewer(pipe.agent_id, 0, served.requests - pipe.counted)
+                    pipe.counted = served.requests
+            if self.viewer_counts:
+                counts, self.viewer_counts = self.viewer_counts, {}
+                self.registry.add_viewers(counts)
             for agent_id, acceptor in list(self.acceptors.items()):
                 if self.registry.removed(agent_id):
                     acceptor.close()
@@ -437,17 +455,18 @@ class TunnelHub:
         raw.close()
 
     def open_remote_stream(self, agent_id: str, first_bytes: bytes = b"", *, face: str,
-                           peer: str):
+                           peer: str, answer: Optional[list] = None):
         """A stream of an agent another instance holds, for any face: a connected plain
         non-blocking socket carrying the stream's bytes (``first_bytes`` go first).
 
-        Raises HTTPError: 503 (alone, not connected anywhere, the registry or
-        the node unreachable), or the holder's 502 / 503 / 504.  Cooperative:
-        call it in a greenlet.
+        Raises HTTPError: 503 (alone, not connected anywhere -- AgentNotConnected --,
+        the registry or the node unreachable), or the holder's 502 / 503 / 504.
+        ``answer`` gets the holder's answer text.  Cooperative: call it in a greenlet.
         """
         if self.cluster is None:
-            raise AgentUnavailable("agent %s is not connected" % agent_id)
-        return self.cluster.open_remote_stream(agent_id, first_bytes, face=face, peer=peer)
+            raise AgentNotConnected("agent %s is not connected" % agent_id)
+        return self.cluster.open_remote_stream(agent_id, first_bytes, face=face, peer=peer,
+                                               answer=answer)
 
     def _hand_off(self, pid: int, header: dict, data: bytes, sock) -> None:
         try:
@@ -503,32 +522,14 @@ class TunnelHub:
                                                       peer=handler.peer)
                 return target
             raise AgentUnavailable("agent %s is not connected" % agent_id)
-        ours, theirs = socket.socketpair()
-        ours, theirs = _raw(ours), _raw(theirs)
-        try:
-            user = StreamUser(self.loop, theirs, link, {"face": "bridge", "peer": handler.peer},
-                              label="%s -> agent %s (bridge)" % (handler.peer, agent_id),
-                              open_timeout=self.connect_timeout)
-        except StreamLimitError as exc:
-            ours.close()
-            theirs.close()
-            raise AgentUnavailable("agent %s: %s" % (agent_id, exc)) from None
-        try:
-            wait_for_open(user, agent_id, self.connect_timeout)
-        except BaseException:
-            user.abandon()
-            ours.close()
-            raise
-        user.start()
-        target.sock = ours
+        target.sock, _ = self._local_stream(handler, link, "bridge")
         return target
 
-    def _hand_off_request(self, handler, pid: int, agent_id: str) -> None:
-        """Send a browser's connection (and the request read so far) to the holder."""
-        raw = (handler.requestline.encode("latin-1") + b"\r\n" + handler._header_block
-               + b"\r\n\r\n" + handler.rfile.take_buffer())
+    def _hand_off_request(self, handler, pid: int, agent_id: str, kind: str = "bridge") -> None:
+        """Send a browser's or viewer's connection (and the request read so far) to the holder."""
+        raw = request_bytes(handler)
         address = handler.client_address
-        header = {"kind": "bridge", "agent": agent_id,
+        header = {"kind": kind, "agent": agent_id,
                   "address": list(address[:2]) if isinstance(address, tuple) else None,
                   "tls": handler.tls is not None}
         if handler.tls is not None:
@@ -566,6 +567,140 @@ class TunnelHub:
             self.pipes.discard(pipe)
             self.server.release()
 
+    # -- the HTTP face ----------------------------------------------------------------
+
+    def http_face_agent(self, handler) -> Optional[str]:
+        """The agent a request to ``<http_path><ID>/...`` is for; None when the request
+        is another handler's.  Raises 404 (no such agent under a prefix of our own),
+        308 (``<http_path><ID>`` without its slash) and 400 (a path leaving the prefix)."""
+        from websockify.tunnel.config import AGENT_ID
+        prefix = self.http_path
+        target = handler.path
+        if not target.startswith(prefix):
+            return None
+        path = target.partition("?")[0]
+        agent_id = path[len(prefix):].partition("/")[0]
+        if not agent_id:
+            return None
+        if not (self.has_http_face(agent_id) or (
+                getattr(self.tunnels, "open", False) and self.cluster is not None
+                and AGENT_ID.fullmatch(agent_id))):
+            if prefix == "/":
+                return None            # the bridge's and --web's paths
+            raise HTTPError(404, "no agent %r with an HTTP face here" % agent_id[:140])
+        if path == prefix + agent_id:
+            query = target[len(path):]
+            raise HTTPError(308, "the agent's pages are under %s%s/" % (prefix, agent_id),
+                            [("Location", "%s%s/%s" % (prefix, agent_id, query))])
+        split_face_target(target, prefix)          # 400 for a path leaving the prefix
+        return agent_id
+
+    def serve_http(self, handler, agent_id: str) -> None:
+        """Carry a viewer's connection to the agent's service (or to the worker or node
+        holding the agent).  Raises, before anything is answered: 503 (with
+        Retry-After) agent absent, 502 its service refused, 504 no answer in time."""
+        from websockify.tunnel.http_face import unavailable_headers
+        try:
+            self._serve_http(handler, agent_id)
+        except HTTPError as exc:
+            raise unavailable_headers(exc)
+
+    def _serve_http(self, handler, agent_id: str) -> None:
+        link = self.links.get(agent_id)
+        if link is None:
+            pid = self.registry.holder(agent_id)
+            if pid and pid != self.pid and getattr(handler, "handoff", None) is None:
+                self._hand_off_request(handler, pid, agent_id, kind="http")
+                return
+            if self.cluster is None:
+                raise AgentUnavailable("agent %s is not connected" % agent_id)
+        first = request_bytes(handler)
+        # The first head is judged before a stream is opened: a 400 is answered.
+        self._viewer_requests(handler, agent_id, True).feed(first)
+        if link is not None:
+            service, user = self._local_stream(handler, link, "http")
+            keep_alive = link.http_service
+        else:
+            answer = []
+            try:
+                service = self.open_remote_stream(agent_id, face="http", peer=handler.peer,
+                                                  answer=answer)
+            except AgentNotConnected:
+                if not self.registry.known(agent_id):
+                    raise HTTPError(404, "no agent %r is registered" % agent_id) from None
+                raise
+            user = None
+            keep_alive = "http" in "".join(answer).split()
+        requests = self._viewer_requests(handler, agent_id, keep_alive)
+        self._start_viewer(handler, agent_id, service, user, requests, requests.feed(first))
+
+    def _viewer_requests(self, handler, agent_id: str, keep_alive: bool):
+        """How this viewer's requests are rewritten for the agent's service."""
+        from websockify.protocol.http1 import ViewerRequests
+        from websockify.tunnel.http_face import forwarded_headers
+        proxies = self.server.trusted_proxy
+        trusted = bool(proxies) and proxies.trusts_peer(handler.client_address)
+        address = handler.client_address
+        client = address[0] if isinstance(address, tuple) else "unix"
+        secure = handler.tls is not None or bool((handler.handoff or {}).get("tls"))
+        scheme = "https" if secure else "http"
+        return ViewerRequests(
+            self.http_path, agent_id,
+            lambda head: forwarded_headers(head, client=client, scheme=scheme, trusted=trusted),
+            keep_alive=keep_alive)
+
+    def _local_stream(self, handler, link: Link, face: str):
+        """A stream of ``link`` opened for ``handler``'s client, before anything is
+        answered: (our end of a socketpair, the StreamUser at the other); raises 5xx."""
+        agent_id = link.agent_id
+        ours, theirs = socket.socketpair()
+        ours, theirs = _raw(ours), _raw(theirs)
+        try:
+            user = StreamUser(self.loop, theirs, link, {"face": face, "peer": handler.peer},
+                              label="%s -> agent %s (%s)" % (handler.peer, agent_id, face),
+                              open_timeout=self.connect_timeout)
+        except StreamLimitError as exc:
+            ours.close()
+            theirs.close()
+            raise AgentUnavailable("agent %s: %s" % (agent_id, exc)) from None
+        try:
+            wait_for_open(user, agent_id, self.connect_timeout)
+        except BaseException:
+            user.abandon()
+            ours.close()
+            raise
+        user.start()
+        return ours, user
+
+    def _start_viewer(self, handler, agent_id: str, service, user, requests,
+                      early: bytes) -> None:
+        from websockify.tunnel.http_face import HttpFacePipe
+        handler.status = "200 OK"
+        handler.headers_sent = True
+        handler.close_connection = True
+        viewer = handler._detach()
+        if handler.tls is None:
+            tune_stream(viewer)
+        pipe = HttpFacePipe(self.loop, viewer, service, requests,
+                            label="%s -> agent %s (http)" % (handler.peer, agent_id),
+                            on_finish=self._viewer_finished)
+        pipe.user = user
+        pipe.bytes_up = len(early)
+        self.pipes.add(pipe)
+        self._count_viewer(agent_id, 1, 0)
+        pipe.start(early)
+
+    def _viewer_finished(self, pipe) -> None:
+        self._count_viewer(pipe.agent_id, -1, pipe.requests.requests - pipe.counted)
+        log.info("%s: viewer connection closed after %d request(s), %d bytes to the agent, "
+                 "%d from it", pipe.label, pipe.requests.requests, pipe.bytes_up,
+                 pipe.bytes_down)
+        self._pipe_finished(pipe)
+
+    def _count_viewer(self, agent_id: str, viewers: int, requests: int) -> None:
+        viewers_then, requests_then = self.viewer_counts.get(agent_id, (0, 0))
+        self.viewer_counts[agent_id] = (viewers_then + viewers, requests_then + requests)
+
     # -- hand-offs from other workers -----------------------------------------------
 
     def _on_handoff(self, header: dict, data: bytes, fd: int) -> None:
@@ -595,7 +730,7 @@ class TunnelHub:
                 sock.close()
                 return
             self._serve_tcp(link, sock, header.get("peer", "?"))
-        elif kind == "bridge":
+        elif kind in ("bridge", "http"):
             gevent.spawn(self._serve_handed_request, sock, header, data)
         elif kind == "node" and self.cluster is not None:
             self.cluster.handed(header, data, sock)

@@ -17,6 +17,7 @@ this object at a few points:
 """
 
 import logging
+from typing import Optional
 
 import gevent
 
@@ -25,7 +26,7 @@ from websockify.net.sockets import tune_stream
 from websockify.protocol.mux import StreamLimitError
 from websockify.protocol.nodelink import HolderHandshake, OpenRequest
 from websockify.tunnel.cluster import ClusterRegistry, RegistryUnavailable
-from websockify.tunnel.faces import AgentUnavailable, FaceAcceptor
+from websockify.tunnel.faces import AgentNotConnected, AgentUnavailable, FaceAcceptor
 from websockify.tunnel.handoff import Pipe
 from websockify.tunnel.nodes import NodeStreamUser, answer_now, dial_node, read_opening
 
@@ -93,7 +94,7 @@ class ClusterMember:
     # -- users of agents held elsewhere ----------------------------------------------------
 
     def open_remote_stream(self, agent_id: str, first_bytes: bytes = b"", *, face: str,
-                           peer: str):
+                           peer: str, answer: Optional[list] = None):
         """See TunnelHub.open_remote_stream."""
         try:
             node = self.registry.lookup(agent_id)
@@ -101,9 +102,10 @@ class ClusterMember:
             raise AgentUnavailable("agent %s is not held here, and the %s" % (agent_id, exc)) \
                 from None
         if node is None or node == self.node:
-            raise AgentUnavailable("agent %s is not connected" % agent_id)
+            raise AgentNotConnected("agent %s is not connected" % agent_id)
         header = {"agent": agent_id, "face": face, "peer": peer, "from": self.node}
-        return dial_node(node, self.secret, header, first_bytes, self.hub.connect_timeout + 1.0)
+        return dial_node(node, self.secret, header, first_bytes, self.hub.connect_timeout + 1.0,
+                         answer)
 
     def remote_tcp_user(self, agent_id: str, sock, peer: str) -> None:
         """A TCP user for an agent another node holds: piped into a stream opened there

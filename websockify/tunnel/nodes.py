@@ -67,9 +67,12 @@ def _raw(gsock) -> _socket.socket:
 # -- the opening side ----------------------------------------------------------------
 
 def dial_node(node: str, secret: bytes, header: dict, first_bytes: bytes,
-              timeout: float) -> _socket.socket:
+              timeout: float, answer_reason: Optional[list] = None) -> _socket.socket:
     """A stream of ``header["agent"]`` at ``node``: the connected socket once the holder
-    answered 200; raises HTTPError (502, 503, 504) otherwise.  Cooperative (gevent)."""
+    answered 200; raises HTTPError (502, 503, 504) otherwise.  Cooperative (gevent).
+
+    ``answer_reason`` gets the holder's reason text (``open``, ``open http`` for
+    an agent whose service speaks HTTP)."""
     from websockify.addr import parse_host_port
     agent_id = header["agent"]
     host, port = parse_host_port(node)
@@ -92,6 +95,8 @@ def dial_node(node: str, secret: bytes, header: dict, first_bytes: bytes,
                 error = HTTPError(answer.status if answer.status in (502, 503, 504) else 503,
                                   "agent %s at node %s: %s" % (agent_id, node, answer.reason))
                 raise error
+            if answer_reason is not None:
+                answer_reason.append(answer.reason)
             raw, sock = _raw(sock), None
             return raw
         raise AgentUnavailable("agent %s: node %s did not open the stream within %g s"
@@ -168,7 +173,8 @@ class NodeStreamUser(StreamUser):
                          open_timeout=open_timeout)
 
     def accepted(self) -> None:
-        if not answer_now(self.sock, self.handshake, OPEN_OK, "open"):
+        reason = "open http" if getattr(self.link, "http_service", False) else "open"
+        if not answer_now(self.sock, self.handshake, OPEN_OK, reason):
             self._finish()
             return
         if self.early:

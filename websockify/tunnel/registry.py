@@ -24,8 +24,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 # state, holder pid, holder worker number, link serial, connected since,
 # connects, open streams, bytes to the agent, bytes from the agent, token expiry,
-# id length, peer length, id, peer
-_ENTRY = struct.Struct("<qqqqdqqqqdqq128s64s")
+# id length, peer length, id, peer, HTTP viewers now, HTTP requests served
+_ENTRY = struct.Struct("<qqqqdqqqqdqq128s64sqq")
 ENTRY_SIZE = _ENTRY.size
 _HEADER = struct.Struct("<qq")          # version (bumped by the master), entries used
 _HEADER_SIZE = 64
@@ -40,6 +40,9 @@ OPEN = 3
 _SERVED = (CONFIGURED, OPEN)
 
 _STATE, _PID, _WORKER, _SERIAL, _SINCE, _CONNECTS, _STREAMS, _OUT, _IN, _EXPIRY = range(10)
+# Words after the two strings (12 words + 192 bytes in).
+_VIEWERS, _REQUESTS = 36, 37
+_PEER_OFFSET = 12 * 8 + 128
 _FLOAT_FIELDS = (_SINCE, _EXPIRY)
 MAX_ID = 128
 MAX_PEER = 64
@@ -129,7 +132,7 @@ class Registry:
                 used = max(used, index + 1)
                 raw = agent_id.encode("utf-8")[:MAX_ID]
                 _ENTRY.pack_into(self._map, self._offset(index), FREE, 0, 0, 0, 0.0, 0, 0, 0,
-                                 0, 0.0, len(raw), 0, raw, b"")
+                                 0, 0.0, len(raw), 0, raw, b"", 0, 0)
             self._set(index, _STATE, CONFIGURED)
         _HEADER.pack_into(self._map, 0, version + 1, used)
         return left_out
@@ -168,7 +171,7 @@ class Registry:
                     return False
             raw = agent_id.encode("utf-8")[:MAX_ID]
             _ENTRY.pack_into(self._map, self._offset(index), OPEN, 0, 0, 0, time.time(), 0, 0,
-                             0, 0, 0.0, len(raw), 0, raw, b"")
+                             0, 0, 0.0, len(raw), 0, raw, b"", 0, 0)
             _HEADER.pack_into(self._map, 0, version + 1, max(used, index + 1))
             return True
         finally:
@@ -267,7 +270,7 @@ class Registry:
             serial = self._get(index, _SERIAL) + 1
             raw_peer = peer.encode("utf-8")[:MAX_PEER]
             struct.pack_into("<q", self._map, self._offset(index, 11), len(raw_peer))
-            struct.pack_into("64s", self._map, self._offset(index) + _ENTRY.size - 64, raw_peer)
+            struct.pack_into("64s", self._map, self._offset(index) + _PEER_OFFSET, raw_peer)
             self._set(index, _SERIAL, serial)
             self._set(index, _SINCE, time.time() if now is None else now)
             self._set(index, _CONNECTS, self._get(index, _CONNECTS) + 1)
@@ -319,6 +322,20 @@ class Registry:
         self._set(index, _OUT, bytes_out)
         self._set(index, _IN, bytes_in)
 
+    def add_viewers(self, counts: Dict[str, tuple]) -> None:
+        """Add HTTP viewers' figures, ID -> (viewers opened minus closed, requests served);
+        any worker may, so under the lock."""
+        fd = self._lock()
+        try:
+            for agent_id, (viewers, requests) in counts.items():
+                index = self.index_of(agent_id)
+                if index is None:
+                    continue
+                self._set(index, _VIEWERS, max(0, self._get(index, _VIEWERS) + viewers))
+                self._set(index, _REQUESTS, self._get(index, _REQUESTS) + requests)
+        finally:
+            self._unlock(fd)
+
     def snapshot(self) -> List[dict]:
         """Every configured or open agent's entry as plain values (the status page's input)."""
         rows = []
@@ -340,5 +357,7 @@ class Registry:
                 "bytes_to_agent": fields[_OUT],
                 "bytes_from_agent": fields[_IN],
                 "token_expires": fields[_EXPIRY] if fields[_PID] and fields[_EXPIRY] else None,
+                "viewers": fields[14],
+                "requests": fields[15],
             })
         return rows

@@ -12,17 +12,26 @@ STATUS_VERSION = 1
 
 
 def build_document(config, rows: Iterable[Mapping], now: float) -> dict:
-    """One entry per configured agent, in ID order, connected or not."""
+    """One entry per configured agent (connected or not) and per openly registered
+    one, in ID order."""
     by_id = {row["id"]: row for row in rows}
+    http_path = getattr(config, "http_path", "/t/")
+    ids = set(config.agents)
+    if getattr(config, "open", False):
+        ids.update(row["id"] for row in by_id.values() if row.get("open"))
     agents = []
-    for agent_id in sorted(config.agents):
-        entry = config.agents[agent_id]
+    for agent_id in sorted(ids):
+        entry = config.agents.get(agent_id)
         row = by_id.get(agent_id, {})
         connected = bool(row.get("connected"))
         connects = int(row.get("connects", 0))
+        listen = "%s:%d" % entry.listen if entry is not None and entry.listen else None
+        bridge = bool(entry is not None and entry.token)
+        http = entry.http if entry is not None else bool(row.get("open"))
         agents.append({
             "id": agent_id,
-            "nickname": entry.nickname,
+            "nickname": entry.nickname if entry is not None else "",
+            "open": entry is None,
             "connected": connected,
             "peer": row.get("peer") if connected else None,
             "connected_since": row.get("connected_since") if connected else None,
@@ -32,11 +41,16 @@ def build_document(config, rows: Iterable[Mapping], now: float) -> dict:
             "bytes_from_agent": int(row.get("bytes_from_agent", 0)),
             "token_expires": row.get("token_expires") if connected else None,
             "worker": int(row.get("worker", 0)) if connected else None,
-            "listen": "%s:%d" % entry.listen if entry.listen else None,
-            "bridge": bool(entry.token),
+            "listen": listen,
+            "bridge": bridge,
+            "faces": {"tcp": listen,
+                      "bridge": "?token=%s" % agent_id if bridge else None,
+                      "http": "%s%s/" % (http_path, agent_id) if http else None},
+            "viewers": int(row.get("viewers", 0)),
+            "requests": int(row.get("requests", 0)),
         })
     return {"version": STATUS_VERSION, "now": now, "path": config.path,
-            "agents": agents}
+            "http_path": http_path, "agents": agents}
 
 
 def _when(value) -> str:
@@ -47,13 +61,17 @@ def _when(value) -> str:
 
 def render_html(document: Mapping) -> str:
     """A small table, one row per agent."""
-    head = ("ID", "nickname", "peer", "connected since", "reconnects", "open streams",
-            "bytes to agent", "bytes from agent", "token expires")
+    head = ("ID", "nickname", "node", "faces", "peer", "connected since", "reconnects",
+            "open streams", "viewers", "requests", "bytes to agent", "bytes from agent",
+            "token expires")
     rows = []
     for agent in document["agents"]:
-        cells = (agent["id"], agent["nickname"] or "", agent["peer"] or "-",
-                 _when(agent["connected_since"]), str(agent["reconnects"]),
-                 str(agent["open_streams"]), str(agent["bytes_to_agent"]),
+        faces = ", ".join("%s %s" % (name, where) for name, where in agent["faces"].items()
+                          if where) or "-"
+        cells = (agent["id"], agent["nickname"] or "", agent.get("node") or "-", faces,
+                 agent["peer"] or "-", _when(agent["connected_since"]),
+                 str(agent["reconnects"]), str(agent["open_streams"]), str(agent["viewers"]),
+                 str(agent["requests"]), str(agent["bytes_to_agent"]),
                  str(agent["bytes_from_agent"]), _when(agent["token_expires"]))
         rows.append("<tr>%s</tr>" % "".join("<td>%s</td>" % html.escape(cell)
                                              for cell in cells))
