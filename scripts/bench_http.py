@@ -33,6 +33,7 @@ import re
 import resource
 import select
 import socket
+import subprocess
 import time
 import zlib
 
@@ -46,6 +47,7 @@ TAIL = 1 << 20
 HTTP_PATH = "/t/"
 OURS_ID, WST_ID = "bench", "wstbench"
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
 PATHS = ("ours", "ours-wst", "websocktunnel", "direct")
 LABELS = {"ours": "ours", "ours-wst": "ours, wst-client agent",
           "websocktunnel": "websocktunnel", "direct": "direct"}
@@ -130,33 +132,54 @@ def _cpu():
 
 def small_requests(port, path, viewers=VIEWERS, warmup=SMALL_WARMUP, seconds=SMALL_SECONDS,
                    body=SMALL_BODY):
-    """(requests/s, this client's CPU seconds per second) for keep-alive viewers on one epoll."""
+    """(requests/s, this client's CPU seconds per second, the share of answers that closed
+    their connection, the share closed without saying so) for keep-alive viewers on one
+    epoll loop.
+
+    A viewer told "Connection: close" reads its answer and reconnects; one
+    whose idle connection was closed after an answer without it reconnects and
+    asks again, as browsers and curl do.
+    """
     request = _request(port, path)
     poller = select.epoll()
     conns = {}
+
+    def open_viewer():
+        sock = socket.create_connection((B.HOST, port), timeout=30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        conns[sock.fileno()] = (sock, bytearray(), [0])     # [answers on it]
+        poller.register(sock.fileno(), select.EPOLLIN)
+        sock.send(request)
+
+    def close_viewer(fd):
+        sock = conns.pop(fd)[0]
+        poller.unregister(fd)
+        sock.close()
     try:
         for _ in range(viewers):
-            sock = socket.create_connection((B.HOST, port), timeout=30)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setblocking(False)
-            conns[sock.fileno()] = (sock, bytearray())
-            poller.register(sock.fileno(), select.EPOLLIN)
-        for sock, _ in conns.values():
-            sock.send(request)
-        answers = 0
+            open_viewer()
+        answers = closes = silent = 0
         counted_from = None
         begin = time.monotonic()
         while True:
             now = time.monotonic()
             if counted_from is None and now >= begin + warmup:
-                counted_from = (answers, time.perf_counter(), _cpu())
+                counted_from = (answers, closes, silent, time.perf_counter(), _cpu())
             if now >= begin + warmup + seconds:
                 break
             for fd, _ in poller.poll(0.1):
-                sock, buf = conns[fd]
+                sock, buf, answered = conns[fd]
                 try:
                     data = sock.recv(65536)
                 except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    data = b""
+                if not data and not buf and answered[0]:
+                    silent += 1
+                    close_viewer(fd)
+                    open_viewer()
                     continue
                 if not data:
                     raise B.BenchError("GET %s at port %d: a viewer's connection closed "
@@ -176,15 +199,23 @@ def small_requests(port, path, viewers=VIEWERS, warmup=SMALL_WARMUP, seconds=SMA
                             path, length, body))
                     if len(buf) < end + 4 + length:
                         break
-                    del buf[:end + 4 + length]
                     answers += 1
+                    answered[0] += 1
+                    if CONNECTION_CLOSE.search(buf, 0, end + 2):
+                        closes += 1
+                        close_viewer(fd)
+                        open_viewer()
+                        break
+                    del buf[:end + 4 + length]
                     sock.send(request)
-        first, t0, cpu0 = counted_from
+        first, first_closes, first_silent, t0, cpu0 = counted_from
         elapsed = time.perf_counter() - t0
-        return (answers - first) / elapsed, (_cpu() - cpu0) / elapsed
+        done = max(1, answers - first)
+        return ((answers - first) / elapsed, (_cpu() - cpu0) / elapsed,
+                (closes - first_closes) / done, (silent - first_silent) / done)
     finally:
-        for sock, _ in conns.values():
-            sock.close()
+        for state in conns.values():
+            state[0].close()
         poller.close()
 
 
@@ -248,7 +279,14 @@ def start_wst_client(bindir, workdir, port, service_port, name):
     return proc, viewer_url[len(prefix):].rstrip("/") + "/"
 
 
-def start_paths(python, env, workdir, bindir, service_port, procs, errors):
+def agent_has_http(python, env):
+    """Whether this websockify-agent takes --http (it came after the HTTP face)."""
+    done = subprocess.run([python, "-m", "websockify.agent", "--help"], env=env,
+                          capture_output=True, text=True)
+    return "--http" in done.stdout
+
+
+def start_paths(python, env, workdir, bindir, service_port, procs, errors, http_flag):
     """{path key: (port, URL prefix)} for every path that could be started."""
     paths = {"direct": (service_port, "/")}
     ours = T.OursTunnel(workdir, python, env)
@@ -260,7 +298,7 @@ def start_paths(python, env, workdir, bindir, service_port, procs, errors):
         return paths
     try:
         token = T._write(os.path.join(workdir, "http-agent.token"), T._token(OURS_ID))
-        agent = B.Proc([python, "-m", "websockify.agent", "--http", "--service",
+        agent = B.Proc([python, "-m", "websockify.agent"] + http_flag + ["--service",
                         "%s:%d" % (B.HOST, service_port), "--server",
                         "ws://%s:%d/tunnel/%s" % (B.HOST, port, OURS_ID), "--token-file", token],
                        "http-ours-agent", env=env)
@@ -301,13 +339,18 @@ def http_phase(tunnel, python, env, workdir, bindir, why, opts, cfg, results, er
     B = tunnel.B
     size = cfg["http_size"]
     res = results["http"] = {"size": size, "why": why, "down": {}, "rounds": {}, "rps": {},
-                             "cpu": {}}
+                             "cpu": {}, "closes": {},
+                             "silent": {}}
     procs = []
     try:
         path, crc, tail = big_file(workdir, size)
         service, service_port = start_service(python, path)
         procs.append(service)
-        paths = start_paths(python, env, workdir, bindir, service_port, procs, errors)
+        res["http_flag"] = ["--http"] if agent_has_http(python, env) else []
+        if not res["http_flag"]:
+            B.note("websockify-agent has no --http here: our agent runs without it")
+        paths = start_paths(python, env, workdir, bindir, service_port, procs, errors,
+                            res["http_flag"])
         for key in [k for k in PATHS if k in paths]:
             port, prefix = paths[key]
             try:
@@ -338,9 +381,12 @@ def http_phase(tunnel, python, env, workdir, bindir, why, opts, cfg, results, er
         for key in order:
             port, prefix = paths[key]
             try:
-                res["rps"][key], res["cpu"][key] = small_requests(port, prefix + "small")
-                B.note("  %d viewers, %s: %.0f requests/s (client CPU %.0f %%)" % (
-                    VIEWERS, LABELS[key], res["rps"][key], 100 * res["cpu"][key]))
+                (res["rps"][key], res["cpu"][key], res["closes"][key],
+                 res["silent"][key]) = small_requests(port, prefix + "small")
+                B.note("  %d viewers, %s: %.0f requests/s (client CPU %.0f %%; answers that "
+                       "closed their connection: %.0f %% saying so, %.0f %% silently)" % (
+                           VIEWERS, LABELS[key], res["rps"][key], 100 * res["cpu"][key],
+                           100 * res["closes"][key], 100 * res["silent"][key]))
             except (OSError, B.BenchError) as exc:
                 B.note("ERROR HTTP small requests / %s: %s" % (LABELS[key], exc))
                 errors.append("HTTP small requests / %s: %s" % (LABELS[key], exc))
@@ -362,7 +408,8 @@ def cluster_http(python, env, workdir, size, tail, opts, res, errors):
     def start(name):
         service, service_port = start_service(python, os.path.join(workdir, "http-body.bin"))
         try:
-            procs, _, _ = pair.start(service_port, name + "-http", http_path=HTTP_PATH)
+            procs, _, _ = pair.start(service_port, name + "-http", http_path=HTTP_PATH,
+                                     agent_args=res["http_flag"])
         except BaseException:
             service.stop()
             raise
@@ -395,6 +442,10 @@ def report(res, opts):
         ratio(rps.get("ours"), rps.get("direct"))))
     lines.append("| bench client CPU during them, %% of a core | %s | | |" % (
         " | ".join(num(100 * cpu[k] if k in cpu else None, "%.0f") for k in PATHS)))
+    for key, name in (("closes", "with Connection: close"), ("silent", "silently")):
+        lines.append("| answers after which the connection closed %s, %% | %s | | |" % (
+            name, " | ".join(num(100 * res[key][k] if k in res[key] else None, "%.0f")
+                             for k in PATHS)))
     cluster = res.get("cluster") or {}
     holder, other = cluster.get("holder"), cluster.get("other")
     lines += ["", "| two instances, one Redis, HTTP face | at the holding instance | "
@@ -407,10 +458,13 @@ def report(res, opts):
               "checked; every path first served a 16 MiB body whose CRC-32 matched), "
               "median of the rounds made (%s); small requests: %d keep-alive viewers on one "
               "epoll loop in the bench, sequential GETs of a %d-byte body, counted for %.0f s "
-              "after %.0f s of warm-up; ours: --workers 2 and websockify-agent --http; two "
+              "after %.0f s of warm-up; ours: --workers 2 and websockify-agent%s; two "
               "instances: %d rounds, the agent on the first.%s%s" % (
                   ", ".join("%s %d" % (LABELS[k], rounds[k]) for k in PATHS if k in rounds),
-                  VIEWERS, SMALL_BODY, SMALL_SECONDS, SMALL_WARMUP, opts.rounds,
+                  VIEWERS, SMALL_BODY, SMALL_SECONDS, SMALL_WARMUP,
+                  " --http" if res.get("http_flag") else " (without --http, which this "
+                  "version lacks: each request on its own stream, Connection: close)",
+                  opts.rounds,
                   " websocktunnel columns skipped: %s." % res["why"] if res.get("why") else "",
                   " Two instances skipped: %s." % cluster["why"] if cluster.get("why") else "")]
     targets = [("download >= 20x websocktunnel", "websocktunnel", 20.0),
