@@ -10,7 +10,8 @@ Usage: bench_http_service.py FILE SMALL   (prints "PORT n" once listening on 127
 
 Any prefix before the last path segment is ignored (a tunnel may leave its
 own), and so is a query.  Requests on one connection are answered in order;
-"Connection: close" or HTTP/1.0 closes after the answer.  It stops on SIGTERM.
+"Connection: close" or HTTP/1.0 closes after the answer, which then says so.
+It stops on SIGTERM.
 """
 
 import os
@@ -19,13 +20,15 @@ import socket
 import sys
 
 CHECK_SIZE = 16 << 20
-NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 MAX_HEAD = 65536
+CLOSE = b"Connection: close\r\n"
 
 
-def head(length):
-    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-            b"Content-Length: %d\r\n\r\n" % length)
+def answers(status, length, body=b""):
+    """The answer's bytes kept open and closing (which says so, RFC 9112 9.6)."""
+    head = (b"HTTP/1.1 %s\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\n" % (status, length))
+    return head + b"\r\n" + body, head + CLOSE + b"\r\n" + body
 
 
 class Conn:
@@ -46,9 +49,11 @@ class Service:
         size = os.fstat(self.file_fd).st_size
         body = (b"0123456789abcdef" * (small // 16 + 1))[:small]
         check = min(CHECK_SIZE, size)
-        # path -> (bytes sent from memory, bytes then sent from FILE)
-        self.routes = {b"big": (head(size), size), b"check": (head(check), check),
-                       b"small": (head(small) + body, 0)}
+        # path -> ((bytes sent from memory kept open, closing), bytes then sent from FILE)
+        self.routes = {b"big": (answers(b"200 OK", size), size),
+                       b"check": (answers(b"200 OK", check), check),
+                       b"small": (answers(b"200 OK", small, body), 0)}
+        self.not_found = (answers(b"404 Not Found", 0), 0)
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -126,11 +131,11 @@ class Service:
             method, target, version = parts
             name = target.split(b"?", 1)[0].rstrip(b"/").rsplit(b"/", 1)[-1]
             route = self.routes.get(name) if method == b"GET" else None
-            memory, from_file = route or (NOT_FOUND, 0)
+            memory, from_file = route or self.not_found
             lowered = headers.lower()
             conn.close_after = (b"connection: close" in lowered or
                                 (version == b"HTTP/1.0" and b"keep-alive" not in lowered))
-            conn.out = memoryview(memory)
+            conn.out = memoryview(memory[conn.close_after])
             conn.file_off = 0
             conn.file_left = from_file
             if not self.flush(conn):
