@@ -125,6 +125,19 @@ def check(port, path, crc, length):
                            % (what, len(body), got_length, length, crc))
 
 
+def tree_cpu(pid):
+    """CPU seconds (user + system) used so far by ``pid`` and its descendants."""
+    ticks = 0
+    for member in B.proc_tree(pid):
+        try:
+            with open("/proc/%d/stat" % member) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])      # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -286,9 +299,11 @@ def agent_has_http(python, env):
     return "--http" in done.stdout
 
 
-def start_paths(python, env, workdir, bindir, service_port, procs, errors, http_flag):
-    """{path key: (port, URL prefix)} for every path that could be started."""
-    paths = {"direct": (service_port, "/")}
+def start_paths(python, env, workdir, bindir, service, service_port, procs, errors,
+                http_flag):
+    """{path key: (port, URL prefix, [the server's pid, the agent's])} for every path that
+    could be started (direct: the service's pid as the server's)."""
+    paths = {"direct": (service_port, "/", [service.pid])}
     ours = T.OursTunnel(workdir, python, env)
     try:
         srv, port = ours.start_server(ours_config(workdir), "http-ours-server")
@@ -306,21 +321,21 @@ def start_paths(python, env, workdir, bindir, service_port, procs, errors, http_
         T._wait(lambda: ours.connected(port, 1) or not agent.alive(), 60, "our agent")
         if not agent.alive():
             raise _exited(agent, "websockify-agent")
-        paths["ours"] = (port, "%s%s/" % (HTTP_PATH, OURS_ID))
+        paths["ours"] = (port, "%s%s/" % (HTTP_PATH, OURS_ID), [srv.pid, agent.pid])
     except B.BenchError as exc:
         errors.append("HTTP / ours: %s" % exc)
     if bindir is None:
         return paths
-    for key, start in (("ours-wst", lambda: (None, port)),
+    for key, start in (("ours-wst", lambda: (srv, port)),
                        ("websocktunnel", lambda: T.websocktunnel_server(bindir)[:2])):
         try:
-            srv, wport = start()
-            if srv:
-                procs.append(srv)
+            server, wport = start()
+            if server not in procs:
+                procs.append(server)
             client, prefix = start_wst_client(bindir, workdir, wport, service_port,
                                               "http-%s-wst-client" % key)
             procs.append(client)
-            paths[key] = (wport, prefix)
+            paths[key] = (wport, prefix, [server.pid, client.pid])
         except B.BenchError as exc:
             errors.append("HTTP / %s: %s" % (LABELS[key], exc))
     return paths
@@ -340,7 +355,7 @@ def http_phase(tunnel, python, env, workdir, bindir, why, opts, cfg, results, er
     size = cfg["http_size"]
     res = results["http"] = {"size": size, "why": why, "down": {}, "rounds": {}, "rps": {},
                              "cpu": {}, "closes": {},
-                             "silent": {}}
+                             "silent": {}, "cpu_mib": {}}
     procs = []
     try:
         path, crc, tail = big_file(workdir, size)
@@ -349,10 +364,10 @@ def http_phase(tunnel, python, env, workdir, bindir, why, opts, cfg, results, er
         res["http_flag"] = ["--http"] if agent_has_http(python, env) else []
         if not res["http_flag"]:
             B.note("websockify-agent has no --http here: our agent runs without it")
-        paths = start_paths(python, env, workdir, bindir, service_port, procs, errors,
-                            res["http_flag"])
+        paths = start_paths(python, env, workdir, bindir, service, service_port, procs,
+                            errors, res["http_flag"])
         for key in [k for k in PATHS if k in paths]:
-            port, prefix = paths[key]
+            port, prefix, _ = paths[key]
             try:
                 check(port, prefix + "check", crc, min(CHECK_SIZE, size))
             except (OSError, B.BenchError) as exc:
@@ -363,23 +378,31 @@ def http_phase(tunnel, python, env, workdir, bindir, why, opts, cfg, results, er
         B.note("HTTP paths: %s" % ", ".join("%s at :%d%s" % (LABELS[k], paths[k][0],
                                                             paths[k][1]) for k in order))
         downs = {k: [] for k in order}
+        cpus = {k: [] for k in order}
         for number in range(opts.rounds):
             B.note("HTTP download round %d of %d" % (number + 1, opts.rounds))
             for key in order[number % len(order):] + order[:number % len(order)]:
                 if downs[key] and (number > 0 and size / downs[key][0] / 1e6 > SLOW_DOWNLOAD):
                     continue
-                port, prefix = paths[key]
+                port, prefix, pids = paths[key]
                 try:
+                    before = [tree_cpu(pid) for pid in pids]
                     downs[key].append(download(port, prefix + "big", size, tail))
-                    B.note("  %s: %.1f MB/s" % (LABELS[key], downs[key][-1]))
+                    cpus[key].append([(tree_cpu(pid) - was) * 1000 / (size / (1 << 20))
+                                      for pid, was in zip(pids, before)])
+                    B.note("  %s: %.1f MB/s (CPU ms per MiB: %s)" % (
+                        LABELS[key], downs[key][-1],
+                        " / ".join("%.2f" % ms for ms in cpus[key][-1])))
                 except (OSError, B.BenchError) as exc:
                     B.note("ERROR HTTP download / %s: %s" % (LABELS[key], exc))
                     errors.append("HTTP download / %s: %s" % (LABELS[key], exc))
         for key in order:
             res["down"][key] = _median(downs[key])
             res["rounds"][key] = len(downs[key])
+            if cpus[key]:
+                res["cpu_mib"][key] = [_median(list(ms)) for ms in zip(*cpus[key])]
         for key in order:
-            port, prefix = paths[key]
+            port, prefix, _ = paths[key]
             try:
                 (res["rps"][key], res["cpu"][key], res["closes"][key],
                  res["silent"][key]) = small_requests(port, prefix + "small")
@@ -436,6 +459,10 @@ def report(res, opts):
         size_mib, " | ".join(num(down.get(k)) for k in PATHS),
         ratio(down.get("ours"), down.get("websocktunnel")),
         ratio(down.get("ours"), down.get("direct"))))
+    cpu_mib = res["cpu_mib"]
+    lines.append("| CPU ms per MiB downloaded: server / agent | %s | | |" % (" | ".join(
+        " / ".join("%.2f" % ms for ms in cpu_mib[k]) if k in cpu_mib else "-"
+        for k in PATHS)))
     lines.append("| %d keep-alive viewers, requests/s | %s | %s | %s |" % (
         VIEWERS, " | ".join(num(rps.get(k), "%.0f") for k in PATHS),
         ratio(rps.get("ours"), rps.get("websocktunnel")),
