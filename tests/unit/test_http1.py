@@ -4,8 +4,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from websockify.errors import HTTPError
-from websockify.protocol.http1 import (HEAD_LIMIT, BodyFramer, head_end, parse_request_head,
-                                       rewrite_request, split_face_target)
+from websockify.protocol.http1 import (HEAD_LIMIT, BodyFramer, ViewerRequests, head_end,
+                                       parse_request_head, rewrite_request, split_face_target)
+from websockify.tunnel.http_face import forwarded_headers
 
 HEAD = b"POST /t/A1/x?q=1 HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 6.6.6.6\r\n" \
        b"Content-Length: 5\r\n\r\n"
@@ -81,3 +82,118 @@ def test_garbage_heads_parse_or_raise_400(data):
         parse_request_head(data)
     except HTTPError as exc:
         assert exc.status in (400, 431)
+
+
+# -- a viewer's byte stream (ViewerRequests) -------------------------------------------
+
+def _forwarded(head):
+    return {"X-Forwarded-For": "192.0.2.7", "x-websocktunnel-original-path": head.target}
+
+
+def _viewer(keep_alive=True):
+    return ViewerRequests("/t/", "web", _forwarded, keep_alive=keep_alive)
+
+
+PIPELINED = (b"POST /t/web/form?a=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n"
+             b"X-Forwarded-For: 6.6.6.6\r\n\r\nhello"
+             b"PUT /t/web/up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"3\r\nabc\r\n0\r\n\r\n"
+             b"\r\nGET /t/web/ HTTP/1.1\r\nHost: h\r\n\r\n")
+PIPELINED_OUT = (b"POST /form?a=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n"
+                 b"X-Forwarded-For: 192.0.2.7\r\nx-websocktunnel-original-path: /t/web/form?a=1"
+                 b"\r\n\r\nhello"
+                 b"PUT /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n"
+                 b"X-Forwarded-For: 192.0.2.7\r\nx-websocktunnel-original-path: /t/web/up\r\n\r\n"
+                 b"3\r\nabc\r\n0\r\n\r\n"
+                 b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 192.0.2.7\r\n"
+                 b"x-websocktunnel-original-path: /t/web/\r\n\r\n")
+
+
+def test_pipelined_requests_rewritten_exactly():
+    viewer = _viewer()
+    assert viewer.feed(PIPELINED) == PIPELINED_OUT
+    assert (viewer.requests, viewer.stopped, viewer.boundary) == (3, False, None)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(PIPELINED)), max_size=12))
+def test_pipelined_requests_the_same_however_the_bytes_are_cut(cuts):
+    viewer = _viewer()
+    out = b""
+    points = sorted(set(cuts)) + [len(PIPELINED)]
+    start = 0
+    for point in points:
+        out += viewer.feed(PIPELINED[start:point])
+        start = point
+    assert out == PIPELINED_OUT
+
+
+def test_without_keep_alive_one_request_with_connection_close():
+    viewer = _viewer(keep_alive=False)
+    out = viewer.feed(b"GET /t/web/a HTTP/1.1\r\nHost: h\r\nConnection: keep-alive\r\n\r\n"
+                      b"GET /t/web/b HTTP/1.1\r\n\r\n")
+    assert out == (b"GET /a HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 192.0.2.7\r\n"
+                   b"x-websocktunnel-original-path: /t/web/a\r\nConnection: close\r\n\r\n")
+    # Stopped at the first request's end, not at a boundary: the service closes.
+    assert (viewer.requests, viewer.stopped, viewer.boundary) == (1, True, None)
+    assert viewer.feed(b"more") == b""
+
+
+def test_a_request_for_another_agent_ends_the_forwarding():
+    viewer = _viewer()
+    out = viewer.feed(b"GET /t/web/ HTTP/1.1\r\n\r\nGET /t/other/secret HTTP/1.1\r\n\r\n"
+                      b"GET /t/web/again HTTP/1.1\r\n\r\n")
+    assert out.count(b"HTTP/1.1\r\n") == 1 and b"secret" not in out and b"again" not in out
+    assert viewer.stopped and viewer.boundary.startswith("a request for /t/other/secret")
+    for outside in (b"GET /elsewhere HTTP/1.1\r\n\r\n", b"GET /t/webby/ HTTP/1.1\r\n\r\n"):
+        viewer = _viewer()
+        assert viewer.feed(outside) == b"" and viewer.stopped and viewer.requests == 0
+
+
+def test_an_upgrade_passes_everything_after_its_head():
+    viewer = _viewer(keep_alive=False)
+    frames = b"\x81\x85abcd" + b"GET /t/other/ HTTP/1.1\r\n\r\n"
+    out = viewer.feed(b"GET /t/web/ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n"
+                      b"Connection: keep-alive, Upgrade\r\n\r\n" + frames)
+    assert out.endswith(b"Connection: keep-alive, Upgrade\r\nX-Forwarded-For: 192.0.2.7\r\n"
+                        b"x-websocktunnel-original-path: /t/web/ws\r\n\r\n" + frames)
+    assert b"Connection: close" not in out
+    assert viewer.raw and viewer.feed(b"\x00\xff") == b"\x00\xff"
+
+
+@pytest.mark.parametrize("later, status", [
+    (b"GET /t/web/../other/ HTTP/1.1\r\n\r\n", 400),
+    (b"GET /t/web/%2E%2E/other/ HTTP/1.1\r\n\r\n", 400),
+    (b"NOT HTTP\r\n\r\n", 400),
+    (b"GET /t/web/ HTTP/1.1\r\nX: " + b"a" * HEAD_LIMIT + b"\r\n\r\n", 431),
+])
+def test_a_bad_later_head_raises_after_the_good_ones(later, status):
+    viewer = _viewer()
+    good = viewer.feed(b"GET /t/web/ HTTP/1.1\r\n\r\n")
+    assert good.startswith(b"GET / HTTP/1.1")
+    with pytest.raises(HTTPError) as raised:
+        viewer.feed(later)
+    assert raised.value.status == status and viewer.requests == 1
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_forward_only_rewritten_heads_or_raise(data):
+    viewer = _viewer()
+    try:
+        out = viewer.feed(b"GET /t/web/ HTTP/1.1\r\nContent-Length: 10\r\n\r\n" + data)
+    except HTTPError as exc:
+        assert exc.status in (400, 431)
+        return
+    # Every head forwarded is one of ours: the prefix gone, our header there.
+    assert out.startswith(b"GET / HTTP/1.1\r\nContent-Length: 10\r\n")
+    assert out.count(b"x-websocktunnel-original-path: /t/web/") == viewer.requests
+
+
+def test_forwarded_headers_replaced_or_extended_for_a_trusted_proxy():
+    head = parse_request_head(b"GET /t/web/x HTTP/1.1\r\nHost: example.org\r\n"
+                              b"X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n\r\n")
+    assert forwarded_headers(head, client="127.0.0.1", scheme="http", trusted=False) == {
+        "X-Forwarded-For": "127.0.0.1", "X-Forwarded-Proto": "http",
+        "X-Forwarded-Host": "example.org", "x-websocktunnel-original-path": "/t/web/x"}
+    assert forwarded_headers(head, client="127.0.0.1", scheme="http", trusted=True) == {
+        "X-Forwarded-For": "203.0.113.9, 127.0.0.1", "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "example.org", "x-websocktunnel-original-path": "/t/web/x"}

@@ -113,7 +113,7 @@ class HttpFacePipe(Pipe):
 
     def _refuse_garbage(self) -> bytes:
         what = ("closed the connection without answering" if not self.first
-                else "answered %r, not an HTTP response" % self.first[:20])
+                else "answered %r, not an HTTP response" % self.first[:32])
         error = BadGateway("agent %s: its service %s" % (self.requests.agent_id, what))
         log.info("%s: 502 %s", self.label, error.log_text)
         self.refused = True
