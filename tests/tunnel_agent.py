@@ -286,3 +286,17 @@ class Service:
 
     def close(self):
         self.sock.close()
+
+
+def agent_process(processes, directory, port: int, agent_id: str, service_port: int,
+                  secret: bytes, *extra):
+    """The real websockify-agent for ``agent_id`` (a token signed with ``secret``
+    in ``directory``), serving 127.0.0.1:``service_port`` through ws://127.0.0.1:``port``."""
+    from tests.helpers import PYTHON
+    token_file = directory / ("%s.token" % agent_id)
+    token_file.write_text(agent_token(agent_id, secret) + "\n")
+    return processes([PYTHON, "-m", "websockify.agent", "--service",
+                      "127.0.0.1:%d" % service_port, "--server",
+                      "ws://127.0.0.1:%d/tunnel/%s" % (port, agent_id),
+                      "--token-file", str(token_file), "--max-retry-delay", "1"] + list(extra),
+                     name="agent-%s" % agent_id)

@@ -17,10 +17,10 @@ import time
 
 import pytest
 
-from tests.helpers import (PYTHON, RawWebSocket, SharedProcess, free_port, pattern,
+from tests.helpers import (RawWebSocket, SharedProcess, free_port, pattern,
                            read_http_response, rss_kib, children_of, wait_for)
 from tests.http_service import HttpService
-from tests.tunnel_agent import ScriptedAgent, Service, agent_token
+from tests.tunnel_agent import ScriptedAgent, Service, agent_process, agent_token
 
 SECRET = b"http face secret"
 LIVENESS = {"WEBSOCKIFY_TUNNEL_PING": "0.3", "WEBSOCKIFY_TUNNEL_DEAD": "1.0"}
@@ -80,13 +80,8 @@ def scripted_agent(server, agent_id, service_port, http=True, **kwargs):
 
 
 def real_agent(processes, tmp_path, server, agent_id, service_port, *extra):
-    token_file = tmp_path / ("%s.token" % agent_id)
-    token_file.write_text(agent_token(agent_id, SECRET) + "\n")
-    proc = processes([PYTHON, "-m", "websockify.agent", "--service",
-                      "127.0.0.1:%d" % service_port, "--server",
-                      "ws://127.0.0.1:%d/tunnel/%s" % (server.port, agent_id),
-                      "--token-file", str(token_file), "--max-retry-delay", "1"] + list(extra),
-                     name="agent-%s" % agent_id)
+    proc = agent_process(processes, tmp_path, server.port, agent_id, service_port, SECRET,
+                         *extra)
     server.proc.wait_log(r"agent %s connected from" % re.escape(agent_id))
     return proc
 
@@ -471,3 +466,68 @@ def test_status_page_counts_viewers_and_requests(server, service):
         wait_for(lambda: figures()[:2] == (0, 4), what="the viewer gone, 4 requests kept")
     finally:
         agent.close()
+
+
+# -- servers of their own ------------------------------------------------------------------
+
+def test_https_viewers_and_a_trusted_proxy(websockify, tmp_path, pki, service, processes):
+    """TLS viewers on both workers (X-Forwarded-Proto https); --trusted-proxy: its
+    X-Forwarded-* kept and extended."""
+    import ssl
+    path = write_config(tmp_path, ["web"])
+    proc, port = websockify("-v", "--cert", pki.server.pem, "--trusted-proxy", "127.0.0.1/32",
+                            "--tunnel-config", path, "--workers", "2", "{port}", env=LIVENESS)
+    server = Server(proc, port)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(pki.ca.cert)
+    agent = ScriptedAgent(port, "web", token=agent_token("web", SECRET), service=service.port,
+                          extra=HTTP_AGENT, ssl_context=context)
+    assert agent.status == 101, agent.body
+    assert agent.headers["x-websockify-viewer-url"] == "https://127.0.0.1:%d/t/web/" % port
+    try:
+        size = 4 * 1024 * 1024 + 1
+        for _ in range(6):
+            sock = context.wrap_socket(viewer(port), server_hostname="127.0.0.1")
+            try:
+                responses = Responses(sock)
+                sock.sendall(b"GET /t/web/echo HTTP/1.1\r\nHost: h\r\n"
+                             b"X-Forwarded-For: 198.51.100.4\r\n\r\n"
+                             b"GET /t/web/bytes/%d HTTP/1.1\r\nHost: h\r\n\r\n" % size)
+                status, body = responses.next()
+                sent = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
+                assert status == 200
+                assert sent["x-forwarded-for"] == "198.51.100.4, 127.0.0.1"
+                assert sent["x-forwarded-proto"] == "https"
+                assert responses.next() == (200, pattern(size))
+            finally:
+                sock.close()
+        # Whichever worker accepted them, the holder served them all.
+        def servers():
+            return re.findall(r"\[(\d+)\] INFO [^\n]* -> agent web \(http\): viewer", proc.log())
+
+        wait_for(lambda: len(servers()) == 6, what="6 viewer connections logged")
+        holder = re.search(r"\[(\d+)\] INFO agent web connected from", proc.log()).group(1)
+        assert servers() == [holder] * 6
+    finally:
+        agent.close()
+
+
+def test_open_registration_reaches_the_http_face(websockify, tmp_path, service):
+    path = write_config(tmp_path, [], extra=["open = true"])
+    proc, port = websockify("--tunnel-config", path, "--workers", "1", "{port}", env=LIVENESS)
+    server = Server(proc, port)
+    agent = scripted_agent(server, "fleet-0042.a~b%20", service.port)
+    try:
+        proc.wait_log(r"agent fleet-0042.a~b%20: registered openly")
+        status, _, body = request(port, "/t/fleet-0042.a~b%20/echo/x")
+        assert status == 200 and json.loads(body)["path"] == "/echo/x"
+        # Never registered: unknown; a bad ID: 400; a bad token: 401.
+        assert request(port, "/t/never-seen/")[0] == 404
+        bad = ScriptedAgent(port, "bad*id", token=agent_token("bad*id", SECRET))
+        assert bad.status == 400, bad.body
+        forged = ScriptedAgent(port, "fleet-2", token=agent_token("fleet-2", b"not the secret"))
+        assert forged.status == 401, forged.body
+    finally:
+        agent.close()
+    # Gone: known, absent.
+    wait_for(lambda: request(port, "/t/fleet-0042.a~b%20/")[0] == 503, what="503 once gone")

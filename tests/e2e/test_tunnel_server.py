@@ -20,7 +20,7 @@ import pytest
 
 from tests.helpers import (RawWebSocket, SharedProcess, bridge_echoes, children_of, free_port,
                            mask_frame, pattern, read_http_response, rss_kib, wait_for)
-from tests.tunnel_agent import ScriptedAgent, Service, agent_token, hs256_token
+from tests.tunnel_agent import ScriptedAgent, Service, agent_process, agent_token, hs256_token
 
 SECRET = b"tunnel secret for the tests"
 OTHER_SECRET = b"another secret"
@@ -593,15 +593,9 @@ def test_tls_agent_by_client_certificate_and_tls_hand_off(websockify, tmp_path, 
 # -- the real websockify-agent ---------------------------------------------------------------
 
 def start_real_agent(processes, tmp_path, server, agent_id, service_port, *extra):
-    from tests.helpers import PYTHON
-    token_file = tmp_path / ("%s.token" % agent_id)
-    token_file.write_text(agent_token(agent_id, SECRET) + "\n")
     server.proc.mark()
-    proc = processes([PYTHON, "-m", "websockify.agent", "--service",
-                      "127.0.0.1:%d" % service_port, "--server",
-                      "ws://127.0.0.1:%d/tunnel/%s" % (server.port, agent_id),
-                      "--token-file", str(token_file), "--max-retry-delay", "1"] + list(extra),
-                     name="agent-%s" % agent_id)
+    proc = agent_process(processes, tmp_path, server.port, agent_id, service_port, SECRET,
+                         *extra)
     server.proc.wait_log(r"agent %s connected from" % re.escape(agent_id))
     return proc
 
