@@ -3,6 +3,7 @@
 import base64
 import importlib
 import inspect
+import json
 import os
 import re
 import shutil
@@ -237,7 +238,13 @@ def pattern(size: int) -> bytes:
 def bridge_echoes(port, token, sizes=(1, 12, 65536, 300000)):
     """A bridge session to ``?token=<token>`` (an echo service behind it): each size's
     pattern comes back exactly, then a close 1000 answered with 1000."""
-    ws = RawWebSocket(port, path="/websockify?token=%s" % token)
+    websocket_echoes(port, "/websockify?token=%s" % token, sizes)
+
+
+def websocket_echoes(port, path, sizes):
+    """A WebSocket session to ``path`` whose messages are echoed: each size's pattern
+    comes back exactly, then a close 1000 answered with 1000."""
+    ws = RawWebSocket(port, path=path)
     try:
         assert ws.status == 101, ws.buffer
         for size in sizes:
@@ -368,6 +375,16 @@ def read_http_response(sock, limit=65536) -> tuple:
             break
         rest += chunk
     return status, headers, rest
+
+
+def tunnel_status(port, path="/tunnel/") -> dict:
+    """The tunnel status page's JSON document, asked from 127.0.0.1 (200 expected)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/json\r\n"
+                      "Connection: close\r\n\r\n" % path).encode("latin-1"))
+        status, _, body = read_http_response(sock)
+    assert status == 200, body
+    return json.loads(body)
 
 
 def mask_frame(opcode, payload=b"", fin=True, mask=True, rsv=0, key=None, length=None) -> bytes:

@@ -25,6 +25,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):          # quiet: the tests read the records
         pass
 
+    def setup(self):
+        super().setup()
+        # A number per connection (id() of a closed socket is used again).
+        self.connection_number = self.server.service.count_connection()
+
     def _body(self) -> bytes:
         if (self.headers.get("transfer-encoding") or "").lower() == "chunked":
             chunks = []
@@ -45,8 +50,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with service.lock:
             service.requests.append({"method": self.command, "path": self.path,
                                      "headers": dict(self.headers.items()), "body": body,
-                                     "connection": id(self.connection)})
-            service.connections.add(id(self.connection))
+                                     "connection": self.connection_number})
+            service.connections.add(self.connection_number)
         if self.path.startswith("/echo"):
             self._send(json.dumps({"method": self.command, "path": self.path,
                                    "headers": dict(self.headers.items()),
@@ -86,12 +91,18 @@ class HttpService:
         self.lock = threading.Lock()
         self.requests = []
         self.connections = set()
+        self.accepted = 0
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
         self.server.service = self
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def count_connection(self) -> int:
+        with self.lock:
+            self.accepted += 1
+            return self.accepted
 
     def close(self):
         self.server.shutdown()

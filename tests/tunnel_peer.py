@@ -79,12 +79,14 @@ class PeerConnection:
         self.sock.sendall(refusal_bytes("%d %s" % (status, reason_phrase(status)), text))
         self.sock.close()
 
-    def upgrade(self, subprotocol: str = mux.SUBPROTOCOL) -> None:
+    def upgrade(self, subprotocol: str = mux.SUBPROTOCOL, extra: tuple = ()) -> None:
+        """The 101, with ``extra`` header lines ("Name: value") after the usual ones."""
         key = self.headers.get("sec-websocket-key")
         lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket",
                  "Connection: Upgrade", "Sec-WebSocket-Accept: %s" % accept_key(key)]
         if subprotocol:
             lines.append("Sec-WebSocket-Protocol: %s" % subprotocol)
+        lines += list(extra)
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         if self._rest:
             self.parser.feed(self._rest)

@@ -81,7 +81,8 @@ def build_agent_parser() -> argparse.ArgumentParser:
     secret = parser.add_mutually_exclusive_group(required=True)
     secret.add_argument("--config", metavar="FILE",
                         help="the --tunnel-config file: its first secret and its audience "
-                             "are used, and the ID must be one of its agents")
+                             "are used, and the ID must be one of its agents (any ID "
+                             "with open = true)")
     secret.add_argument("--secret-file", metavar="FILE",
                         help="a file holding the secret (surrounding whitespace is stripped)")
     parser.add_argument("--lifetime", type=parse_lifetime, default=86400.0, metavar="TIME",
@@ -116,7 +117,8 @@ def agent_main(argv: List[str]) -> int:
         except TunnelConfigError as exc:
             sys.stderr.write("websockify-sign: %s\n" % exc)
             return EXIT_CONFIG
-        if args.agent_id not in tunnels.agents:
+        # With open = true any ID with a valid token registers: no entry needed.
+        if args.agent_id not in tunnels.agents and not getattr(tunnels, "open", False):
             sys.stderr.write("websockify-sign: %s names no agent %s; the server would refuse "
                              "it\n" % (tunnels.source, args.agent_id))
             return EXIT_CONFIG

@@ -21,7 +21,8 @@ from tests.e2e.test_tokens_redis import redis, redis_program, start_redis  # noq
 from tests.e2e.test_tunnel_server import (LIVENESS, SECRET, eof_within, pattern,
                                           send_and_read_to_eof, tcp_user)
 from tests.helpers import (RawWebSocket, children_of, free_port, port_open, read_http_response,
-                           require_program, start_nginx, wait_for)
+                           require_program, start_nginx, wait_for, websocket_echoes,
+                           websockify_argv)
 from tests.tunnel_agent import ScriptedAgent, Service, agent_token
 
 CLUSTER_SECRET = b"the instances' shared secret"
@@ -43,7 +44,7 @@ class Instance:
 
 class Cluster:
     def __init__(self, processes, tmp_path, redis_program, redis_module, websockify,
-                 on_duplicate="replace"):
+                 on_duplicate="replace", http=False, open_registration=False):
         self.processes = processes
         self.tmp_path = tmp_path
         self.redis_program = redis_program
@@ -68,7 +69,9 @@ class Cluster:
                 'node = "127.0.0.1:%d"' % node, 'cluster_secret = "cluster.key"',
                 "registry_ttl = %d" % TTL, "connect_timeout = 2",
                 'on_duplicate = "%s"' % on_duplicate,
+                "open = %s" % ("true" if open_registration else "false"),
                 "[tunnels.agent.%s]" % AGENT, 'listen = "127.0.0.1:%d"' % face, "token = true",
+                "http = %s" % ("true" if http else "false"),
             ]) + "\n")
             # Two workers: internal connections also reach the worker not holding the agent.
             proc, port = websockify("--tunnel-config", str(path), "--workers", "2",
@@ -88,16 +91,15 @@ class Cluster:
         value = self.store.get("websockify:tunnel:" + agent_id)
         return value.decode().split(" ")[0] if value else None
 
-    def connect(self, instance, service, agent_id=AGENT):
+    def connect(self, instance, service, agent_id=AGENT, extra=()):
         mark = len(instance.proc.log())
         agent = ScriptedAgent(instance.port, agent_id, token=agent_token(agent_id, SECRET),
-                              service=service.port)
+                              service=service.port, extra=extra)
         assert agent.status == 101, (agent.status, agent.body)
         wait_for(lambda: "agent %s connected from" % agent_id in instance.proc.log()[mark:],
                  what="agent connected")
         wait_for(lambda: self.holder(agent_id) == instance.node, what="agent registered")
         return agent
-
 
     def real_agent(self, instance, service, agent_id=AGENT):
         """websockify-agent (the real one) connected to ``instance``."""
@@ -511,3 +513,242 @@ def test_the_registry_scripts_against_redis(processes, tmp_path, redis_program, 
     finally:
         a.close()
         b.close()
+
+
+# -- the HTTP face across instances ------------------------------------------------------
+
+HTTP_AGENT_SERVICE = ("X-Websockify-Service: http",)    # what an agent run with --http sends
+
+
+@pytest.fixture
+def http_cluster(processes, tmp_path, redis_program, redis, websockify):
+    """The cluster with ``http = true`` in the agent's entry (its HTTP face at /t/bus02/)."""
+    return Cluster(processes, tmp_path, redis_program, redis, websockify, http=True)
+
+
+@pytest.fixture
+def http_service():
+    from tests.http_service import HttpService
+    service = HttpService()
+    yield service
+    service.close()
+
+
+def http_request(port, method, path, body=None, headers=(), timeout=30):
+    """One request on a connection of its own: (status, headers lower-cased, body)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=dict(headers))
+        response = conn.getresponse()
+        return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                response.read())
+    finally:
+        conn.close()
+
+
+def echoed(port, path, body=None, headers=()):
+    """The request as the service behind the agent saw it (its /echo answer)."""
+    import json
+    status, _, answer = http_request(port, "POST" if body is not None else "GET", path,
+                                     body=body, headers=headers)
+    assert status == 200, answer
+    return json.loads(answer)
+
+
+def test_http_face_at_b_reaches_the_agent_held_by_a(http_cluster, http_service):
+    cluster = http_cluster
+    agent = cluster.real_agent(cluster.a, http_service)
+    size = 8 * 1024 * 1024
+    for instance in (cluster.b, cluster.a):
+        status, headers, body = http_request(instance.port, "GET", "/t/bus02/bytes/%d" % size)
+        assert status == 200 and headers["content-length"] == str(size)
+        assert len(body) == size and body == pattern(size)
+    status, headers, body = http_request(cluster.b.port, "GET", "/t/bus02/chunked/300001")
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    assert body == pattern(300001)
+    # The service sees the path without the prefix and the forwarded headers,
+    # the viewer's own copies replaced (127.0.0.1 is no --trusted-proxy).
+    seen = echoed(cluster.b.port, "/t/bus02/echo/deeper?q=1&r=%2F",
+                  headers=[("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-Host", "forged"),
+                           ("x-websocktunnel-original-path", "/forged")])
+    assert seen["method"] == "GET" and seen["path"] == "/echo/deeper?q=1&r=%2F"
+    forwarded = {name: value for name, value in seen["headers"].items()
+                 if name.lower().startswith(("x-forwarded-", "x-websocktunnel-"))}
+    assert forwarded == {"X-Forwarded-For": "127.0.0.1", "X-Forwarded-Proto": "http",
+                         "X-Forwarded-Host": "127.0.0.1:%d" % cluster.b.port,
+                         "x-websocktunnel-original-path": "/t/bus02/echo/deeper?q=1&r=%2F"}
+    # websockify-agent without --http: one request per stream, the service told so
+    assert seen["headers"]["Connection"] == "close"
+    body = pattern(300007)
+    seen = echoed(cluster.b.port, "/t/bus02/echo", body=body)
+    assert seen["method"] == "POST" and seen["path"] == "/echo"
+    assert seen["body"].encode("latin-1") == body
+    assert seen["headers"]["Content-Length"] == str(len(body))
+    # each of B's viewers went over the internal link to A
+    log = cluster.b.proc.log()
+    assert len(re.findall(r"127\.0\.0\.1:\d+ -> agent bus02 \(http\): viewer connection closed "
+                          r"after 1 request\(s\)", log)) == 4, log
+    assert len(re.findall(r"-> agent bus02 \(http, via node %s\)" % re.escape(cluster.b.node),
+                          cluster.a.proc.log())) == 4, cluster.a.proc.log()
+    agent.stop()
+
+
+def test_a_websocket_through_b_to_a_websocket_service_behind_the_agent_at_a(
+        http_cluster, processes):
+    """A real ``websockify --echo`` as the agent's service; the viewer's upgrade at B."""
+    echo_port = free_port()
+    processes(websockify_argv("--echo", "127.0.0.1:%d" % echo_port), name="echo")
+    wait_for(lambda: port_open(echo_port), what="websockify --echo")
+    from types import SimpleNamespace
+    agent = http_cluster.real_agent(http_cluster.a, SimpleNamespace(port=echo_port))
+    for instance in (http_cluster.b, http_cluster.a):
+        websocket_echoes(instance.port, "/t/bus02/ws?x=1", (5, 70000, 2 * 1024 * 1024 + 1))
+        instance.proc.wait_log(r"127\.0\.0\.1:\d+ -> agent bus02 \(http\): viewer connection "
+                               r"closed after 1 request\(s\)")
+    agent.stop()
+
+
+def test_http_face_through_nginx_in_front_of_both_instances(http_cluster, http_service,
+                                                            processes, tmp_path):
+    cluster = http_cluster
+    nport = free_port()
+    start_nginx(processes, require_program("nginx", "nginx"), tmp_path,
+                NGINX_HTTP.format(port=nport, a=cluster.a.port, b=cluster.b.port), nport)
+    agent = cluster.real_agent(cluster.a, http_service)
+    for index in range(10):
+        body = pattern(1000 + index)
+        seen = echoed(nport, "/t/bus02/echo/%d" % index, body=body)
+        assert (seen["path"], seen["body"].encode("latin-1")) == ("/echo/%d" % index, body)
+        # nginx is the viewer's peer; its Host ($host) is what the instance saw
+        assert (seen["headers"]["X-Forwarded-For"], seen["headers"]["X-Forwarded-Host"]) == \
+            ("127.0.0.1", "127.0.0.1")
+        status, _, data = http_request(nport, "GET", "/t/bus02/bytes/%d" % (65536 * index + 1))
+        assert status == 200 and data == pattern(65536 * index + 1)
+    # round robin: each instance answered half of the 20 requests
+    for instance in (cluster.a, cluster.b):
+        wait_for(lambda: len(re.findall(r"-> agent bus02 \(http\): viewer connection closed",
+                                        instance.proc.log())) == 10,
+                 what="ten viewers at %s" % instance.name)
+    assert len(http_service.requests) == 20
+    agent.stop()
+
+
+def test_http_viewers_at_b_with_the_internal_link_cut_get_503_never_a_hang(http_cluster,
+                                                                          http_service):
+    cluster = http_cluster
+    agent = cluster.connect(cluster.a, http_service)
+    assert http_request(cluster.b.port, "GET", "/t/bus02/")[2] == b"hello"
+    # A frozen: a new viewer at B has its 503 within the connect timeout (2 s)
+    frozen = cluster.a.pids()
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        status, headers, body = http_request(cluster.b.port, "GET", "/t/bus02/", timeout=15)
+        assert time.monotonic() - start < 5
+        assert (status, headers["retry-after"]) == (503, "5")
+        assert b"did not open the stream within" in body
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    agent.close()
+    wait_for(lambda: cluster.holder() is None, what="A's record removed")
+    agent = cluster.connect(cluster.a, http_service)
+    # A killed outright mid-download: B's viewer is closed short, new viewers get 503
+    size = 64 * 1024 * 1024
+    with socket.create_connection(("127.0.0.1", cluster.b.port), timeout=10) as viewer:
+        viewer.sendall(b"GET /t/bus02/bytes/%d HTTP/1.1\r\nHost: x\r\n\r\n" % size)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += viewer.recv(65536)
+        head, _, body = head.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: %d" % size in head
+        for pid in cluster.a.pids():
+            os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        received = len(body)
+        try:
+            while True:
+                chunk = viewer.recv(262144)
+                if not chunk:
+                    break
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - start < 5
+        assert received < size
+    status, headers, body = http_request(cluster.b.port, "GET", "/t/bus02/")
+    assert (status, headers["retry-after"]) == (503, "5")
+    assert b"cannot be reached" in body
+    agent.close()
+
+
+def test_http_face_agent_absent_is_503_and_an_unknown_id_404(http_cluster):
+    for instance in (http_cluster.a, http_cluster.b):
+        status, headers, body = http_request(instance.port, "GET", "/t/bus02/page")
+        assert (status, headers["retry-after"]) == (503, "5"), body
+        assert b"agent bus02 is not connected" in body
+        status, headers, body = http_request(instance.port, "GET", "/t/nobody/page")
+        assert status == 404 and "retry-after" not in headers, body
+        assert b"no agent 'nobody' with an HTTP face here" in body
+        # one line each
+        instance.proc.wait_log(r"refused 'GET /t/nobody/page HTTP/1\.1': 404 ")
+        log = instance.proc.log()
+        assert len(re.findall(r"127\.0\.0\.1:\d+: refused 'GET /t/bus02/page HTTP/1\.1': 503 "
+                              r"agent bus02 is not connected$", log, re.M)) == 1, log
+        assert len(re.findall(r"127\.0\.0\.1:\d+: refused 'GET /t/nobody/page HTTP/1\.1': 404 "
+                              r"no agent 'nobody' with an HTTP face here$", log, re.M)) == 1, log
+
+
+def test_http_keep_alive_through_b_for_an_http_agent(http_cluster, http_service):
+    import http.client
+    cluster = http_cluster
+    agent = cluster.connect(cluster.a, http_service, extra=HTTP_AGENT_SERVICE)
+    conn = http.client.HTTPConnection("127.0.0.1", cluster.b.port, timeout=30)
+    try:
+        answers = []
+        for method, path, body in (("GET", "/t/bus02/echo/1", None),
+                                   ("GET", "/t/bus02/bytes/100000", None),
+                                   ("POST", "/t/bus02/echo/3", pattern(70000))):
+            conn.request(method, path, body=body)
+            response = conn.getresponse()
+            answers.append((response.status, response.read()))
+            assert not response.will_close
+        assert [status for status, _ in answers] == [200, 200, 200]
+        assert answers[1][1] == pattern(100000)
+    finally:
+        conn.close()
+    assert [(r["method"], r["path"]) for r in http_service.requests] == [
+        ("GET", "/echo/1"), ("GET", "/bytes/100000"), ("POST", "/echo/3")]
+    assert http_service.requests[2]["body"] == pattern(70000)
+    assert all("Connection" not in r["headers"] for r in http_service.requests)
+    # one viewer connection: one stream, one connection to the service
+    assert len(http_service.connections) == 1
+    assert [meta["face"] for _, meta in agent.opened] == ["http"]
+    cluster.b.proc.wait_log(r"127\.0\.0\.1:\d+ -> agent bus02 \(http\): viewer connection "
+                            r"closed after 3 request\(s\)")
+    agent.close()
+
+
+def test_an_openly_registered_agent_at_a_serves_viewers_at_b(processes, tmp_path,
+                                                             redis_program, redis, websockify,
+                                                             http_service):
+    cluster = Cluster(processes, tmp_path, redis_program, redis, websockify,
+                      open_registration=True)
+    agent = cluster.connect(cluster.a, http_service, agent_id="fleet-9")
+    cluster.a.proc.wait_log(r"agent fleet-9: registered openly")
+    for instance in (cluster.b, cluster.a):
+        seen = echoed(instance.port, "/t/fleet-9/echo/at-%s" % instance.name)
+        assert (seen["path"], seen["headers"]["x-websocktunnel-original-path"]) == (
+            "/echo/at-%s" % instance.name, "/t/fleet-9/echo/at-%s" % instance.name)
+    assert [meta["face"] for _, meta in agent.opened] == ["http", "http"]
+    # an ID no instance holds: 404 at B (any valid ID may be held elsewhere, so asked)
+    status, _, body = http_request(cluster.b.port, "GET", "/t/fleet-10/")
+    assert (status, body) == (404, b"no agent 'fleet-10' is registered\n")
+    agent.close()
+    wait_for(lambda: cluster.holder("fleet-9") is None, what="fleet-9's record removed")
+    # where it registered, its open entry stays: 503 with Retry-After
+    status, headers, body = http_request(cluster.a.port, "GET", "/t/fleet-9/")
+    assert (status, headers["retry-after"], body) == (503, "5",
+                                                       b"agent fleet-9 is not connected\n")

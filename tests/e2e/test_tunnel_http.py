@@ -294,8 +294,10 @@ def test_an_agent_without_http_gets_one_request_per_connection(server, service):
         try:
             sock.sendall(b"GET /t/plain/echo/1 HTTP/1.1\r\nHost: h\r\n\r\n"
                          b"GET /t/plain/echo/2 HTTP/1.1\r\nHost: h\r\n\r\n")
-            status, _, body = read_http_response(sock)
+            status, headers, body = read_http_response(sock)
             assert status == 200 and json.loads(body)["path"] == "/echo/1"
+            # The service did not say so; the viewer is told the connection ends.
+            assert headers["connection"] == "close"
             assert json.loads(body)["headers"]["Connection"] == "close"
             assert closed_by_peer(sock)
         finally:

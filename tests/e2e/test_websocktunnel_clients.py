@@ -26,7 +26,8 @@ import time
 import pytest
 
 from tests.helpers import (ROOT, RawWebSocket, SharedProcess, bridge_echoes, find_program,
-                           free_port, pattern, port_open, skip_or_fail, wait_for)
+                           free_port, pattern, port_open, skip_or_fail, wait_for,
+                           websocket_echoes)
 from tests.tunnel_agent import Service, agent_token, hs256_token
 
 SECRET_A = b"websocktunnel secret A"
@@ -35,7 +36,10 @@ STRANGER = b"a secret the server does not have"
 DEAD_AFTER = 1.0
 LIVENESS = {"WEBSOCKIFY_TUNNEL_PING": "0.3", "WEBSOCKIFY_TUNNEL_DEAD": str(DEAD_AFTER)}
 BUILD_SCRIPT = os.path.join(os.path.dirname(ROOT), "shared", "peers", "build.sh")
-IDS = ("tcp", "bridge", "auth", "bulk", "many", "gone", "status", "bad", "good", "rotated")
+IDS = ("tcp", "bridge", "auth", "bulk", "many", "gone", "status", "bad", "good", "rotated",
+       "web", "keep", "download", "wsecho", "plain")
+# The IDs whose entries say http = true (viewers at <http_path><ID>/).
+HTTP_IDS = ("web", "keep", "download", "wsecho")
 @pytest.fixture(scope="session")
 def wst_client(tmp_path_factory):
     """The path of a wst-client built from ../shared/peers (once per run)."""
@@ -53,14 +57,16 @@ def wst_client(tmp_path_factory):
     return str(path)
 
 
-def write_config(directory, faces, secrets=("a.key", "b.key")):
+def write_config(directory, faces, secrets=("a.key", "b.key"), open_registration=False):
     (directory / "a.key").write_bytes(SECRET_A + b"\n")
     (directory / "b.key").write_bytes(SECRET_B + b"\n")
     lines = ["[tunnels]", "secrets = [%s]" % ", ".join('"%s"' % s for s in secrets),
-             'http_path = "/view/"']
+             'http_path = "/view/"', "open = %s" % ("true" if open_registration else "false")]
     for agent_id, port in faces.items():
         lines += ["[tunnels.agent.%s]" % agent_id, 'listen = "127.0.0.1:%d"' % port,
                   "token = true"]
+        if agent_id in HTTP_IDS:
+            lines.append("http = true")
     path = directory / "tunnels.toml"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -384,3 +390,218 @@ def test_wst_client_comes_back_after_the_server_restarts(processes, wst_client, 
     payload = pattern(300000)
     assert exchange(faces["restart"], payload) == payload
     assert proc.proc.poll() is None
+
+
+def test_wst_client_registers_openly_and_a_bad_token_is_refused(processes, wst_client,
+                                                                tmp_path, echo):
+    """[tunnels] open = true and no agent entries: websocktunnel's fleet model."""
+    from tests.helpers import PYTHON, tunnel_status
+    config = write_config(tmp_path, {}, open_registration=True)
+    port = free_port()
+    server = processes([PYTHON, "-m", "websockify", "--tunnel-config", config, "--workers",
+                        "2", str(port)], name="websockify", env=LIVENESS)
+    wait_for(lambda: port_open(port), what="server up")
+    proc, out_file = start_wst(processes, wst_client, port, "fleet-7", echo.port,
+                               agent_token("fleet-7", SECRET_B), tmp_path)
+    assert out_file.read_text() == "http://127.0.0.1:%d/view/fleet-7/" % port
+    server.wait_log(r"agent fleet-7: registered openly \(no entry in %s\)" % re.escape(config))
+    server.wait_log(r"agent fleet-7 connected from 127\.0\.0\.1:\d+ \(worker [12], "
+                    r"websocktunnel client\)")
+    rows = {row["id"]: row for row in tunnel_status(port)["agents"]}
+    assert rows["fleet-7"]["connected"] is True
+    # Another ID with a token signed by neither secret: 401, no entry made.
+    stranger, _ = start_wst(processes, wst_client, port, "fleet-8", echo.port,
+                            agent_token("fleet-8", STRANGER), tmp_path, wait=False)
+    assert stranger.wait(30) == 1
+    server.wait_log(r"refused 'GET / HTTP/1\.1': 401 agent fleet-8: bad token signature")
+    assert "fleet-8: registered openly" not in server.log()
+    assert "fleet-8" not in {row["id"] for row in tunnel_status(port)["agents"]}
+    assert proc.proc.poll() is None
+
+
+# -- the HTTP face: viewers at the URL the 101 told ------------------------------------------
+
+@pytest.fixture
+def http_service():
+    from tests.http_service import HttpService
+    service = HttpService()
+    yield service
+    service.close()
+
+
+def http_client(processes, wst_client, server, agent_id, service_port, tmp_path):
+    """A wst-client serving ``service_port``; an HTTPConnection to its viewer URL and the
+    URL's path (``/view/<ID>/``)."""
+    import http.client
+    from urllib.parse import urlsplit
+    _, out_file = start_wst(processes, wst_client, server.port, agent_id, service_port,
+                            agent_token(agent_id, SECRET_A), tmp_path)
+    connected(server, agent_id)
+    url = urlsplit(out_file.read_text())
+    assert (url.scheme, url.port, url.path) == ("http", server.port, "/view/%s/" % agent_id)
+    return http.client.HTTPConnection(url.hostname, url.port, timeout=60), url.path
+
+
+def answer(conn, method, path, body=None, headers=None):
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    return response.status, response, response.read()
+
+
+def test_viewers_get_and_post_through_the_url_the_101_told(processes, wst_client, server,
+                                                            http_service, tmp_path):
+    conn, base = http_client(processes, wst_client, server, "web", http_service.port, tmp_path)
+    try:
+        status, _, body = answer(conn, "GET", base + "index.html")
+        assert (status, body) == (200, b"hello")
+        status, _, body = answer(conn, "GET", base + "echo/x?y=1")
+        seen = json.loads(body)
+        assert seen["path"] == "/echo/x?y=1"
+        assert {name: value for name, value in seen["headers"].items()
+                if name.lower().startswith(("x-forwarded-", "x-websocktunnel-"))} == {
+            "X-Forwarded-For": "127.0.0.1", "X-Forwarded-Proto": "http",
+            "X-Forwarded-Host": "127.0.0.1:%d" % server.port,
+            "x-websocktunnel-original-path": base + "echo/x?y=1"}
+        payload = pattern(1024 * 1024)
+        status, _, body = answer(conn, "POST", base + "echo", body=payload)
+        assert status == 200
+        seen = json.loads(body)
+        assert seen["method"] == "POST" and seen["path"] == "/echo"
+        assert hashlib.sha256(seen["body"].encode("latin-1")).hexdigest() == \
+            hashlib.sha256(payload).hexdigest()
+    finally:
+        conn.close()
+    assert [(r["method"], r["path"]) for r in http_service.requests] == [
+        ("GET", "/index.html"), ("GET", "/echo/x?y=1"), ("POST", "/echo")]
+
+
+def test_three_keep_alive_requests_on_one_viewer_connection(processes, wst_client, server,
+                                                            http_service, tmp_path):
+    conn, base = http_client(processes, wst_client, server, "keep", http_service.port,
+                             tmp_path)
+    try:
+        for index in range(3):
+            status, response, body = answer(conn, "GET", base + "bytes/%d" % (1000 + index))
+            assert (status, body) == (200, pattern(1000 + index))
+            assert not response.will_close
+    finally:
+        conn.close()
+    # one stream, one connection from wst-client to the service, no Connection: close
+    assert len(http_service.connections) == 1
+    assert [r["path"] for r in http_service.requests] == ["/bytes/1000", "/bytes/1001",
+                                                           "/bytes/1002"]
+    assert all("Connection" not in r["headers"] for r in http_service.requests)
+    server.proc.wait_log(r"127\.0\.0\.1:\d+ -> agent keep \(http\): viewer connection closed "
+                         r"after 3 request\(s\)")
+
+
+def test_a_16_mib_download_through_the_http_face_arrives_exact(processes, wst_client, server,
+                                                               http_service, tmp_path):
+    size = 16 * 1024 * 1024
+    conn, base = http_client(processes, wst_client, server, "download", http_service.port,
+                             tmp_path)
+    try:
+        for path in ("bytes/%d" % size, "chunked/%d" % (size + 1)):
+            status, response, body = answer(conn, "GET", base + path)
+            assert status == 200
+            expected = pattern(int(path.split("/")[1]))
+            assert len(body) == len(expected)
+            assert hashlib.sha256(body).hexdigest() == hashlib.sha256(expected).hexdigest()
+    finally:
+        conn.close()
+
+
+def test_a_websocket_through_the_http_face_to_a_websocket_service(processes, wst_client,
+                                                                  server, tmp_path):
+    """A real ``websockify --echo`` as the wst-client's local service."""
+    from tests.helpers import websockify_argv
+    echo_port = free_port()
+    processes(websockify_argv("--echo", "127.0.0.1:%d" % echo_port), name="echo")
+    wait_for(lambda: port_open(echo_port), what="websockify --echo")
+    _, out_file = start_wst(processes, wst_client, server.port, "wsecho", echo_port,
+                            agent_token("wsecho", SECRET_A), tmp_path)
+    connected(server, "wsecho")
+    assert out_file.read_text() == "http://127.0.0.1:%d/view/wsecho/" % server.port
+    websocket_echoes(server.port, "/view/wsecho/", (3, 70000, 1024 * 1024 + 3))
+    server.proc.wait_log(r"127\.0\.0\.1:\d+ -> agent wsecho \(http\): viewer connection closed "
+                         r"after 1 request\(s\)")
+
+
+def test_a_wst_client_without_http_true_has_no_http_face(processes, wst_client, server,
+                                                         http_service, tmp_path):
+    """The operator opts an ID into the HTTP face (http = true), as for our agents: the
+    URL its 101 names (wst-client needs one) answers 404 until then."""
+    conn, base = http_client(processes, wst_client, server, "plain", http_service.port,
+                             tmp_path)
+    try:
+        assert answer(conn, "GET", base)[::2] == \
+            (404, b"no agent 'plain' with an HTTP face here\n")
+    finally:
+        conn.close()
+
+
+# -- open registration ([tunnels] open = true, no entry for the ID) -------------------------
+
+def test_open_registration_a_wst_client_serves_viewers_and_another_ids_token_is_401(
+        processes, wst_client, tmp_path, http_service):
+    import http.client
+    from tests.helpers import PYTHON
+    config = write_config(tmp_path, {})
+    with open(config, "a") as handle:
+        handle.write("open = true\n")         # no agent tables: this line is [tunnels]'s
+    port = free_port()
+    server = processes([PYTHON, "-m", "websockify", "--tunnel-config", config, "--workers",
+                        "2", str(port)], name="websockify", env=LIVENESS)
+    wait_for(lambda: port_open(port), what="server up")
+    proc, out_file = start_wst(processes, wst_client, port, "fleet-1", http_service.port,
+                               agent_token("fleet-1", SECRET_A), tmp_path)
+    assert out_file.read_text() == "http://127.0.0.1:%d/view/fleet-1/" % port
+    server.wait_log(r"agent fleet-1: registered openly \(no entry in %s\)" % re.escape(config))
+    # viewers reach it, whichever of the two workers accepts them
+    for index in range(4):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            payload = pattern(1000 * index + 1)
+            status, _, body = answer(conn, "POST", "/view/fleet-1/echo/%d" % index, payload)
+            assert status == 200
+            seen = json.loads(body)
+            assert (seen["path"], seen["body"].encode("latin-1")) == ("/echo/%d" % index,
+                                                                      payload)
+            status, _, body = answer(conn, "GET", "/view/fleet-1/bytes/300000")
+            assert (status, body) == (200, pattern(300000))
+        finally:
+            conn.close()
+    assert len(http_service.connections) == 4
+    # a token for another ID: 401, wst-client gives up, no entry, viewers get 404
+    stranger, _ = start_wst(processes, wst_client, port, "fleet-2", http_service.port,
+                            agent_token("fleet-1", SECRET_A), tmp_path, wait=False)
+    assert stranger.wait(30) == 1
+    assert 'level=fatal msg="auth failed"' in stranger.log()
+    line = server.wait_log(r"refused 'GET / HTTP/1\.1': 401 agent fleet-2: (.*)")
+    assert line.group(1) == 'token is for agent "fleet-1", not "fleet-2"'
+    assert "fleet-2: registered openly" not in server.log()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        status, _, body = answer(conn, "GET", "/view/fleet-2/")
+        assert (status, body) == (404, b"no agent 'fleet-2' with an HTTP face here\n")
+    finally:
+        conn.close()
+    # the first is untouched
+    assert proc.proc.poll() is None
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        assert answer(conn, "GET", "/view/fleet-1/")[::2] == (200, b"hello")
+    finally:
+        conn.close()
+    # once it left: 503 with Retry-After (its open entry stays until recycled)
+    mark = len(server.log())
+    proc.stop()
+    wait_for(lambda: re.search(r"agent fleet-1 \(127\.0\.0\.1:\d+\): tunnel closed",
+                               server.log()[mark:]), what="fleet-1's tunnel closed")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        status, response, body = answer(conn, "GET", "/view/fleet-1/")
+        assert (status, response.getheader("Retry-After"), body) == (
+            503, "5", b"agent fleet-1 is not connected\n")
+    finally:
+        conn.close()

@@ -78,7 +78,7 @@ def test_every_agent_option_is_in_its_man_page_and_the_readme():
     flags = agent_help_flags()
     assert {"--service", "--server", "--token-file", "--token-stdin", "--ca-cert",
             "--client-cert", "--client-key", "--connect-timeout", "-v", "--verbose",
-            "--log-file", "-h", "--help", "--version"} <= flags
+            "--log-file", "--http", "--url-file", "-h", "--help", "--version"} <= flags
     with open(AGENT_MAN_PAGE, encoding="utf-8") as handle:
         man = handle.read().replace("\\-", "-")
     options = man.split(".SH OPTIONS", 1)[1].split("\n.SH ", 1)[0]

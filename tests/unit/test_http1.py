@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 from websockify.errors import HTTPError
 from websockify.protocol.http1 import (HEAD_LIMIT, BodyFramer, ViewerRequests, head_end,
                                        parse_request_head, rewrite_request, split_face_target)
-from websockify.tunnel.http_face import forwarded_headers
+from websockify.tunnel.http_face import close_connection, forwarded_headers
 
 HEAD = b"POST /t/A1/x?q=1 HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 6.6.6.6\r\n" \
        b"Content-Length: 5\r\n\r\n"
@@ -197,3 +197,10 @@ def test_forwarded_headers_replaced_or_extended_for_a_trusted_proxy():
     assert forwarded_headers(head, client="127.0.0.1", scheme="http", trusted=True) == {
         "X-Forwarded-For": "203.0.113.9, 127.0.0.1", "X-Forwarded-Proto": "https",
         "X-Forwarded-Host": "example.org", "x-websocktunnel-original-path": "/t/web/x"}
+
+
+def test_a_one_request_response_says_connection_close():
+    response = b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok"
+    end = response.find(b"\r\n\r\n")
+    assert close_connection(response, end) == \
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"

@@ -62,6 +62,8 @@ class AgentConfig:
     max_retry_delay: float
     verbose: bool
     log_file: Optional[str]
+    http: bool = False
+    url_file: Optional[str] = None
 
 
 def parse_server_url(text: str) -> ServerURL:
@@ -157,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "this, with full jitter, and a server refusing the agent's "
                              "credentials (401, 403) is retried after this (default: %g)"
                              % DEFAULT_MAX_RETRY_DELAY)
+    parser.add_argument("--http", action="store_true",
+                        help="the service speaks HTTP: the server may keep viewers' "
+                             "connections alive and pipeline their requests over one "
+                             "stream each (without it each request gets Connection: close)")
+    parser.add_argument("--url-file", metavar="FILE",
+                        help="write the viewer URL the server gives (to agents with an "
+                             "HTTP face) to FILE, replaced atomically when it changes; it "
+                             "is printed on standard output in any case")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log each stream and debugging detail")
     parser.add_argument("--log-file", metavar="FILE",
@@ -183,7 +193,8 @@ def parse_args(argv: List[str]) -> AgentConfig:
                        connect_timeout=args.connect_timeout,
                        ping_interval=args.ping_interval, dead_after=args.dead_after,
                        max_retry_delay=args.max_retry_delay,
-                       verbose=args.verbose, log_file=args.log_file)
+                       verbose=args.verbose, log_file=args.log_file, http=args.http,
+                       url_file=args.url_file)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

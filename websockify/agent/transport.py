@@ -2,7 +2,9 @@
 
 ``Agent.run`` loops forever: take a token, dial (TCP, TLS verified against
 the system CAs or --ca-cert, the opening handshake with subprotocol
-``websockify-tunnel.v1``), run a ``Tunnel`` until it ends, wait what
+``websockify-tunnel.v1``; ``--http`` says the service speaks HTTP), tell
+the viewer URL from the 101 if any (agent/viewer.py), run a ``Tunnel``
+until it ends, wait what
 ``Backoff`` says, dial again.
 
 A ``Tunnel`` is one WebSocket to the server and four kinds of greenlets:
@@ -39,6 +41,7 @@ from gevent.event import Event
 from websockify import __version__
 from websockify.agent.backoff import Backoff
 from websockify.agent.tokens import TokenError, TokenFile, TokenStdin
+from websockify.agent.viewer import ViewerURL
 from websockify.errors import EXIT_CONFIG, EXIT_OK, TunnelHandshakeError, WebSocketError
 from websockify.net.tls import describe_error
 from websockify.protocol import mux
@@ -199,6 +202,12 @@ class Agent:
                 raise AgentSetupError(str(exc)) from None
         elif config.token_stdin:
             self.tokens = TokenStdin()
+        if config.url_file:
+            folder = os.path.dirname(os.path.abspath(config.url_file))
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise AgentSetupError("cannot write the viewer URL file %s: the folder %s "
+                                      "is missing or not writable" % (config.url_file, folder))
+        self.viewer = ViewerURL(config.url_file, expected=config.http)
         self.tunnel: Optional["Tunnel"] = None
         self.stopping = False
         self.connections = 0        # tunnels that came up
@@ -250,7 +259,7 @@ class Agent:
                 gevent.sleep(delay)
                 continue
             try:
-                sock, rest = self.dial(token)
+                sock, rest, viewer_header = self.dial(token)
             except TunnelHandshakeError as exc:
                 text = str(exc)
                 body = getattr(exc, "body", "")
@@ -281,6 +290,7 @@ class Agent:
             self.connections += 1
             connected_at = time.monotonic()
             log.info("connected to %s: tunnel up", server)
+            self.viewer.connected(viewer_header)
             tunnel = self.tunnel = Tunnel(self, sock, rest)
             try:
                 reason = tunnel.run()
@@ -308,11 +318,12 @@ class Agent:
 
     # -- one connection -----------------------------------------------------
 
-    def dial(self, token: Optional[str]) -> Tuple[socket.socket, bytes]:
+    def dial(self, token: Optional[str]) -> Tuple[socket.socket, bytes, Optional[str]]:
         """TCP, TLS and the opening handshake, within --connect-timeout.
 
-        Returns the socket and the bytes read past the 101's head; raises
-        OSError (TLS errors included) or TunnelHandshakeError.
+        Returns the socket, the bytes read past the 101's head and the 101's
+        viewer URL header (None without one); raises OSError (TLS errors
+        included) or TunnelHandshakeError.
         """
         cfg = self.config
         server = cfg.server
@@ -323,22 +334,30 @@ class Agent:
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_hostname=server.host)
             key = client_key(os.urandom(16))
-            headers = [("User-Agent", "websockify-agent/%s" % __version__)]
-            if token:
-                headers.append(("Authorization", "Bearer %s" % token))
             sock.sendall(client_request(server.host_header, server.target, key,
-                                        mux.SUBPROTOCOL, headers))
+                                        mux.SUBPROTOCOL, upgrade_headers(token, cfg.http)))
             head, rest = _read_head(sock, deadline)
             try:
-                check_client_response(head, key, mux.SUBPROTOCOL)
+                answer = check_client_response(head, key, mux.SUBPROTOCOL)
             except TunnelHandshakeError as exc:
                 exc.body = _read_body(sock, head, rest, deadline)
                 raise
             sock.settimeout(None)
-            return sock, rest
+            return sock, rest, answer.get(mux.VIEWER_URL_HEADER.lower())
         except BaseException:
             sock.close()
             raise
+
+
+def upgrade_headers(token: Optional[str], http_service: bool) -> List[Tuple[str, str]]:
+    """The agent's own headers in its upgrade request: who it is, its token,
+    and (--http) that its service speaks HTTP."""
+    headers = [("User-Agent", "websockify-agent/%s" % __version__)]
+    if token:
+        headers.append(("Authorization", "Bearer %s" % token))
+    if http_service:
+        headers.append((mux.SERVICE_HEADER, "http"))
+    return headers
 
 
 def _read_head(sock, deadline: float) -> Tuple[bytes, bytes]:

@@ -333,11 +333,12 @@ def client_request(host: str, path: str, key: str, subprotocol: Optional[str],
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def check_client_response(head: bytes, key: str, subprotocol: Optional[str]) -> None:
+def check_client_response(head: bytes, key: str,
+                          subprotocol: Optional[str]) -> RequestHeaders:
     """Check a server's answer head to ``client_request``.
 
-    Returns when it is a valid 101 with the right Sec-WebSocket-Accept and
-    subprotocol; otherwise raises ``TunnelHandshakeError`` carrying the
+    Returns its headers when it is a valid 101 with the right
+    Sec-WebSocket-Accept and subprotocol; otherwise raises ``TunnelHandshakeError`` carrying the
     status and reason text (the body, if any, is the caller's to read).
     """
     text = head.decode("latin-1")
@@ -375,3 +376,4 @@ def check_client_response(head: bytes, key: str, subprotocol: Optional[str]) -> 
                      % (chosen[:60], subprotocol or "none"))
     if headers.get("sec-websocket-extensions"):
         raise refuse("the server chose extensions, none offered")
+    return headers

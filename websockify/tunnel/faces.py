@@ -73,6 +73,8 @@ class StreamUser:
         self.decided = Event()
         self.bytes_up = 0
         self.bytes_down = 0
+        #: Bytes at the front of ``out`` that are not the agent's as sent (credited already).
+        self.uncredited = 0
         self._timer = loop.timer(open_timeout)
         # 0 while waiting for a place among the agent's unanswered opens.
         self.stream_id = link.open_stream(meta, self)      # may raise StreamLimitError
@@ -151,18 +153,25 @@ class StreamUser:
                     self.sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
-            if self.shut and self.read_done:
+            if self._over():
                 # Both FINs: the stream is over (the mux forgets it).
                 self.link.forget(self.stream_id)
                 self._finish(tell_link=False)
                 return
         elif not self.writer.active:
             self.writer.start(self._guarded, self._update)
-        if not self.read_done and self.link.send_window(self.stream_id) > 0:
+        if self._wants_read():
             if not self.reader.active:
                 self.reader.start(self._guarded, self._on_readable)
         elif self.reader.active:
             self.reader.stop()
+
+    def _over(self) -> bool:
+        """Everything delivered and both sides ended."""
+        return self.shut and self.read_done
+
+    def _wants_read(self) -> bool:
+        return not self.read_done and self.link.send_window(self.stream_id) > 0
 
     def _guarded(self, func) -> None:
         try:
@@ -189,7 +198,12 @@ class StreamUser:
             if written:
                 self.out_bytes -= written
                 self.bytes_down += written
-                self.link.consumed(self.stream_id, written)
+                credit = written
+                if self.uncredited:
+                    skipped = min(written, self.uncredited)
+                    self.uncredited -= skipped
+                    credit -= skipped
+                self.link.consumed(self.stream_id, credit)
                 self.link.kick()
 
     def _on_readable(self) -> None:

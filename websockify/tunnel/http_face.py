@@ -3,14 +3,20 @@
 The handshake handler has read the viewer's first request head; the hub
 (tunnel/hub.py) opens a stream of the agent (here, at the worker holding
 it, or at the node holding it) before anything is answered, so an absent
-agent is a 503, a refusing service 502 and a silent one 504.  Then an
-``HttpFacePipe`` carries the connection: what the viewer sends goes through
+agent is a 503, a refusing service 502 and a silent one 504.  Then the
+connection is carried: what the viewer sends goes through
 protocol/http1.py's ``ViewerRequests`` (each head rewritten for the
 service, bodies passed as they are), what the service answers goes back as
 it arrives, only its first bytes checked to be an HTTP response (else 502).
-Flow control is the stream's credit: the pipe holds at most one chunk per
-direction and reads a side only when the other side has taken the last one,
-so a viewer who stops reading stops the agent's service.
+
+Two carriers, one behaviour (``ViewerSide``): a plain viewer of an agent
+held by this worker is an ``HttpStreamUser``, the viewer's socket driven
+directly as the stream's user (the mux's credit paces both ways, no copy
+of ours in between); a TLS viewer, or one whose agent another node holds,
+is an ``HttpFacePipe`` between the viewer and a socket carrying the
+stream (a socketpair end of a local stream, or the internal link), holding
+at most one chunk per direction.  Either way a viewer who stops reading
+stops the agent's service.
 """
 
 import logging
@@ -19,6 +25,8 @@ from typing import Callable, Optional
 from websockify.errors import BadGateway, HTTPError
 from websockify.protocol.handshake import refusal_bytes
 from websockify.protocol.http1 import ViewerRequests
+from websockify.protocol.mux import ResetCode
+from websockify.tunnel.faces import USER_CHUNK, StreamUser
 from websockify.tunnel.handoff import Pipe
 
 log = logging.getLogger("websockify")
@@ -27,6 +35,8 @@ VIEWER = 0
 SERVICE = 1
 RETRY_AFTER = "5"
 _RESPONSE_START = b"HTTP/"
+#: A response head longer than this is passed on as it is.
+_HEAD_LIMIT = 64 * 1024
 
 
 def forwarded_headers(head, *, client: str, scheme: str, trusted: bool) -> dict:
@@ -47,6 +57,14 @@ def forwarded_headers(head, *, client: str, scheme: str, trusted: bool) -> dict:
     return headers
 
 
+def close_connection(response: bytes, end: int) -> bytes:
+    """A response whose head ends at ``end`` with ``Connection: close`` in it (replacing
+    any Connection header)."""
+    lines = response[:end].split(b"\r\n")
+    kept = [line for line in lines[1:] if not line.lower().startswith(b"connection:")]
+    return b"\r\n".join([lines[0]] + kept + [b"Connection: close"]) + response[end:]
+
+
 def unavailable_headers(error: HTTPError) -> HTTPError:
     """A 503 for a viewer says when to come back."""
     if error.status == 503 and not any(name.lower() == "retry-after"
@@ -55,31 +73,23 @@ def unavailable_headers(error: HTTPError) -> HTTPError:
     return error
 
 
-class HttpFacePipe(Pipe):
-    """One viewer connection and one stream to the agent's service."""
+class ViewerSide:
+    """What both carriers do with the bytes: requests rewritten on the way up, the
+    first answer checked on the way down, the counts for the log and the status."""
 
-    def __init__(self, loop, viewer, service, requests: ViewerRequests, *, label: str,
-                 on_finish: Optional[Callable[["HttpFacePipe"], None]] = None):
-        super().__init__(loop, viewer, service, on_finish=on_finish, half_close=True)
+    def _viewer_init(self, requests: ViewerRequests, label: str) -> None:
         self.requests = requests
+        self.agent_id = requests.agent_id
         self.label = label
         self.answered = False          # the service's first bytes looked like HTTP
         self.first = b""
         self.refused = False
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.agent_id = requests.agent_id
-        self.counted = 0            # requests already added to the registry's figures
-        self.user = None            # the StreamUser of a local stream (None: remote)
+        self.counted = 0               # requests already added to the registry's figures
+        self.up_bytes = 0
+        self.down_bytes = 0
 
-    def _carry(self, index: int, data, eof: bool):
-        if index == VIEWER:
-            return self._from_viewer(data, eof)
-        return self._from_service(data, eof)
-
-    def _from_viewer(self, data, eof: bool) -> bytes:
-        if eof:
-            return b""
+    def _rewrite_up(self, data) -> bytes:
+        """Viewer bytes -> service bytes; a bad later head stops the forwarding (logged)."""
         try:
             out = self.requests.feed(bytes(data))
         except HTTPError as exc:
@@ -90,44 +100,190 @@ class HttpFacePipe(Pipe):
             self.requests.stopped = True
             self.requests.boundary = "refused"
             out = b""
-        if self.requests.stopped and self.requests.boundary:
-            if self.requests.boundary != "refused":
-                log.debug("%s: %s: connection ends after the responses so far",
-                          self.label, self.requests.boundary)
-            # Our FIN tells the service no more requests come; it closes after answering.
-            self.ends[VIEWER].eof = True
-        self.bytes_up += len(out)
+        if self.requests.stopped and self.requests.boundary and \
+                self.requests.boundary != "refused":
+            log.debug("%s: %s: connection ends after the responses so far", self.label,
+                      self.requests.boundary)
+        self.up_bytes += len(out)
         return out
 
-    def _from_service(self, data, eof: bool):
-        if not self.answered:
-            self.first += bytes(data)
-            if len(self.first) < len(_RESPONSE_START) and not eof:
-                return b""
-            if not self.first.startswith(_RESPONSE_START):
-                return self._refuse_garbage()
-            self.answered = True
-            data, self.first = self.first, b""
-        self.bytes_down += len(data)
+    def _check_down(self, data, eof: bool) -> Optional[bytes]:
+        """Service bytes -> viewer bytes: None while too few to judge; the 502 refusal
+        (``refused`` set) when they are not an HTTP response."""
+        if self.answered:
+            self.down_bytes += len(data)
+            return data
+        self.first += bytes(data)
+        if len(self.first) < len(_RESPONSE_START) and not eof:
+            return None
+        if not self.requests.keep_alive and self.first.startswith(_RESPONSE_START):
+            # One request per connection: the viewer is told the connection ends.
+            end = self.first.find(b"\r\n\r\n")
+            if end < 0 and not eof and len(self.first) <= _HEAD_LIMIT:
+                return None
+            if end >= 0:
+                self.first = close_connection(self.first, end)
+        self.answered = True
+        if not self.first.startswith(_RESPONSE_START):
+            self.refused = True
+            what = ("closed the connection without answering" if not self.first
+                    else "answered %r, not an HTTP response" % self.first[:32])
+            error = BadGateway("agent %s: its service %s" % (self.agent_id, what))
+            log.info("%s: 502 %s", self.label, error.log_text)
+            return refusal_bytes(error.status_line, error.text, error.headers)
+        data, self.first = self.first, b""
+        self.down_bytes += len(data)
         return data
 
-    def _refuse_garbage(self) -> bytes:
-        what = ("closed the connection without answering" if not self.first
-                else "answered %r, not an HTTP response" % self.first[:32])
-        error = BadGateway("agent %s: its service %s" % (self.requests.agent_id, what))
-        log.info("%s: 502 %s", self.label, error.log_text)
-        self.refused = True
-        self.answered = True
-        self.ends[SERVICE].eof = True
-        self.ends[VIEWER].eof = True
-        return refusal_bytes(error.status_line, error.text, error.headers)
+    @property
+    def ends_stream(self) -> bool:
+        """The forwarding stopped at a request boundary: our FIN tells the service
+        no more requests come (it closes after answering)."""
+        return self.requests.stopped and bool(self.requests.boundary)
+
+    @property
+    def reads_viewer(self) -> bool:
+        return (not self.requests.stopped or self.requests.raw) and not self.refused
+
+
+class HttpFacePipe(ViewerSide, Pipe):
+    """One viewer connection and a socket carrying the agent's stream."""
+
+    def __init__(self, loop, viewer, service, requests: ViewerRequests, *, label: str,
+                 on_finish: Optional[Callable[["HttpFacePipe"], None]] = None):
+        Pipe.__init__(self, loop, viewer, service, on_finish=on_finish, half_close=True)
+        self._viewer_init(requests, label)
+
+    def _carry(self, index: int, data, eof: bool):
+        if index == VIEWER:
+            if eof:
+                return b""
+            out = self._rewrite_up(data)
+            if self.ends_stream:
+                self.ends[VIEWER].eof = True       # the pipe half-closes the service
+            return out
+        out = self._check_down(data, eof)
+        if out is None:
+            return b""
+        if self.refused:
+            self.ends[SERVICE].eof = True
+            self.ends[VIEWER].eof = True
+        return out
 
     def _may_read(self, index: int) -> bool:
         if index == VIEWER:
-            return not self.requests.stopped or self.requests.raw
+            return self.reads_viewer
         return not self.refused
 
     def _is_over(self) -> bool:
         # The service has ended and the viewer has had all of it: nothing more
         # can be answered on this connection.
         return self.ends[SERVICE].eof and not self.ends[VIEWER].out
+
+
+class HttpStreamUser(ViewerSide, StreamUser):
+    """A plain viewer's socket as the user of a local agent's stream."""
+
+    def __init__(self, loop, sock, link, meta: dict, requests: ViewerRequests, early: bytes,
+                 *, label: str, on_finish=None, open_timeout: float = 10.0):
+        self._viewer_init(requests, label)
+        #: Rewritten bytes the window has not taken yet; first what the handler read
+        #: (sent once the stream is accepted, before the viewer is read again).
+        self.pending = early
+        self.up_bytes = len(early)
+        StreamUser.__init__(self, loop, sock, link, meta, label=label, on_finish=on_finish,
+                            open_timeout=open_timeout)
+
+    def accepted(self) -> None:
+        self._timer.stop()
+        self.is_open = True
+        self.outcome = ("ok",)
+        self._push()
+        StreamUser.accepted(self)
+
+    def _push(self) -> None:
+        while self.pending and not self.finished:
+            window = self.link.send_window(self.stream_id)
+            if window <= 0:
+                return
+            taken = self.link.send(self.stream_id, self.pending[:window])
+            self.pending = self.pending[taken:]
+            self.link.kick()
+        if not self.pending and self.ends_stream and not self.read_done:
+            self.read_done = True
+            self.link.end(self.stream_id)
+            self.link.kick()
+
+    def window_opened(self) -> None:
+        self._push()
+        self._update()
+
+    def _wants_read(self) -> bool:
+        return (not self.read_done and not self.pending and self.reads_viewer
+                and self.link.send_window(self.stream_id) > 0)
+
+    def _on_readable(self) -> None:
+        if self.finished or not self._wants_read():
+            self.reader.stop()
+            return
+        try:
+            data = self.sock.recv(min(USER_CHUNK, self.link.send_window(self.stream_id)))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.read_done = True
+            if not self.pending:
+                self.link.end(self.stream_id)
+                self.link.kick()
+            self._update()
+            return
+        self.bytes_up += len(data)
+        self.pending = self._rewrite_up(data)
+        self._push()
+        self._update()
+
+    def data(self, data: bytes) -> None:
+        if self.finished:
+            self.link.consumed(self.stream_id, len(data))
+            return
+        held = len(self.first)
+        judged = self.answered
+        out = self._check_down(data, False)
+        if out is None:
+            return                       # credit returned once judged
+        if not judged and not self.refused:
+            # The first answer may have been rewritten (Connection: close): credit
+            # the agent's bytes now, none of what is written for them.
+            self.link.consumed(self.stream_id, held + len(data))
+            self.uncredited += len(out)
+        if self.refused:
+            self.link.consumed(self.stream_id, held + len(data))
+            self.link.reset(self.stream_id, ResetCode.CANCEL, "not an HTTP response")
+            self.link.kick()
+            self.out = [out]
+            self.peer_done = True
+            self.read_done = True
+            self._update()
+            return
+        StreamUser.data(self, out)
+
+    def ended(self) -> None:
+        if not self.answered and not self.finished:
+            out = self._check_down(b"", True)
+            if self.refused:
+                self.out = [out]
+            elif out:
+                self.out.append(out)        # a short answer, then the end
+                self.out_bytes += len(out)
+        StreamUser.ended(self)
+
+    def _over(self) -> bool:
+        # The service ended and the viewer has had all of it: nothing more can
+        # be answered on this connection.
+        if self.shut and not self.read_done:
+            self.read_done = True
+            self.link.end(self.stream_id)
+            self.link.kick()
+        return self.shut

@@ -617,6 +617,9 @@ class TunnelHub:
         first = request_bytes(handler)
         # The first head is judged before a stream is opened: a 400 is answered.
         self._viewer_requests(handler, agent_id, True).feed(first)
+        if link is not None and handler.tls is None:
+            self._serve_local_viewer(handler, link, first)
+            return
         if link is not None:
             service, user = self._local_stream(handler, link, "http")
             keep_alive = link.http_service
@@ -633,6 +636,43 @@ class TunnelHub:
             keep_alive = "http" in "".join(answer).split()
         requests = self._viewer_requests(handler, agent_id, keep_alive)
         self._start_viewer(handler, agent_id, service, user, requests, requests.feed(first))
+
+    def _serve_local_viewer(self, handler, link: Link, first: bytes) -> None:
+        """A plain viewer of an agent held here: its socket is the stream's user.
+
+        A duplicate of the socket is given to the stream, so that the
+        handler can still answer 502/503/504 if the stream does not open.
+        """
+        from websockify.tunnel.http_face import HttpStreamUser
+        agent_id = link.agent_id
+        requests = self._viewer_requests(handler, agent_id, link.http_service)
+        early = requests.feed(first)
+        fd = os.dup(handler.socket.fileno())
+        sock = _socket.socket(handler.socket.family, socket.SOCK_STREAM, 0, fd)
+        sock.setblocking(False)
+        try:
+            user = HttpStreamUser(self.loop, sock, link, {"face": "http", "peer": handler.peer},
+                                  requests, early,
+                                  label="%s -> agent %s (http)" % (handler.peer, agent_id),
+                                  on_finish=self._viewer_finished,
+                                  open_timeout=self.connect_timeout)
+        except StreamLimitError as exc:
+            sock.close()
+            raise AgentUnavailable("agent %s: %s" % (agent_id, exc)) from None
+        try:
+            wait_for_open(user, agent_id, self.connect_timeout)
+        except BaseException:
+            user.on_finish = None
+            user.abandon()
+            raise
+        handler.status = "200 OK"
+        handler.headers_sent = True
+        handler.close_connection = True
+        handler._detach().close()         # the stream's duplicate carries the connection
+        tune_stream(sock)
+        self.pipes.add(user)
+        self._count_viewer(agent_id, 1, 0)
+        user.start()
 
     def _viewer_requests(self, handler, agent_id: str, keep_alive: bool):
         """How this viewer's requests are rewritten for the agent's service."""
@@ -685,7 +725,7 @@ class TunnelHub:
                             label="%s -> agent %s (http)" % (handler.peer, agent_id),
                             on_finish=self._viewer_finished)
         pipe.user = user
-        pipe.bytes_up = len(early)
+        pipe.up_bytes = len(early)
         self.pipes.add(pipe)
         self._count_viewer(agent_id, 1, 0)
         pipe.start(early)
@@ -693,8 +733,8 @@ class TunnelHub:
     def _viewer_finished(self, pipe) -> None:
         self._count_viewer(pipe.agent_id, -1, pipe.requests.requests - pipe.counted)
         log.info("%s: viewer connection closed after %d request(s), %d bytes to the agent, "
-                 "%d from it", pipe.label, pipe.requests.requests, pipe.bytes_up,
-                 pipe.bytes_down)
+                 "%d from it", pipe.label, pipe.requests.requests, pipe.up_bytes,
+                 pipe.down_bytes)
         self._pipe_finished(pipe)
 
     def _count_viewer(self, agent_id: str, viewers: int, requests: int) -> None:
