@@ -33,7 +33,6 @@ import re
 import resource
 import select
 import socket
-import subprocess
 import time
 import zlib
 
@@ -292,15 +291,7 @@ def start_wst_client(bindir, workdir, port, service_port, name):
     return proc, viewer_url[len(prefix):].rstrip("/") + "/"
 
 
-def agent_has_http(python, env):
-    """Whether this websockify-agent takes --http (it came after the HTTP face)."""
-    done = subprocess.run([python, "-m", "websockify.agent", "--help"], env=env,
-                          capture_output=True, text=True)
-    return "--http" in done.stdout
-
-
-def start_paths(python, env, workdir, bindir, service, service_port, procs, errors,
-                http_flag):
+def start_paths(python, env, workdir, bindir, service, service_port, procs, errors):
     """{path key: (port, URL prefix, [the server's pid, the agent's])} for every path that
     could be started (direct: the service's pid as the server's)."""
     paths = {"direct": (service_port, "/", [service.pid])}
@@ -313,7 +304,7 @@ def start_paths(python, env, workdir, bindir, service, service_port, procs, erro
         return paths
     try:
         token = T._write(os.path.join(workdir, "http-agent.token"), T._token(OURS_ID))
-        agent = B.Proc([python, "-m", "websockify.agent"] + http_flag + ["--service",
+        agent = B.Proc([python, "-m", "websockify.agent", "--http", "--service",
                         "%s:%d" % (B.HOST, service_port), "--server",
                         "ws://%s:%d/tunnel/%s" % (B.HOST, port, OURS_ID), "--token-file", token],
                        "http-ours-agent", env=env)
@@ -361,11 +352,8 @@ def http_phase(tunnel, python, env, workdir, bindir, why, opts, cfg, results, er
         path, crc, tail = big_file(workdir, size)
         service, service_port = start_service(python, path)
         procs.append(service)
-        res["http_flag"] = ["--http"] if agent_has_http(python, env) else []
-        if not res["http_flag"]:
-            B.note("websockify-agent has no --http here: our agent runs without it")
         paths = start_paths(python, env, workdir, bindir, service, service_port, procs,
-                            errors, res["http_flag"])
+                            errors)
         for key in [k for k in PATHS if k in paths]:
             port, prefix, _ = paths[key]
             try:
@@ -431,8 +419,7 @@ def cluster_http(python, env, workdir, size, tail, opts, res, errors):
     def start(name):
         service, service_port = start_service(python, os.path.join(workdir, "http-body.bin"))
         try:
-            procs, _, _ = pair.start(service_port, name + "-http", http_path=HTTP_PATH,
-                                     agent_args=res["http_flag"])
+            procs, _, _ = pair.start(service_port, name + "-http", http_path=HTTP_PATH)
         except BaseException:
             service.stop()
             raise
@@ -485,13 +472,10 @@ def report(res, opts):
               "checked; every path first served a 16 MiB body whose CRC-32 matched), "
               "median of the rounds made (%s); small requests: %d keep-alive viewers on one "
               "epoll loop in the bench, sequential GETs of a %d-byte body, counted for %.0f s "
-              "after %.0f s of warm-up; ours: --workers 2 and websockify-agent%s; two "
+              "after %.0f s of warm-up; ours: --workers 2 and websockify-agent --http; two "
               "instances: %d rounds, the agent on the first.%s%s" % (
                   ", ".join("%s %d" % (LABELS[k], rounds[k]) for k in PATHS if k in rounds),
-                  VIEWERS, SMALL_BODY, SMALL_SECONDS, SMALL_WARMUP,
-                  " --http" if res.get("http_flag") else " (without --http, which this "
-                  "version lacks: each request on its own stream, Connection: close)",
-                  opts.rounds,
+                  VIEWERS, SMALL_BODY, SMALL_SECONDS, SMALL_WARMUP, opts.rounds,
                   " websocktunnel columns skipped: %s." % res["why"] if res.get("why") else "",
                   " Two instances skipped: %s." % cluster["why"] if cluster.get("why") else "")]
     targets = [("download >= 20x websocktunnel", "websocktunnel", 20.0),

@@ -209,9 +209,9 @@ class ClusterPair:
         value = redis.Redis(port=rport).get("websockify:tunnel:" + AGENT_ID)
         return value.decode().split(" ")[0] if value else None
 
-    def start(self, tport, name, http_path=None, agent_args=()):
+    def start(self, tport, name, http_path=None):
         """(processes, the holder's user port, the other's user port); self.ports: the
-        instances' own ports.  With http_path, the agent also has the HTTP face there."""
+        instances' own ports.  With http_path, the agent (--http) also has the HTTP face there."""
         rport = B.free_port()
         procs = [B.Proc(["redis-server", "--port", str(rport), "--bind", B.HOST, "--save", "",
                          "--appendonly", "no", "--dir", self.workdir], name + "-redis")]
@@ -235,7 +235,7 @@ class ClusterPair:
         self.ports = [port for port, _ in nodes]
         token = _write(os.path.join(self.workdir, "agent.token"), _token(AGENT_ID))
         procs.insert(0, B.Proc([self.python, "-m", "websockify.agent"]
-                               + list(agent_args) + ["--service",
+                               + (["--http"] if http_path else []) + ["--service",
                                 "127.0.0.1:%d" % tport, "--server",
                                 "ws://127.0.0.1:%d/tunnel/%s" % (nodes[0][0], AGENT_ID),
                                 "--token-file", token], name + "-agent", env=self.env))
