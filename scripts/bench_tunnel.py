@@ -30,14 +30,19 @@ Phases:
                of the instance that does not hold the agent (carried over the
                internal link) against the holding instance's (skipped with the
                reason without redis-server or redis-py; the HTTP face's
-               download is pending that face)
+               download is the HTTP phase's)
+  HTTP         viewers through the HTTP face (scripts/bench_http.py): one
+               --http-size download and 100 keep-alive viewers' small requests,
+               ours against websocktunnel and the direct service, and the
+               download at two instances
 
 --tunnel-phases cluster runs the two-instance phase alone, --tunnel-phases wst the
-idle wst-client one (N = --wst-agents).
+idle wst-client one (N = --wst-agents), --tunnel-phases http the HTTP one.
 
 The script is loaded by scripts/bench (--tunnel); it uses its helpers (B).
 """
 
+import importlib.util
 import json
 import os
 import selectors
@@ -204,8 +209,9 @@ class ClusterPair:
         value = redis.Redis(port=rport).get("websockify:tunnel:" + AGENT_ID)
         return value.decode().split(" ")[0] if value else None
 
-    def start(self, tport, name):
-        """(processes, the holder's user port, the other's user port)."""
+    def start(self, tport, name, http_path=None):
+        """(processes, the holder's user port, the other's user port); self.ports: the
+        instances' own ports.  With http_path, the agent (--http) also has the HTTP face there."""
         rport = B.free_port()
         procs = [B.Proc(["redis-server", "--port", str(rport), "--bind", B.HOST, "--save", "",
                          "--appendonly", "no", "--dir", self.workdir], name + "-redis")]
@@ -213,23 +219,32 @@ class ClusterPair:
         _write(os.path.join(self.workdir, "tunnel.key"), SECRET.decode())
         _write(os.path.join(self.workdir, "cluster.key"), "bench cluster secret\n")
         faces, nodes = [], []
+        http = ['http_path = "%s"' % http_path] if http_path else []
         for index in range(2):
             face, node = B.free_port(), B.free_port()
             config = _write(os.path.join(self.workdir, "cluster-%d.toml" % index), "\n".join([
                 "[tunnels]", 'secrets = ["tunnel.key"]',
                 'registry = "redis://%s:%d/0"' % (B.HOST, rport),
-                'node = "%s:%d"' % (B.HOST, node), 'cluster_secret = "cluster.key"',
-                "[tunnels.agent.%s]" % AGENT_ID, 'listen = "%s:%d"' % (B.HOST, face)]) + "\n")
+                'node = "%s:%d"' % (B.HOST, node), 'cluster_secret = "cluster.key"'] + http + [
+                "[tunnels.agent.%s]" % AGENT_ID, 'listen = "%s:%d"' % (B.HOST, face)]
+                + (["http = true"] if http_path else [])) + "\n")
             srv, port = self.ours.start_server(config, "%s-server%d" % (name, index))
             procs.append(srv)
             faces.append(face)
             nodes.append((port, "%s:%d" % (B.HOST, node)))
+        self.ports = [port for port, _ in nodes]
         token = _write(os.path.join(self.workdir, "agent.token"), _token(AGENT_ID))
-        procs.insert(0, B.Proc([self.python, "-m", "websockify.agent", "--service",
+        procs.insert(0, B.Proc([self.python, "-m", "websockify.agent"]
+                               + (["--http"] if http_path else []) + ["--service",
                                 "127.0.0.1:%d" % tport, "--server",
                                 "ws://127.0.0.1:%d/tunnel/%s" % (nodes[0][0], AGENT_ID),
                                 "--token-file", token], name + "-agent", env=self.env))
-        _wait(lambda: self._holder(rport) == nodes[0][1], 60, "the agent registered")
+        agent = procs[0]
+        _wait(lambda: self._holder(rport) == nodes[0][1] or not agent.alive(), 60,
+              "the agent registered")
+        if not agent.alive():
+            raise B.BenchError("the agent exited (%s): %s" % (
+                os.path.relpath(agent.log_path, B.ROOT), agent.log_tail(1).strip()))
         return procs, faces[0], faces[1]
 
 
@@ -254,18 +269,26 @@ def build_peers(bench_dir):
 
 # -- the measurements ---------------------------------------------------------------------
 
+def drain(sock, count, view):
+    """Read ``count`` bytes (fewer if the peer closes) into ``view``, over and over;
+    (bytes read, the length of the last read, whose bytes are at the start of view)."""
+    got = last = 0
+    recv_into = sock.recv_into
+    size = len(view)
+    while got < count:
+        last = recv_into(view, min(size, count - got))
+        if not last:
+            break
+        got += last
+    return got, last
+
+
 def tcp_download(port, total, timeout=120):
     """MB/s of reading ``total`` bytes from a TCP user port."""
     sock = socket.create_connection((B.HOST, port), timeout=timeout)
-    buf = bytearray(1 << 20)
-    got = 0
     try:
         t0 = time.perf_counter()
-        while got < total:
-            n = sock.recv_into(buf)
-            if not n:
-                break
-            got += n
+        got, _ = drain(sock, total, memoryview(bytearray(1 << 20)))
         elapsed = time.perf_counter() - t0
     finally:
         sock.close()
@@ -742,6 +765,11 @@ def run(bench, opts, cfg):
     if getattr(opts, "tunnel_phases", "all") == "wst":
         wst_phase(python, env, workdir, bindir, why, opts, results, errors)
         return report_wst(results["wst"]), results, errors
+    if getattr(opts, "tunnel_phases", "all") == "http":
+        http = load_http_phase()
+        http.http_phase(sys.modules[__name__], python, env, workdir, bindir, why, opts, cfg,
+                        results, errors)
+        return http.report(results["http"], opts), results, errors
 
     sides = [ours] + ([rw] if rw else [])
     rounds = {"ours": {"down": [], "up": []}, "rw": {"down": [], "up": []},
@@ -783,44 +811,73 @@ def run(bench, opts, cfg):
     wst_phase(python, env, workdir, bindir, why, opts, results, errors)
     results["cluster"] = {}
     cluster_phase(python, env, workdir, volume, opts, results, errors)
+    http = load_http_phase()
+    http.http_phase(sys.modules[__name__], python, env, workdir, bindir, why, opts, cfg,
+                    results, errors)
     return (report(results, rw is not None, why, volume, each, opts)
             + "\n" + report_wst(results["wst"])
-            + "\n" + report_cluster(results["cluster"], volume, opts)), results, errors
+            + "\n" + report_cluster(results["cluster"], volume, opts)
+            + "\n" + http.report(results["http"], opts)), results, errors
+
+
+def load_http_phase():
+    """scripts/bench_http.py, beside this script."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_http", os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_http.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cluster_phase(python, env, workdir, volume, opts, results, errors):
-    """The same download at the holding instance and at the other one, in rounds."""
+    """The same TCP-face download at the holding instance and at the other one, in rounds."""
     pair = ClusterPair(workdir, python, env)
+
+    def start(name):
+        target, tport = B.start_target(python, "source", volume, "tunnel")
+        try:
+            procs, holding_face, other_face = pair.start(tport, name)
+        except BaseException:
+            target.stop()
+            raise
+        return procs + [target], holding_face, other_face
+    two_instance_rounds(pair, start, lambda face: tcp_download(face, volume), opts.rounds,
+                        "two instances", results["cluster"], errors)
+
+
+def two_instance_rounds(pair, start, measure, rounds, label, into, errors):
+    """``into``'s holder and other: the medians of measure(address) at each instance.
+
+    Each round start(name) gives fresh processes and the two addresses (the
+    holding instance's first); which is measured first alternates, the
+    machine being shared and noisy.  ``into["why"]`` says why it was skipped.
+    """
     why = pair.unavailable()
     if why:
-        B.note("two-instance phase skipped: %s" % why)
-        results["cluster"]["why"] = why
+        B.note("%s skipped: %s" % (label, why))
+        into["why"] = why
         return
     holder, other = [], []
-    for number in range(opts.rounds):
-        B.note("two instances, round %d of %d" % (number + 1, opts.rounds))
-        target = procs = None
+    for number in range(rounds):
+        B.note("%s, round %d of %d" % (label, number + 1, rounds))
+        procs = None
         try:
-            target, tport = B.start_target(python, "source", volume, "tunnel")
-            procs, holding_face, other_face = pair.start(tport, "tunnel-cluster")
-            # alternate which goes first: the machine is shared and noisy
-            order = [(holder, holding_face), (other, other_face)]
-            for values, face in (order if number % 2 == 0 else order[::-1]):
-                values.append(tcp_download(face, volume))
+            procs, holding, elsewhere = start("tunnel-cluster")
+            order = [(holder, holding), (other, elsewhere)]
+            for values, address in (order if number % 2 == 0 else order[::-1]):
+                values.append(measure(address))
         except KeyboardInterrupt:
             raise
         except Exception as exc:
-            B.note("ERROR two instances: %s" % exc)
-            errors.append("two instances: %s" % exc)
+            B.note("ERROR %s: %s" % (label, exc))
+            errors.append("%s: %s" % (label, exc))
         finally:
             for proc in procs or ():
                 proc.stop()
-            if target:
-                target.stop()
     for key, values in (("holder", holder), ("other", other)):
         if values:
-            results["cluster"][key] = sorted(values)[len(values) // 2]
-            B.note("  two instances, %s: %s MB/s" % (key, ", ".join("%.1f" % v for v in values)))
+            into[key] = sorted(values)[len(values) // 2]
+            B.note("  %s, %s: %s MB/s" % (label, key, ", ".join("%.1f" % v for v in values)))
 
 
 def report_cluster(cluster, volume, opts):
@@ -834,7 +891,7 @@ def report_cluster(cluster, volume, opts):
                  else "-"), "",
              "Two instances: %d MiB through the agent's TCP face, median of %d rounds; the "
              "other instance carries the user over the internal link to the holder (one more "
-             "hop and copy each way). The HTTP face's figure is pending that face.%s" % (
+             "hop and copy each way); the HTTP face's figure is in the HTTP table.%s" % (
                  volume >> 20, opts.rounds,
                  " Skipped: %s." % cluster["why"] if cluster.get("why") else "")]
     return "\n".join(lines) + "\n"
