@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import socket
+import struct
 import threading
 import time
 
@@ -315,6 +316,9 @@ def test_websocket_upgrade_relayed_to_a_websocket_service(server, websockify, pr
     ws = RawWebSocket(server.port, path="/t/ws/")
     try:
         assert ws.status == 101, ws.buffer
+        # The agent has no --http, yet its 101 is passed as it is (a browser
+        # would fail a 101 saying Connection: close).
+        assert ws.headers["connection"].lower() == "upgrade"
         for payload in (b"hello", pattern(200000)):
             ws.send_binary(payload)
             assert ws.recv_data(len(payload)) == payload
@@ -552,3 +556,89 @@ def test_a_viewer_that_half_closes_after_its_request_gets_the_answer(server, ser
             sock.close()
     finally:
         agent.close()
+
+
+def test_a_refused_upgrade_lets_nothing_after_it_through(server, service):
+    agent = scripted_agent(server, "web", service.port)
+    try:
+        count = len(service.requests)
+        sock = viewer(server.port)
+        try:
+            # The service ignores the upgrade and answers 200, keeping the
+            # connection: what follows must not reach it unchecked.
+            sock.sendall(b"GET /t/web/echo/up HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\n\r\n"
+                         b"GET /t/web/../../smuggled HTTP/1.1\r\nHost: h\r\n"
+                         b"X-Forwarded-For: 7.7.7.7\r\n\r\n")
+            status, _, body = read_http_response(sock)
+            assert status == 200 and json.loads(body)["path"] == "/echo/up"
+            assert closed_by_peer(sock)
+        finally:
+            sock.close()
+        assert [r["path"] for r in service.requests[count:]] == ["/echo/up"]
+    finally:
+        agent.close()
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /t/web/echo HTTP/1.1\r\nHost: h\nX-Forwarded-For: 6.6.6.6\r\n\r\n",
+    b"POST /t/web/echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n-6\r\nXX",
+    b"POST /t/web/echo HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 30\r\n\r\n",
+])
+def test_heads_a_service_could_read_differently_are_400_and_the_worker_lives(server, service,
+                                                                           head):
+    agent = scripted_agent(server, "web", service.port)
+    try:
+        count = len(service.requests)
+        sock = viewer(server.port)
+        try:
+            sock.sendall(head)
+            status, _, body = read_http_response(sock)
+            assert status == 400, body
+        finally:
+            sock.close()
+        assert len(service.requests) == count
+        # The worker still serves (a negative chunk size once looped it forever).
+        assert request(server.port, "/t/web/echo/after")[0] == 200
+    finally:
+        agent.close()
+
+
+def test_an_open_id_needs_its_token_even_with_a_matching_client_certificate(
+        websockify, tmp_path, pki, service):
+    import ssl
+    path = write_config(tmp_path, [], extra=["open = true"])
+    proc, port = websockify("--cert", pki.server.pem, "--verify-client", "--cafile",
+                            pki.ca.cert, "--tunnel-config", path, "--workers", "1", "{port}",
+                            env=LIVENESS)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(pki.ca.cert)
+    context.load_cert_chain(pki.alice.cert, pki.alice.key)
+    first = ScriptedAgent(port, "alice", token=agent_token("alice", SECRET),
+                          service=service.port, ssl_context=context)
+    assert first.status == 101, first.body
+    try:
+        # CN=alice, no token: neither registers nor replaces the openly registered agent.
+        impostor = ScriptedAgent(port, "alice", ssl_context=context)
+        assert impostor.status == 401, impostor.body
+        assert b"open registration needs a token" in impostor.body
+        impostor.close()
+        assert not first.closed.is_set()
+    finally:
+        first.close()
+
+
+def test_a_service_resetting_before_any_answer_is_502_for_the_viewer(server):
+    def reset_at_once(conn):
+        conn.recv(65536)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    resetting = Service(reset_at_once)
+    agent = scripted_agent(server, "refusing", resetting.port)
+    try:
+        status, _, body = request(server.port, "/t/refusing/")
+        assert status == 502, body
+    finally:
+        agent.close()
+        resetting.close()

@@ -149,15 +149,66 @@ def test_a_request_for_another_agent_ends_the_forwarding():
         assert viewer.feed(outside) == b"" and viewer.stopped and viewer.requests == 0
 
 
-def test_an_upgrade_passes_everything_after_its_head():
+UPGRADE = (b"GET /t/web/ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n"
+           b"Connection: keep-alive, Upgrade\r\n\r\n")
+
+
+def test_an_upgrade_holds_what_follows_until_a_101_then_passes_everything():
     viewer = _viewer(keep_alive=False)
     frames = b"\x81\x85abcd" + b"GET /t/other/ HTTP/1.1\r\n\r\n"
-    out = viewer.feed(b"GET /t/web/ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n"
-                      b"Connection: keep-alive, Upgrade\r\n\r\n" + frames)
+    out = viewer.feed(UPGRADE + frames)
     assert out.endswith(b"Connection: keep-alive, Upgrade\r\nX-Forwarded-For: 192.0.2.7\r\n"
-                        b"x-websocktunnel-original-path: /t/web/ws\r\n\r\n" + frames)
+                        b"x-websocktunnel-original-path: /t/web/ws\r\n\r\n")
     assert b"Connection: close" not in out
+    assert viewer.awaiting_upgrade and viewer.feed(b"more") == b""
+    assert viewer.upgrade_answered(True) == frames + b"more"
     assert viewer.raw and viewer.feed(b"\x00\xff") == b"\x00\xff"
+
+
+def test_a_refused_upgrade_ends_the_forwarding():
+    viewer = _viewer()
+    viewer.feed(UPGRADE + b"GET /t/web/../../smuggled HTTP/1.1\r\n\r\n")
+    assert viewer.upgrade_answered(False) == b""
+    assert viewer.stopped and viewer.boundary == "the upgrade was not accepted"
+    assert viewer.feed(b"GET /t/web/ HTTP/1.1\r\n\r\n") == b""
+
+
+def test_an_upgrade_after_other_requests_ends_the_forwarding():
+    viewer = _viewer()
+    out = viewer.feed(b"GET /t/web/ HTTP/1.1\r\n\r\n" + UPGRADE)
+    assert out.count(b"HTTP/1.1") == 1 and b"Upgrade" not in out
+    assert viewer.stopped and viewer.boundary.startswith("an upgrade after other requests")
+
+
+@pytest.mark.parametrize("head", [
+    # A bare LF would hide a header from us that a lenient service reads.
+    b"GET /t/web/ HTTP/1.1\r\nHost: h\nX-Forwarded-For: 6.6.6.6\r\n\r\n",
+    b"GET /t/web/ HTTP/1.1\r\nHost: h\rX: y\r\n\r\n",
+    b"GET /t/web/ HTTP/1.1\r\nHost: h\x00\r\n\r\n",
+    b"POST /t/web/ HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 50\r\n\r\n",
+    b"POST /t/web/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked"
+    b"\r\n\r\n",
+    "POST /t/web/ HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1"),
+])
+def test_heads_a_service_could_read_differently_are_400(head):
+    with pytest.raises(HTTPError) as raised:
+        _viewer().feed(head)
+    assert raised.value.status == 400
+
+
+@pytest.mark.parametrize("size", [b"-6", b"+5", b"0x10", b" 5", b"1_0", b"11111111111111111"])
+def test_chunk_sizes_other_than_hex_digits_are_400(size):
+    # -6 once made the framer walk backwards forever.
+    with pytest.raises(HTTPError) as raised:
+        _viewer().feed(b"POST /t/web/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       + size + b"\r\nXXXXXXXXXXXXXXXXXXXXX")
+    assert raised.value.status == 400
+
+
+def test_chunk_data_must_end_with_crlf():
+    with pytest.raises(HTTPError):
+        _viewer().feed(b"POST /t/web/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"3\r\nabcXY0\r\n\r\n")
 
 
 @pytest.mark.parametrize("later, status", [

@@ -21,6 +21,11 @@ FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
              "x-websocktunnel-original-path")
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_DIGITS = re.compile(r"[0-9]{1,18}")
+# A line or value must not carry these: a bare CR or LF would make a service
+# see a header we did not (request smuggling, forged X-Forwarded-*).
+_LINE_BREAKERS = re.compile(r"[\r\n\x00]")
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
 
 
@@ -58,7 +63,14 @@ def parse_request_head(raw: bytes) -> RequestHead:
     """A head (with or without its blank line) -> RequestHead; BadRequest if malformed."""
     if len(raw) > HEAD_LIMIT:
         raise HeaderTooLarge(HEAD_LIMIT)
-    lines = raw.decode("latin-1").rstrip("\r\n").split("\r\n")
+    text = raw.decode("latin-1")
+    for end in ("\r\n\r\n", "\r\n"):
+        if text.endswith(end):
+            text = text[:-len(end)]
+            break
+    lines = text.split("\r\n")
+    if any(_LINE_BREAKERS.search(line) for line in lines):
+        raise BadRequest("a bare CR, LF or NUL in the request head")
     words = lines[0].split(" ")
     if len(words) != 3 or not _TOKEN.fullmatch(words[0]) or \
             words[2] not in ("HTTP/1.0", "HTTP/1.1"):
@@ -113,14 +125,17 @@ class BodyFramer:
     """Where a request body ends: ``feed(data)`` returns how many of its bytes are body."""
 
     def __init__(self, head: RequestHead):
+        for name in ("transfer-encoding", "content-length"):
+            if sum(1 for key, _ in head.headers if key.lower() == name) > 1:
+                raise BadRequest("more than one %s header" % name)
         encoding = (head.get("transfer-encoding") or "").lower()
         length = head.get("content-length")
         if encoding and length is not None:
             raise BadRequest("both Transfer-Encoding and Content-Length")
         if encoding and encoding != "chunked":
             raise BadRequest("unsupported Transfer-Encoding %r" % encoding)
-        if length is not None and not length.isdigit():
-            raise BadRequest("invalid Content-Length %r" % length)
+        if length is not None and not _DIGITS.fullmatch(length):
+            raise BadRequest("invalid Content-Length %r" % length[:40])
         self.chunked = encoding == "chunked"
         self.remaining = int(length) if length else 0
         self.state = "size" if self.chunked else "data"
@@ -141,7 +156,11 @@ class BodyFramer:
                     else:
                         self.done = True
             elif self.state == "crlf":
+                # The two bytes after a chunk's data must be CRLF.
+                expected = b"\r\n"[2 - self.remaining:]
                 take = min(self.remaining, len(data) - used)
+                if data[used:used + take] != expected[:take]:
+                    raise BadRequest("chunk data not followed by CRLF")
                 used += take
                 self.remaining -= take
                 if not self.remaining:
@@ -162,11 +181,10 @@ class BodyFramer:
         if self.state == "trailer":
             self.done = not line
             return
-        size = line.split(b";", 1)[0].strip()
-        try:
-            self.remaining = int(size, 16)
-        except ValueError:
-            raise BadRequest("bad chunk size %r" % size[:20]) from None
+        size = line.split(b";", 1)[0].rstrip(b" \t")
+        if not _CHUNK_SIZE.fullmatch(size):
+            raise BadRequest("bad chunk size %r" % size[:20])
+        self.remaining = int(size, 16)
         self.state = "data" if self.remaining else "trailer"
 
 
@@ -184,7 +202,10 @@ class ViewerRequests:
     outside the prefix ends the forwarding: ``stopped``, ``boundary`` true),
     and is rewritten (the ``<prefix><ID>`` part removed, the forwarded
     headers set).  Bodies pass as they are, delimited by Content-Length or
-    chunked framing; after an upgrade everything passes as it is.  With
+    chunked framing.  An upgrade, only as a connection's first request,
+    holds what follows it (``awaiting_upgrade``) until the service answers:
+    ``upgrade_answered(True)`` (a 101) then passes everything as it is,
+    ``False`` ends the forwarding.  With
     ``keep_alive`` false each request gets ``Connection: close`` and the
     forwarding stops after the first one (``boundary`` false: the service
     closes the connection itself).
@@ -200,6 +221,7 @@ class ViewerRequests:
         self.buffer = b""
         self.body: Optional[BodyFramer] = None
         self.raw = False
+        self.awaiting_upgrade = False
         self.stopped = False
         #: Why the forwarding stopped at a request boundary (None: it has not, or
         #: it stopped after a request that asked for Connection: close).
@@ -211,14 +233,19 @@ class ViewerRequests:
         (``requests`` tells whether any request went before it)."""
         if self.raw:
             return data
+        if self.awaiting_upgrade:
+            self.buffer += data
+            if len(self.buffer) > HEAD_LIMIT:
+                raise HeaderTooLarge(HEAD_LIMIT)
+            return b""
         if self.stopped:
             return b""
         out = []
         data = self.buffer + data if self.buffer else data
         self.buffer = b""
         while data and not self.stopped:
-            if self.raw:
-                out.append(data)
+            if self.awaiting_upgrade:
+                self.buffer = data          # held until the service answers the upgrade
                 break
             if self.body is not None:
                 used = self.body.feed(data)
@@ -249,12 +276,17 @@ class ViewerRequests:
             self.stopped = True
             self.boundary = "a request for %s, not agent %s" % (head.target[:100], self.agent_id)
             return b""
-        self.requests += 1
         upgrade = is_upgrade(head)
+        if upgrade and self.requests:
+            # Its answer could not be told from the answers before it.
+            self.stopped = True
+            self.boundary = "an upgrade after other requests on the connection"
+            return b""
+        self.requests += 1
         close = not self.keep_alive and not upgrade
         rewritten = rewrite_request(head, split[1], self.forwarded(head), close=close)
         if upgrade:
-            self.raw = True
+            self.awaiting_upgrade = True
         else:
             framer = BodyFramer(head)
             if framer.done:
@@ -263,3 +295,15 @@ class ViewerRequests:
             else:
                 self.body = framer
         return rewritten
+
+    def upgrade_answered(self, switched: bool) -> bytes:
+        """The service answered the upgrade: the bytes held since, to send on now
+        (everything passes from now on), or nothing (the forwarding ends)."""
+        self.awaiting_upgrade = False
+        held, self.buffer = self.buffer, b""
+        if switched:
+            self.raw = True
+            return held
+        self.stopped = True
+        self.boundary = "the upgrade was not accepted"
+        return b""

@@ -57,6 +57,13 @@ def forwarded_headers(head, *, client: str, scheme: str, trusted: bool) -> dict:
     return headers
 
 
+def response_status(response: bytes) -> int:
+    """The status code of a response's first line, 0 when there is none."""
+    words = response.split(b"\r\n", 1)[0].split(b" ", 2)
+    return int(words[1]) if len(words) > 1 and words[1].isdigit() and len(words[1]) == 3 \
+        else 0
+
+
 def close_connection(response: bytes, end: int) -> bytes:
     """A response whose head ends at ``end`` with ``Connection: close`` in it (replacing
     any Connection header)."""
@@ -116,12 +123,17 @@ class ViewerSide:
         self.first += bytes(data)
         if len(self.first) < len(_RESPONSE_START) and not eof:
             return None
-        if not self.requests.keep_alive and self.first.startswith(_RESPONSE_START):
-            # One request per connection: the viewer is told the connection ends.
+        if self.first.startswith(_RESPONSE_START) and (
+                not self.requests.keep_alive or self.requests.awaiting_upgrade):
+            # The whole head is needed: its status decides an upgrade, and a
+            # one-request connection's answer tells the viewer it ends.
             end = self.first.find(b"\r\n\r\n")
             if end < 0 and not eof and len(self.first) <= _HEAD_LIMIT:
                 return None
-            if end >= 0:
+            status = response_status(self.first)
+            if self.requests.awaiting_upgrade:
+                self._upgrade_decided(self.requests.upgrade_answered(status == 101))
+            if end >= 0 and not self.requests.keep_alive and not 100 <= status < 200:
                 self.first = close_connection(self.first, end)
         self.answered = True
         if not self.first.startswith(_RESPONSE_START):
@@ -135,6 +147,11 @@ class ViewerSide:
         self.down_bytes += len(data)
         return data
 
+    def _upgrade_decided(self, held: bytes) -> None:
+        """Send on what the viewer sent after its upgrade (a 101 came), or end the
+        forwarding (``held`` empty, ``ends_stream`` true)."""
+        raise NotImplementedError
+
     @property
     def ends_stream(self) -> bool:
         """The forwarding stopped at a request boundary: our FIN tells the service
@@ -143,7 +160,9 @@ class ViewerSide:
 
     @property
     def reads_viewer(self) -> bool:
-        return (not self.requests.stopped or self.requests.raw) and not self.refused
+        requests = self.requests
+        return ((not requests.stopped or requests.raw) and not requests.awaiting_upgrade
+                and not self.refused)
 
 
 class HttpFacePipe(ViewerSide, Pipe):
@@ -169,6 +188,12 @@ class HttpFacePipe(ViewerSide, Pipe):
             self.ends[SERVICE].eof = True
             self.ends[VIEWER].eof = True
         return out
+
+    def _upgrade_decided(self, held: bytes) -> None:
+        if held:
+            self.ends[SERVICE].out += held
+        elif self.ends_stream:
+            self.ends[VIEWER].eof = True       # the pipe half-closes the service
 
     def _may_read(self, index: int) -> bool:
         if index == VIEWER:
@@ -230,6 +255,10 @@ class HttpStreamUser(ViewerSide, StreamUser):
         return (not self.read_done and not self.pending and self.reads_viewer
                 and self.link.send_window(self.stream_id) > 0)
 
+    def _upgrade_decided(self, held: bytes) -> None:
+        self.pending += held
+        self._push()            # with nothing held and the forwarding over: our FIN
+
     def _carry_up(self, data: bytes) -> None:
         self.pending = self._rewrite_up(data)
         self._push()
@@ -262,6 +291,18 @@ class HttpStreamUser(ViewerSide, StreamUser):
             self._update()
             return
         StreamUser.data(self, out)
+
+    def reset(self, code: int, reason: str) -> None:
+        if self.is_open and not self.answered and not self.finished:
+            # Reset before any answer: the viewer still gets one.
+            error = BadGateway("agent %s: its service's stream was reset before an answer "
+                               "(%s)" % (self.agent_id, reason or code))
+            log.info("%s: 502 %s", self.label, error.log_text)
+            try:
+                self.sock.send(refusal_bytes(error.status_line, error.text, error.headers))
+            except OSError:
+                pass
+        StreamUser.reset(self, code, reason)
 
     def ended(self) -> None:
         if not self.answered and not self.finished:

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import gevent
 
 from websockify.addr import format_host_port
-from websockify.errors import BadRequest, HTTPError
+from websockify.errors import BadGateway, BadRequest, HTTPError
 from websockify.net.sockets import tune_stream
 from websockify.protocol.handshake import UpgradeRequest, accept_key, negotiate
 from websockify.protocol.codec import HYBI
@@ -281,7 +281,11 @@ class TunnelHub:
             raise BadRequest("agent ID %r is not a valid ID (1 to 128 of A-Z a-z 0-9 _ ~ . %% -)"
                              % agent_id[:140])
         if self.registry.known(agent_id):
-            return self._authenticate(handler, agent_id)
+            expiry = self._authenticate(handler, agent_id)
+            if expiry is None and self.registry.is_open(agent_id):
+                raise HTTPError(401, "agent %s: open registration needs a token" % agent_id,
+                                [("WWW-Authenticate", "Bearer")])
+            return expiry
         if not getattr(self.tunnels, "open", False):
             raise HTTPError(403, "agent ID %r is not in the tunnel configuration" % agent_id)
         expiry = self._authenticate(handler, agent_id)
@@ -654,7 +658,6 @@ class TunnelHub:
             user = HttpStreamUser(self.loop, sock, link, {"face": "http", "peer": handler.peer},
                                   requests, early,
                                   label="%s -> agent %s (http)" % (handler.peer, agent_id),
-                                  on_finish=self._viewer_finished,
                                   open_timeout=self.connect_timeout)
         except StreamLimitError as exc:
             sock.close()
@@ -662,9 +665,14 @@ class TunnelHub:
         try:
             wait_for_open(user, agent_id, self.connect_timeout)
         except BaseException:
-            user.on_finish = None
             user.abandon()
             raise
+        if user.finished:
+            # Opened and ended in one go (its duplicate socket is closed): the
+            # handler still answers.
+            raise BadGateway("agent %s: the stream ended as soon as it opened" % agent_id)
+        # Counted from here on: a failed open is no viewer.
+        user.on_finish = self._viewer_finished
         handler.status = "200 OK"
         handler.headers_sent = True
         handler.close_connection = True
