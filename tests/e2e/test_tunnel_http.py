@@ -52,8 +52,8 @@ class Server:
 def http_server(module_websockify, tmp_path_factory):
     directory = tmp_path_factory.mktemp("http-face")
     proc, port = module_websockify("-v", "--tunnel-config", write_config(directory, AGENTS),
-                                   "--workers", "2", "--connect-timeout", "1", "{port}",
-                                   env=LIVENESS)
+                                   "--workers", "2", "--connect-timeout", "1",
+                                   "--handshake-timeout", "2", "{port}", env=LIVENESS)
     return Server(SharedProcess(proc), port)
 
 
@@ -642,3 +642,20 @@ def test_a_service_resetting_before_any_answer_is_502_for_the_viewer(server):
     finally:
         agent.close()
         resetting.close()
+
+
+def test_a_later_head_left_unfinished_is_closed_after_the_handshake_timeout(server, service):
+    agent = scripted_agent(server, "web", service.port)
+    try:
+        sock = viewer(server.port)
+        try:
+            assert request(server.port, "/t/web/echo/1", sock=sock)[0] == 200
+            sock.sendall(b"GET /t/web/echo/2 HTTP/1.1\r\nHost:")
+            assert closed_by_peer(sock, seconds=8.0)
+        finally:
+            sock.close()
+        server.proc.wait_log(r"agent web \(http\): viewer connection closed: a request head "
+                             r"not completed within 2 s")
+        assert wait_for(lambda: agent.resets, what="the stream reset")
+    finally:
+        agent.close()

@@ -20,6 +20,7 @@ stops the agent's service.
 """
 
 import logging
+import time
 from typing import Callable, Optional
 
 from websockify.errors import BadGateway, HTTPError
@@ -37,6 +38,10 @@ RETRY_AFTER = "5"
 _RESPONSE_START = b"HTTP/"
 #: A response head longer than this is passed on as it is.
 _HEAD_LIMIT = 64 * 1024
+#: Seconds a viewer connection may pass no byte either way before it is closed
+#: (a relayed WebSocket excepted); a request head once begun must be complete
+#: within the handshake timeout.
+IDLE_TIMEOUT = 120.0
 
 
 def forwarded_headers(head, *, client: str, scheme: str, trusted: bool) -> dict:
@@ -94,9 +99,22 @@ class ViewerSide:
         self.counted = 0               # requests already added to the registry's figures
         self.up_bytes = 0
         self.down_bytes = 0
+        self.active_at = time.monotonic()
+
+    def expired(self, now: float, head_timeout: float) -> Optional[str]:
+        """Why this connection should be closed now (None: it should not)."""
+        if self.requests.raw:
+            return None
+        idle = now - self.active_at
+        if self.requests.buffer and idle > head_timeout:
+            return "a request head not completed within %g s" % head_timeout
+        if idle > IDLE_TIMEOUT:
+            return "no byte either way for %g s" % IDLE_TIMEOUT
+        return None
 
     def _rewrite_up(self, data) -> bytes:
         """Viewer bytes -> service bytes; a bad later head stops the forwarding (logged)."""
+        self.active_at = time.monotonic()
         try:
             out = self.requests.feed(bytes(data))
         except HTTPError as exc:
@@ -117,6 +135,7 @@ class ViewerSide:
     def _check_down(self, data, eof: bool) -> Optional[bytes]:
         """Service bytes -> viewer bytes: None while too few to judge; the 502 refusal
         (``refused`` set) when they are not an HTTP response."""
+        self.active_at = time.monotonic()
         if self.answered:
             self.down_bytes += len(data)
             return data
@@ -258,6 +277,10 @@ class HttpStreamUser(ViewerSide, StreamUser):
     def _upgrade_decided(self, held: bytes) -> None:
         self.pending += held
         self._push()            # with nothing held and the forwarding over: our FIN
+
+    def close(self) -> None:
+        """Closed by the hub (idle): the stream is reset, the viewer's socket closed."""
+        self._finish()
 
     def _carry_up(self, data: bytes) -> None:
         self.pending = self._rewrite_up(data)

@@ -420,11 +420,18 @@ class TunnelHub:
                              "its tunnel so it reconnects", agent_id)
                     self.links.pop(agent_id, None)
                     self._close_link(link, 1001, "server restarting")
-            for pipe in self.pipes:
+            now = time.monotonic()
+            for pipe in list(self.pipes):
                 served = getattr(pipe, "requests", None)
-                if served is not None and served.requests != pipe.counted:
+                if served is None:
+                    continue
+                if served.requests != pipe.counted:
                     self._count_viewer(pipe.agent_id, 0, served.requests - pipe.counted)
                     pipe.counted = served.requests
+                why = pipe.expired(now, self.server.handshake_timeout)
+                if why is not None:
+                    log.info("%s: viewer connection closed: %s", pipe.label, why)
+                    pipe.close()
             if self.viewer_counts:
                 counts, self.viewer_counts = self.viewer_counts, {}
                 self.registry.add_viewers(counts)

@@ -165,6 +165,12 @@ class Registry:
             if index is not None and self._get(index, _STATE) in _SERVED:
                 return True
             version, used = self._header()
+            if index is not None:
+                # Removed from the file, perhaps still held: it stays that link's
+                # entry (a new claim replaces the link as for any duplicate).
+                self._set(index, _STATE, OPEN)
+                _HEADER.pack_into(self._map, 0, version + 1, used)
+                return True
             if index is None:
                 index = self._free_entry(used)
                 if index is None:
@@ -263,6 +269,8 @@ class Registry:
             return Claim(False, 0, 0, "")
         fd = self._lock()
         try:
+            if self._entry_id(index) != agent_id or self._get(index, _STATE) not in _SERVED:
+                return Claim(False, 0, 0, "")      # recycled for another ID meanwhile
             previous = self._get(index, _PID)
             previous_peer = self.holder_peer(agent_id) if previous else ""
             if previous and refuse:
