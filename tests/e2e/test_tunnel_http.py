@@ -659,3 +659,22 @@ def test_a_later_head_left_unfinished_is_closed_after_the_handshake_timeout(serv
         assert wait_for(lambda: agent.resets, what="the stream reset")
     finally:
         agent.close()
+
+
+def test_the_server_answers_a_window_only_to_an_agent_that_announces_one(server, service):
+    from websockify.protocol.mux import LARGE_WINDOW
+    older = scripted_agent(server, "web", service.port)
+    try:
+        assert "x-websockify-window" not in older.headers
+    finally:
+        older.close()
+    newer = ScriptedAgent(server.port, "web", token=agent_token("web", SECRET),
+                          service=service.port, window=LARGE_WINDOW,
+                          extra=HTTP_AGENT + ("X-Websockify-Window: %d" % LARGE_WINDOW,))
+    try:
+        assert newer.headers["x-websockify-window"] == str(LARGE_WINDOW)
+        # Both ends at 1 MiB windows: an answer of about a window arrives exactly.
+        size = 1024 * 1024 - 200
+        assert request(server.port, "/t/web/bytes/%d" % size)[::2] == (200, pattern(size))
+    finally:
+        newer.close()

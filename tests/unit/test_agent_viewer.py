@@ -11,7 +11,7 @@ from websockify.agent.cli import parse_args
 from websockify.agent.transport import upgrade_headers
 from websockify.agent.viewer import BadViewerURL, ViewerURL, check_viewer_url
 from websockify.protocol.handshake import check_client_response, client_key
-from websockify.protocol.mux import SERVICE_HEADER, VIEWER_URL_HEADER
+from websockify.protocol.mux import LARGE_WINDOW, SERVICE_HEADER, VIEWER_URL_HEADER, WINDOW_HEADER
 from websockify.tunnel.hub import agent_response
 
 BASE = ["--service", "127.0.0.1:8080", "--server", "ws://h/tunnel/a", "--token-stdin"]
@@ -29,11 +29,12 @@ def test_http_and_url_file_options():
 def test_upgrade_headers():
     from websockify import __version__
     agent = ("User-Agent", "websockify-agent/%s" % __version__)
-    assert upgrade_headers(None, False) == [agent]
-    assert upgrade_headers("T.K.N", False) == [agent, ("Authorization", "Bearer T.K.N")]
+    window = (WINDOW_HEADER, str(LARGE_WINDOW))
+    assert upgrade_headers(None, False) == [agent, window]
+    assert upgrade_headers("T.K.N", False) == [agent, ("Authorization", "Bearer T.K.N"), window]
     assert upgrade_headers("T.K.N", True) == [agent, ("Authorization", "Bearer T.K.N"),
-                                              ("X-Websockify-Service", "http")]
-    assert upgrade_headers(None, True) == [agent, (SERVICE_HEADER, "http")]
+                                              ("X-Websockify-Service", "http"), window]
+    assert upgrade_headers(None, True) == [agent, (SERVICE_HEADER, "http"), window]
 
 
 def test_the_servers_101_gives_its_viewer_url_to_the_agent():

@@ -843,3 +843,33 @@ def test_random_interleavings_deliver_every_byte_in_order(data):
     for me, other in ((server, agent), (agent, server)):
         for sid in me.ended & other.ended:
             assert not me.conn.is_open(sid)
+
+
+# -- announced windows (X-Websockify-Window) ---------------------------------------------------
+
+@pytest.mark.parametrize("text, window", [
+    ("1048576", 1048576), (" 65536 ", 65536), (str(16 * 1048576), 16 * 1048576),
+    ("65535", None), (str(16 * 1048576 + 1), None), ("1e6", None), ("-1048576", None),
+    ("\u00b9\u00b2", None), ("", None), (None, None), ("9" * 40, None),
+])
+def test_parse_window(text, window):
+    assert mux.parse_window(text) == window
+
+
+def test_each_side_sends_up_to_the_others_window_and_receives_up_to_its_own():
+    server = Connection("server", window=1048576, peer_window=4 * 65536)
+    agent = Connection("agent", window=4 * 65536, peer_window=1048576)
+    stream_id = established(server, agent)
+    assert server.send_window(stream_id) == 4 * 65536
+    assert agent.send_window(stream_id) == 1048576
+    # The agent may send its whole credit: the server's receive window holds it.
+    assert agent.send_data(stream_id, b"x" * 2000000) == 1048576
+    received = data_events(pump(agent, server))
+    assert len(received[stream_id]) == 1048576
+    assert server.send_data(stream_id, b"y" * 300000) == 4 * 65536
+    # Past the agent's own (smaller) receive window is the server's error, as before.
+    sixteen = b"".join(encode_frame(FrameType.DATA, stream_id, b"z" * 16384)
+                       for _ in range(16))
+    agent.receive_message(sixteen)
+    with pytest.raises(MuxProtocolError):
+        agent.receive_message(encode_frame(FrameType.DATA, stream_id, b"z"))

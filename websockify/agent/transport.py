@@ -343,6 +343,8 @@ class Agent:
                 exc.body = _read_body(sock, head, rest, deadline)
                 raise
             sock.settimeout(None)
+            # The server's window when it took up ours (an older one: the default).
+            self.peer_window = mux.parse_window(answer.get(mux.WINDOW_HEADER.lower()))
             return sock, rest, answer.get(mux.VIEWER_URL_HEADER.lower())
         except BaseException:
             sock.close()
@@ -357,6 +359,7 @@ def upgrade_headers(token: Optional[str], http_service: bool) -> List[Tuple[str,
         headers.append(("Authorization", "Bearer %s" % token))
     if http_service:
         headers.append((mux.SERVICE_HEADER, "http"))
+    headers.append((mux.WINDOW_HEADER, str(mux.LARGE_WINDOW)))
     return headers
 
 
@@ -440,7 +443,9 @@ class Tunnel:
         self.config = cfg
         self.sock = sock
         self._rest = rest
-        self.conn = mux.Connection("agent")
+        peer_window = getattr(agent, "peer_window", None)
+        self.conn = mux.Connection("agent") if peer_window is None else \
+            mux.Connection("agent", window=mux.LARGE_WINDOW, peer_window=peer_window)
         self.live = mux.Liveness(cfg.ping_interval, cfg.dead_after, now=time.monotonic())
         self.parser = FrameParser(self._on_data, self._on_control, max_frame_size=MAX_MESSAGE,
                                   expect_masked=False, on_message_end=self._on_message_end)

@@ -22,7 +22,9 @@ type  name      stream  payload
 Only the server opens streams (users arrive there): odd ids, increasing,
 never reused.  The server sends no DATA on a stream before its OPEN_OK.
 Each direction of each stream has a credit window (``DEFAULT_WINDOW``,
-256 KiB): a sender has at most that many bytes of DATA unacknowledged, and
+256 KiB, unless both ends announced theirs in the upgrade: WINDOW_HEADER;
+then each receives up to its own ``window`` and sends up to the other's
+``peer_window``): a sender has at most that many bytes of DATA unacknowledged, and
 the receiver returns CREDIT as its application *consumes* the data (writes
 it to its socket), batched once a quarter of the window is consumed.  A
 user who stops reading therefore stops only their own stream.
@@ -30,7 +32,8 @@ user who stops reading therefore stops only their own stream.
 Memory bound: ``Connection`` queues at most ``window`` bytes per stream in
 each direction (``send_data`` takes no more than the credit it has, and a
 peer sending past the window is a protocol error), so per agent at most
-``2 * max_streams * window`` bytes (128 MiB at the defaults; typical use is
+``2 * max_streams * window`` bytes (128 MiB at the defaults, 512 MiB with
+LARGE_WINDOW; typical use is
 far less, since a window is only full while its reader is stalled).  The
 control queue holds what the application asked for plus one PONG: pings
 from a peer that does not read are answered once, for the latest.
@@ -61,6 +64,16 @@ SUBPROTOCOL = "websockify-tunnel.v1"
 SERVICE_HEADER = "X-Websockify-Service"
 #: In the server's 101 to an agent with an HTTP face: the viewers' URL.
 VIEWER_URL_HEADER = "X-Websockify-Viewer-URL"
+#: In an agent's upgrade and the server's 101: the sender's receive window per
+#: stream.  Both present: each side uses its own as its receive window and the
+#: other's as its send credit; otherwise both keep DEFAULT_WINDOW.
+WINDOW_HEADER = "X-Websockify-Window"
+#: The window websockify's agent and server announce (a window round trip
+#: between two processes is what limits one stream: 1 MiB carries about 1.6
+#: times what 256 KiB does on loopback; more adds nothing there).
+LARGE_WINDOW = 1048576
+MIN_WINDOW = 65536
+MAX_WINDOW = 16 * 1048576
 MAX_OPEN_META = 1024
 MAX_REASON = 123
 PING_SIZE = 8
@@ -184,6 +197,15 @@ def encode_frame(frame_type: int, stream_id: int, payload: Buffer = b"") -> byte
     return HEADER.pack(frame_type, stream_id, len(payload)) + bytes(payload)
 
 
+def parse_window(text: Optional[str]) -> Optional[int]:
+    """An announced window (WINDOW_HEADER's value): bytes in MIN_WINDOW..MAX_WINDOW, else None."""
+    text = (text or "").strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
+        return None
+    window = int(text)
+    return window if MIN_WINDOW <= window <= MAX_WINDOW else None
+
+
 def parse_frames(message: Buffer) -> List[tuple]:
     """Split one message into (type, stream, payload bytes) without judging them."""
     view = memoryview(message).cast("B")
@@ -223,10 +245,12 @@ class _Stream:
     __slots__ = ("id", "established", "credit", "recv_window", "to_credit", "out",
                  "out_offset", "queued", "fin_queued", "fin_sent", "remote_fin")
 
-    def __init__(self, stream_id: int, window: int, established: bool):
+    def __init__(self, stream_id: int, window: int, established: bool,
+                 peer_window: Optional[int] = None):
         self.id = stream_id
         self.established = established  # OPEN_OK sent (agent) or received (server)
-        self.credit = window            # bytes we may still queue
+        # bytes we may still queue: the peer's receive window
+        self.credit = window if peer_window is None else peer_window
         self.recv_window = window       # bytes the peer may still send us
         self.to_credit = 0              # consumed bytes not yet returned as CREDIT
         self.out: Deque[Buffer] = deque()   # queued DATA, in order
@@ -300,7 +324,8 @@ class Connection(StreamTable):
     """One end (``"server"`` or ``"agent"``) of a mux connection, sans I/O."""
 
     def __init__(self, role: str, window: int = DEFAULT_WINDOW, max_streams: int = 256,
-                 max_pending_opens: int = 64, max_message: int = 65536 + HEADER_SIZE * 4):
+                 max_pending_opens: int = 64, max_message: int = 65536 + HEADER_SIZE * 4,
+                 peer_window: Optional[int] = None):
         if role not in ("server", "agent"):
             raise ValueError("role must be 'server' or 'agent', not %r" % (role,))
         if not 0 < window <= MAX_CREDIT:
@@ -310,6 +335,10 @@ class Connection(StreamTable):
         self.role = role
         self.is_server = role == "server"
         self.window = window
+        #: The peer's receive window: our initial send credit per stream.
+        self.peer_window = window if peer_window is None else peer_window
+        if not 0 < self.peer_window <= MAX_CREDIT:
+            raise ValueError("peer_window must be in 1..%d" % MAX_CREDIT)
         self.max_streams = max_streams
         self.max_pending_opens = max_pending_opens
         self.max_message = max_message
@@ -528,7 +557,7 @@ class Connection(StreamTable):
             self._queue_reset(stream_id, ResetCode.LIMIT,
                               "agent pending-open limit (%d) reached" % self.max_pending_opens)
             return
-        self._streams[stream_id] = _Stream(stream_id, self.window, False)
+        self._streams[stream_id] = _Stream(stream_id, self.window, False, self.peer_window)
         self._pending.add(stream_id)
         events.append(StreamOpened(stream_id, meta))
 
@@ -552,7 +581,7 @@ class Connection(StreamTable):
             raise ValueError("OPEN metadata of %d bytes (limit %d)"
                              % (len(encoded), MAX_OPEN_META))
         self._last_id = stream_id
-        self._streams[stream_id] = _Stream(stream_id, self.window, False)
+        self._streams[stream_id] = _Stream(stream_id, self.window, False, self.peer_window)
         self._pending.add(stream_id)
         self._control.append(HEADER.pack(_OPEN, stream_id, len(encoded)) + encoded)
         return stream_id

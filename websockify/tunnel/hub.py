@@ -33,7 +33,9 @@ from websockify.errors import BadGateway, BadRequest, HTTPError
 from websockify.net.sockets import tune_stream
 from websockify.protocol.handshake import UpgradeRequest, accept_key, negotiate
 from websockify.protocol.codec import HYBI
-from websockify.protocol.mux import SERVICE_HEADER, SUBPROTOCOL, VIEWER_URL_HEADER, StreamLimitError
+from websockify.protocol.mux import (LARGE_WINDOW, SERVICE_HEADER, SUBPROTOCOL,
+                                     VIEWER_URL_HEADER, WINDOW_HEADER, Connection,
+                                     StreamLimitError, parse_window)
 from websockify.protocol.wsmux import ID_HEADER as WSMUX_ID_HEADER
 from websockify.protocol.wsmux import URL_HEADER as WSMUX_URL_HEADER
 from websockify.protocol.http1 import split_face_target
@@ -55,8 +57,9 @@ class Conflict(HTTPError):
         super().__init__(409, text)
 
 
-def agent_response(key: str, url: Optional[str] = None) -> bytes:
-    """The 101 for an agent: the tunnel subprotocol answered (and its viewer URL, if any)."""
+def agent_response(key: str, url: Optional[str] = None, window: Optional[int] = None) -> bytes:
+    """The 101 for an agent: the tunnel subprotocol answered (its viewer URL, and our
+    receive window when the agent announced its own)."""
     lines = ["HTTP/1.1 101 Switching Protocols",
              "Upgrade: websocket",
              "Connection: Upgrade",
@@ -64,6 +67,8 @@ def agent_response(key: str, url: Optional[str] = None) -> bytes:
              "Sec-WebSocket-Protocol: %s" % SUBPROTOCOL]
     if url:
         lines.append("%s: %s" % (VIEWER_URL_HEADER, url))
+    if window:
+        lines.append("%s: %d" % (WINDOW_HEADER, window))
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
@@ -242,9 +247,17 @@ class TunnelHub:
         if self.has_http_face(agent_id):
             url = viewer_url(handler, self.http_path, agent_id, self.server.trusted_proxy)
         http_service = (headers.get(SERVICE_HEADER) or "").strip().lower() == "http"
+        # An agent that announces its window gets ours: both then use LARGE_WINDOW-sized
+        # receive windows (one from an older agent keeps DEFAULT_WINDOW).
+        peer_window = parse_window(headers.get(WINDOW_HEADER))
+        codec = window = None
+        if peer_window is not None:
+            window = LARGE_WINDOW
+            codec = Connection(role="server", window=window, peer_window=peer_window)
         self._start_link(handler, agent_id, expiry,
-                         agent_response(headers.get("sec-websocket-key", "").strip(), url),
-                         http_service=http_service)
+                         agent_response(headers.get("sec-websocket-key", "").strip(), url,
+                                        window),
+                         codec=codec, http_service=http_service)
 
     def accept_wsmux_agent(self, handler) -> None:
         """websocktunnel's client: an upgrade to "/" naming its ID in x-websocktunnel-id.
@@ -336,7 +349,7 @@ class TunnelHub:
         link.http_service = http_service   # keep-alive on the HTTP face (else one request each)
         self.links[agent_id] = link
         log.info("agent %s connected from %s (worker %d%s)", agent_id, peer, self.worker_number,
-                 "" if codec is None else ", %s" % kind)
+                 "" if kind == "agent" else ", %s" % kind)
         link.start(early)
 
     def _authenticate(self, handler, agent_id: str) -> Optional[float]:
