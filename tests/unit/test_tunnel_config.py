@@ -210,6 +210,11 @@ BAD = [
      ": nickname in [tunnels.agent.A] must be a string, not an integer"),
     ("[tunnels.agent.A]\ntoken = 'yes'\n",
      ": token in [tunnels.agent.A] must be true or false, not a string"),
+    ("[tunnels.agent.A]\nhttp = 1\n",
+     ": http in [tunnels.agent.A] must be true or false, not an integer"),
+    ("[tunnels]\nopen = 'yes'\n", ": open in [tunnels] must be true or false, not a string"),
+    ("[tunnels]\nopen = true\n",
+     ": open = true in [tunnels] needs secrets (open registration is by token)"),
     ("[tunnels.agent.A]\nlisten = 39036\n",
      ": listen in [tunnels.agent.A] must be a string, not an integer"),
     ("remote_service = 'x'\n", ": remote_service in the top level must be a table, not a string"),
@@ -443,3 +448,13 @@ def test_without_tunnel_config_a_target_is_still_required():
     with pytest.raises(UsageError) as info:
         cli.parse_args(["--tunnel-config", "t.toml", "6080", "localhost:5900", "extra"])
     assert str(info.value) == "Too many arguments"
+
+
+def test_open_registration_and_the_http_face_are_read(folder):
+    (folder / "k.key").write_text("s\n")
+    config = load(folder, "[tunnels]\nsecrets = ['k.key']\nopen = true\n"
+                          "[tunnels.agent.web]\nhttp = true\n[tunnels.agent.tcp]\ntoken = true\n")
+    assert config.open is True
+    assert (config.agents["web"].http, config.agents["web"].token) == (True, False)
+    assert (config.agents["tcp"].http, config.agents["tcp"].token) == (False, True)
+    assert load(folder, "[tunnels]\n").open is False
