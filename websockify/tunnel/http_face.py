@@ -240,10 +240,7 @@ class HttpStreamUser(ViewerSide, StreamUser):
                             open_timeout=open_timeout)
 
     def accepted(self) -> None:
-        self._timer.stop()
-        self.is_open = True
-        self.outcome = ("ok",)
-        self._push()
+        self._push()                # what the handler read goes before the viewer is read
         StreamUser.accepted(self)
 
     def _push(self) -> None:
@@ -298,13 +295,12 @@ class HttpStreamUser(ViewerSide, StreamUser):
         out = self._check_down(data, False)
         if out is None:
             return                       # credit returned once judged
-        if not judged and not self.refused:
-            # The first answer may have been rewritten (Connection: close): credit
-            # the agent's bytes now, none of what is written for them.
+        if not judged:
+            # The first answer may be rewritten (Connection: close) or ours (502):
+            # credit the agent's bytes now, none of what is written for them.
             self.link.consumed(self.stream_id, held + len(data))
             self.uncredited += len(out)
         if self.refused:
-            self.link.consumed(self.stream_id, held + len(data))
             self.link.reset(self.stream_id, ResetCode.CANCEL, "not an HTTP response")
             self.link.kick()
             self.out = [out]

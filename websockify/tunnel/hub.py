@@ -115,6 +115,18 @@ def request_bytes(handler) -> bytes:
             + b"\r\n\r\n" + handler.rfile.take_buffer())
 
 
+def viewer_label(handler, agent_id: str) -> str:
+    return "%s -> agent %s (http)" % (handler.peer, agent_id)
+
+
+def _hand_over(handler):
+    """The handler's connection, taken from it: what it carries is answered elsewhere."""
+    handler.status = "200 OK"
+    handler.headers_sent = True
+    handler.close_connection = True
+    return handler._detach()
+
+
 def _raw(sock) -> _socket.socket:
     """A plain non-blocking socket object for a descriptor (the loop drives it)."""
     fd = sock.detach() if hasattr(sock, "detach") else sock
@@ -293,18 +305,16 @@ class TunnelHub:
         if not AGENT_ID.fullmatch(agent_id):
             raise BadRequest("agent ID %r is not a valid ID (1 to 128 of A-Z a-z 0-9 _ ~ . %% -)"
                              % agent_id[:140])
-        if self.registry.known(agent_id):
-            expiry = self._authenticate(handler, agent_id)
-            if expiry is None and self.registry.is_open(agent_id):
-                raise HTTPError(401, "agent %s: open registration needs a token" % agent_id,
-                                [("WWW-Authenticate", "Bearer")])
-            return expiry
-        if not getattr(self.tunnels, "open", False):
+        new = not self.registry.known(agent_id)
+        if new and not getattr(self.tunnels, "open", False):
             raise HTTPError(403, "agent ID %r is not in the tunnel configuration" % agent_id)
         expiry = self._authenticate(handler, agent_id)
-        if expiry is None:
+        # An open ID is had by token only (a client certificate names no entry of the file).
+        if expiry is None and (new or self.registry.is_open(agent_id)):
             raise HTTPError(401, "agent %s: open registration needs a token" % agent_id,
                             [("WWW-Authenticate", "Bearer")])
+        if not new:
+            return expiry
         if not self.registry.register_open(agent_id):
             raise AgentUnavailable("agent %s: no room left in the tunnel registry" % agent_id)
         log.info("agent %s: registered openly (no entry in %s)", agent_id, self.tunnels.source)
@@ -639,29 +649,32 @@ class TunnelHub:
             if self.cluster is None:
                 raise AgentUnavailable("agent %s is not connected" % agent_id)
         first = request_bytes(handler)
-        # The first head is judged before a stream is opened: a 400 is answered.
-        self._viewer_requests(handler, agent_id, True).feed(first)
-        if link is not None and handler.tls is None:
-            self._serve_local_viewer(handler, link, first)
-            return
         if link is not None:
-            service, user = self._local_stream(handler, link, "http")
-            keep_alive = link.http_service
-        else:
-            answer = []
-            try:
-                service = self.open_remote_stream(agent_id, face="http", peer=handler.peer,
-                                                  answer=answer)
-            except AgentNotConnected:
-                if not self.registry.known(agent_id):
-                    raise HTTPError(404, "no agent %r is registered" % agent_id) from None
-                raise
-            user = None
-            keep_alive = "http" in "".join(answer).split()
-        requests = self._viewer_requests(handler, agent_id, keep_alive)
-        self._start_viewer(handler, agent_id, service, user, requests, requests.feed(first))
+            # The first head is judged before a stream is opened: a 400 is answered.
+            requests = self._viewer_requests(handler, agent_id, link.http_service)
+            early = requests.feed(first)
+            if handler.tls is None:
+                self._serve_local_viewer(handler, link, requests, early)
+            else:
+                service, _ = self._local_stream(handler, link, "http")
+                self._start_viewer(handler, service, requests, early)
+            return
+        # Whether the agent's service keeps connections alive is the holder's word:
+        # judge the head now, rewrite it once the answer says.
+        self._viewer_requests(handler, agent_id, True).feed(first)
+        answer = []
+        try:
+            service = self.open_remote_stream(agent_id, face="http", peer=handler.peer,
+                                              answer=answer)
+        except AgentNotConnected:
+            if not self.registry.known(agent_id):
+                raise HTTPError(404, "no agent %r is registered" % agent_id) from None
+            raise
+        requests = self._viewer_requests(handler, agent_id,
+                                         "http" in "".join(answer).split())
+        self._start_viewer(handler, service, requests, requests.feed(first))
 
-    def _serve_local_viewer(self, handler, link: Link, first: bytes) -> None:
+    def _serve_local_viewer(self, handler, link: Link, requests, early: bytes) -> None:
         """A plain viewer of an agent held here: its socket is the stream's user.
 
         A duplicate of the socket is given to the stream, so that the
@@ -669,15 +682,12 @@ class TunnelHub:
         """
         from websockify.tunnel.http_face import HttpStreamUser
         agent_id = link.agent_id
-        requests = self._viewer_requests(handler, agent_id, link.http_service)
-        early = requests.feed(first)
         fd = os.dup(handler.socket.fileno())
         sock = _socket.socket(handler.socket.family, socket.SOCK_STREAM, 0, fd)
         sock.setblocking(False)
         try:
             user = HttpStreamUser(self.loop, sock, link, {"face": "http", "peer": handler.peer},
-                                  requests, early,
-                                  label="%s -> agent %s (http)" % (handler.peer, agent_id),
+                                  requests, early, label=viewer_label(handler, agent_id),
                                   open_timeout=self.connect_timeout)
         except StreamLimitError as exc:
             sock.close()
@@ -693,13 +703,9 @@ class TunnelHub:
             raise BadGateway("agent %s: the stream ended as soon as it opened" % agent_id)
         # Counted from here on: a failed open is no viewer.
         user.on_finish = self._viewer_finished
-        handler.status = "200 OK"
-        handler.headers_sent = True
-        handler.close_connection = True
-        handler._detach().close()         # the stream's duplicate carries the connection
+        _hand_over(handler).close()       # the stream's duplicate carries the connection
         tune_stream(sock)
-        self.pipes.add(user)
-        self._count_viewer(agent_id, 1, 0)
+        self._viewer_started(user)
         user.start()
 
     def _viewer_requests(self, handler, agent_id: str, keep_alive: bool):
@@ -740,23 +746,23 @@ class TunnelHub:
         user.start()
         return ours, user
 
-    def _start_viewer(self, handler, agent_id: str, service, user, requests,
-                      early: bytes) -> None:
+    def _start_viewer(self, handler, service, requests, early: bytes) -> None:
+        """A TLS viewer, or one of an agent held at another node: a pipe to ``service``
+        (a socket carrying the stream)."""
         from websockify.tunnel.http_face import HttpFacePipe
-        handler.status = "200 OK"
-        handler.headers_sent = True
-        handler.close_connection = True
-        viewer = handler._detach()
+        viewer = _hand_over(handler)
         if handler.tls is None:
             tune_stream(viewer)
         pipe = HttpFacePipe(self.loop, viewer, service, requests,
-                            label="%s -> agent %s (http)" % (handler.peer, agent_id),
+                            label=viewer_label(handler, requests.agent_id),
                             on_finish=self._viewer_finished)
-        pipe.user = user
         pipe.up_bytes = len(early)
-        self.pipes.add(pipe)
-        self._count_viewer(agent_id, 1, 0)
+        self._viewer_started(pipe)
         pipe.start(early)
+
+    def _viewer_started(self, carrier) -> None:
+        self.pipes.add(carrier)
+        self._count_viewer(carrier.agent_id, 1, 0)
 
     def _viewer_finished(self, pipe) -> None:
         self._count_viewer(pipe.agent_id, -1, pipe.requests.requests - pipe.counted)

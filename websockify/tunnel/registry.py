@@ -130,9 +130,7 @@ class Registry:
                     left_out.append(agent_id)
                     continue
                 used = max(used, index + 1)
-                raw = agent_id.encode("utf-8")[:MAX_ID]
-                _ENTRY.pack_into(self._map, self._offset(index), FREE, 0, 0, 0, 0.0, 0, 0, 0,
-                                 0, 0.0, len(raw), 0, raw, b"", 0, 0)
+                self._new_entry(index, agent_id, FREE, 0.0)
             self._set(index, _STATE, CONFIGURED)
         _HEADER.pack_into(self._map, 0, version + 1, used)
         return left_out
@@ -169,19 +167,21 @@ class Registry:
                 # Removed from the file, perhaps still held: it stays that link's
                 # entry (a new claim replaces the link as for any duplicate).
                 self._set(index, _STATE, OPEN)
-                _HEADER.pack_into(self._map, 0, version + 1, used)
-                return True
-            if index is None:
+            else:
                 index = self._free_entry(used)
                 if index is None:
                     return False
-            raw = agent_id.encode("utf-8")[:MAX_ID]
-            _ENTRY.pack_into(self._map, self._offset(index), OPEN, 0, 0, 0, time.time(), 0, 0,
-                             0, 0, 0.0, len(raw), 0, raw, b"", 0, 0)
+                self._new_entry(index, agent_id, OPEN, time.time())
             _HEADER.pack_into(self._map, 0, version + 1, max(used, index + 1))
             return True
         finally:
             self._unlock(fd)
+
+    def _new_entry(self, index: int, agent_id: str, state: int, since: float) -> None:
+        """Entry ``index`` made afresh for ``agent_id``: no holder, no figures."""
+        raw = agent_id.encode("utf-8")[:MAX_ID]
+        _ENTRY.pack_into(self._map, self._offset(index), state, 0, 0, 0, since, 0, 0, 0, 0,
+                         0.0, len(raw), 0, raw, b"", 0, 0)
 
     def is_open(self, agent_id: str) -> bool:
         """Whether ``agent_id`` registered openly (has an OPEN entry)."""
