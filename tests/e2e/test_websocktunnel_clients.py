@@ -392,15 +392,22 @@ def test_wst_client_comes_back_after_the_server_restarts(processes, wst_client, 
     assert proc.proc.poll() is None
 
 
-def test_wst_client_registers_openly_and_a_bad_token_is_refused(processes, wst_client,
-                                                                tmp_path, echo):
-    """[tunnels] open = true and no agent entries: websocktunnel's fleet model."""
-    from tests.helpers import PYTHON, tunnel_status
+def open_registration_server(processes, tmp_path):
+    """A server with ``open = true`` and no agent entries, two workers: (process, port, file)."""
+    from tests.helpers import PYTHON
     config = write_config(tmp_path, {}, open_registration=True)
     port = free_port()
     server = processes([PYTHON, "-m", "websockify", "--tunnel-config", config, "--workers",
                         "2", str(port)], name="websockify", env=LIVENESS)
     wait_for(lambda: port_open(port), what="server up")
+    return server, port, config
+
+
+def test_wst_client_registers_openly_and_a_bad_token_is_refused(processes, wst_client,
+                                                                tmp_path, echo):
+    """[tunnels] open = true and no agent entries: websocktunnel's fleet model."""
+    from tests.helpers import tunnel_status
+    server, port, config = open_registration_server(processes, tmp_path)
     proc, out_file = start_wst(processes, wst_client, port, "fleet-7", echo.port,
                                agent_token("fleet-7", SECRET_B), tmp_path)
     assert out_file.read_text() == "http://127.0.0.1:%d/view/fleet-7/" % port
@@ -545,12 +552,7 @@ def test_a_wst_client_without_http_true_has_no_http_face(processes, wst_client, 
 def test_open_registration_a_wst_client_serves_viewers_and_another_ids_token_is_401(
         processes, wst_client, tmp_path, http_service):
     import http.client
-    from tests.helpers import PYTHON
-    config = write_config(tmp_path, {}, open_registration=True)
-    port = free_port()
-    server = processes([PYTHON, "-m", "websockify", "--tunnel-config", config, "--workers",
-                        "2", str(port)], name="websockify", env=LIVENESS)
-    wait_for(lambda: port_open(port), what="server up")
+    server, port, config = open_registration_server(processes, tmp_path)
     proc, out_file = start_wst(processes, wst_client, port, "fleet-1", http_service.port,
                                agent_token("fleet-1", SECRET_A), tmp_path)
     assert out_file.read_text() == "http://127.0.0.1:%d/view/fleet-1/" % port
