@@ -253,8 +253,7 @@ class ViewerRequests:
                 data = data[used:]
                 if self.body.done:
                     self.body = None
-                    if not self.keep_alive:
-                        self.stopped = True
+                    self._request_done()
                 continue
             if data[:1] in (b"\r", b"\n"):
                 # Empty lines before a request line are ignored (RFC 9112 2.2).
@@ -273,14 +272,12 @@ class ViewerRequests:
         head = parse_request_head(raw)
         split = split_face_target(head.target, self.prefix)
         if split is None or split[0] != self.agent_id:
-            self.stopped = True
-            self.boundary = "a request for %s, not agent %s" % (head.target[:100], self.agent_id)
+            self.stop("a request for %s, not agent %s" % (head.target[:100], self.agent_id))
             return b""
         upgrade = is_upgrade(head)
         if upgrade and self.requests:
             # Its answer could not be told from the answers before it.
-            self.stopped = True
-            self.boundary = "an upgrade after other requests on the connection"
+            self.stop("an upgrade after other requests on the connection")
             return b""
         self.requests += 1
         close = not self.keep_alive and not upgrade
@@ -290,11 +287,20 @@ class ViewerRequests:
         else:
             framer = BodyFramer(head)
             if framer.done:
-                if close:
-                    self.stopped = True
+                self._request_done()
             else:
                 self.body = framer
         return rewritten
+
+    def _request_done(self) -> None:
+        # A one-request connection forwards nothing more; the service closes it.
+        if not self.keep_alive:
+            self.stopped = True
+
+    def stop(self, why: str) -> None:
+        """End the forwarding at a request boundary (``why`` is what the log says)."""
+        self.stopped = True
+        self.boundary = why
 
     def upgrade_answered(self, switched: bool) -> bytes:
         """The service answered the upgrade: the bytes held since, to send on now
@@ -304,6 +310,5 @@ class ViewerRequests:
         if switched:
             self.raw = True
             return held
-        self.stopped = True
-        self.boundary = "the upgrade was not accepted"
+        self.stop("the upgrade was not accepted")
         return b""

@@ -122,13 +122,12 @@ class ViewerSide:
             # put in front of them, so the stream ends here.
             log.info("%s: refused a later request on the connection: %d %s", self.label,
                      exc.status, exc.log_text)
-            self.requests.stopped = True
-            self.requests.boundary = "refused"
+            self.requests.stop("a later request refused (%d)" % exc.status)
             out = b""
-        if self.requests.stopped and self.requests.boundary and \
-                self.requests.boundary != "refused":
-            log.debug("%s: %s: connection ends after the responses so far", self.label,
-                      self.requests.boundary)
+        else:
+            if self.ends_stream:
+                log.debug("%s: %s: connection ends after the responses so far", self.label,
+                          self.requests.boundary)
         self.up_bytes += len(out)
         return out
 
