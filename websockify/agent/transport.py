@@ -48,8 +48,8 @@ from websockify.protocol import mux
 from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT,
                                         FrameParser, close_payload, encode_client_frame,
                                         parse_close_payload, unmask_into)
-from websockify.protocol.handshake import (HEADER_LIMIT, check_client_response, client_key,
-                                           client_request, head_end)
+from websockify.protocol.handshake import (HEADER_LIMIT, RequestHeaders, check_client_response,
+                                           client_key, client_request, head_end)
 
 log = logging.getLogger("websockify.agent")
 
@@ -259,7 +259,7 @@ class Agent:
                 gevent.sleep(delay)
                 continue
             try:
-                sock, rest, viewer_header = self.dial(token)
+                sock, rest, answer = self.dial(token)
             except TunnelHandshakeError as exc:
                 text = str(exc)
                 body = getattr(exc, "body", "")
@@ -290,8 +290,10 @@ class Agent:
             self.connections += 1
             connected_at = time.monotonic()
             log.info("connected to %s: tunnel up", server)
-            self.viewer.connected(viewer_header)
-            tunnel = self.tunnel = Tunnel(self, sock, rest)
+            self.viewer.connected(answer.get(mux.VIEWER_URL_HEADER.lower()))
+            # The server's window when it took up ours (an older one: the default).
+            peer_window = mux.parse_window(answer.get(mux.WINDOW_HEADER.lower()))
+            tunnel = self.tunnel = Tunnel(self, sock, rest, peer_window=peer_window)
             try:
                 reason = tunnel.run()
             finally:
@@ -318,12 +320,12 @@ class Agent:
 
     # -- one connection -----------------------------------------------------
 
-    def dial(self, token: Optional[str]) -> Tuple[socket.socket, bytes, Optional[str]]:
+    def dial(self, token: Optional[str]) -> Tuple[socket.socket, bytes, RequestHeaders]:
         """TCP, TLS and the opening handshake, within --connect-timeout.
 
         Returns the socket, the bytes read past the 101's head and the 101's
-        viewer URL header (None without one); raises OSError (TLS errors
-        included) or TunnelHandshakeError.
+        headers (its viewer URL, the server's window); raises OSError (TLS
+        errors included) or TunnelHandshakeError.
         """
         cfg = self.config
         server = cfg.server
@@ -343,9 +345,7 @@ class Agent:
                 exc.body = _read_body(sock, head, rest, deadline)
                 raise
             sock.settimeout(None)
-            # The server's window when it took up ours (an older one: the default).
-            self.peer_window = mux.parse_window(answer.get(mux.WINDOW_HEADER.lower()))
-            return sock, rest, answer.get(mux.VIEWER_URL_HEADER.lower())
+            return sock, rest, answer
         except BaseException:
             sock.close()
             raise
@@ -437,13 +437,14 @@ class _Ended(Exception):
 class Tunnel:
     """One WebSocket to the server carrying the mux, until it ends."""
 
-    def __init__(self, agent: Agent, sock, rest: bytes = b""):
+    def __init__(self, agent: Agent, sock, rest: bytes = b"",
+                 peer_window: Optional[int] = None):
         cfg = agent.config
         self.agent = agent
         self.config = cfg
         self.sock = sock
         self._rest = rest
-        peer_window = getattr(agent, "peer_window", None)
+        # With the server's announced window ours is LARGE_WINDOW; without, both default.
         self.conn = mux.Connection("agent") if peer_window is None else \
             mux.Connection("agent", window=mux.LARGE_WINDOW, peer_window=peer_window)
         self.live = mux.Liveness(cfg.ping_interval, cfg.dead_after, now=time.monotonic())

@@ -27,7 +27,7 @@ from websockify.errors import BadGateway, HTTPError
 from websockify.protocol.handshake import refusal_bytes
 from websockify.protocol.http1 import ViewerRequests
 from websockify.protocol.mux import ResetCode
-from websockify.tunnel.faces import USER_CHUNK, StreamUser
+from websockify.tunnel.faces import StreamUser
 from websockify.tunnel.handoff import Pipe
 
 log = logging.getLogger("websockify")
