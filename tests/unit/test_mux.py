@@ -768,8 +768,14 @@ class Side:
 @given(data=st.data())
 def test_random_interleavings_deliver_every_byte_in_order(data):
     window = data.draw(st.sampled_from([1024, 4096, DEFAULT_WINDOW]), label="window")
-    server = Side(Connection("server", window=window, max_streams=4, max_pending_opens=2))
-    agent = Side(Connection("agent", window=window, max_streams=4, max_pending_opens=2))
+    # Windows that may grow (a budget of a window or two) and ones that may not.
+    growth = data.draw(st.sampled_from([{}, {"max_window": 4 * window, "growth_budget": window},
+                                        {"max_window": 8 * window,
+                                         "growth_budget": 2 * window}]), label="growth")
+    server = Side(Connection("server", window=window, max_streams=4, max_pending_opens=2,
+                             **growth))
+    agent = Side(Connection("agent", window=window, max_streams=4, max_pending_opens=2,
+                            **growth))
     sides = {"server": server, "agent": agent}
     peer = {"server": agent, "agent": server}
     counter = [0]
@@ -811,6 +817,7 @@ def test_random_interleavings_deliver_every_byte_in_order(data):
                 n = data.draw(st.integers(1, me.unconsumed[sid]))
                 me.unconsumed[sid] -= n
                 me.conn.consumed(sid, n)
+                assert 0 <= me.conn.grown <= me.conn.growth_budget
         elif op == "flush":
             flush(who, data.draw(st.sampled_from([None, 1, 30000])))
         elif op == "deliver":
@@ -873,3 +880,116 @@ def test_each_side_sends_up_to_the_others_window_and_receives_up_to_its_own():
     agent.receive_message(sixteen)
     with pytest.raises(MuxProtocolError):
         agent.receive_message(encode_frame(FrameType.DATA, stream_id, b"z"))
+
+
+# -- growing windows (GROWN_WINDOW, GROWTH_BUDGET) -----------------------------------------
+
+def _credits(conn, stream_id):
+    """The CREDIT increments ``conn`` would send now for ``stream_id``."""
+    return [struct.unpack("!I", payload)[0] for kind, sid, payload in frames_of(conn)
+            if kind == FrameType.CREDIT and sid == stream_id]
+
+
+def _send_and_consume(sender, receiver, stream_id, total, chunk=65536):
+    """``total`` bytes from sender to receiver, each message consumed as it arrives
+    (a consumer that keeps up); the CREDIT increments the receiver returned."""
+    credits = []
+    left = total
+    while left:
+        taken = sender.send_data(stream_id, b"d" * min(left, sender.send_window(stream_id)))
+        assert taken, "the sender ran out of credit"
+        left -= taken
+        for message in sender.data_to_send():
+            for event in receiver.receive_message(message):
+                if isinstance(event, DataReceived):
+                    receiver.consumed(stream_id, len(event.data))
+        increments = _credits(receiver, stream_id)
+        credits += increments
+        for increment in increments:
+            sender.receive_message(encode_frame(FrameType.CREDIT, stream_id,
+                                                struct.pack("!I", increment)))
+    return credits
+
+
+def test_a_consumer_that_keeps_up_doubles_its_window_up_to_max_window():
+    kib = 1024
+    server, agent = pair(window=256 * kib, max_window=1024 * kib, growth_budget=4096 * kib)
+    stream_id = established(server, agent)
+    credits = _send_and_consume(agent, server, stream_id, 4096 * kib)
+    # A quarter of the window each time; after a whole window kept up, the
+    # fourth credit also carries the growth (256 KiB -> 512 KiB -> 1 MiB).
+    assert credits[:4] == [64 * kib, 64 * kib, 64 * kib, 64 * kib + 256 * kib]
+    assert credits[4:8] == [128 * kib, 128 * kib, 128 * kib, 128 * kib + 512 * kib]
+    assert set(credits[8:]) == {256 * kib}
+    assert server._streams[stream_id].window == 1024 * kib
+    assert server.grown == 768 * kib
+    assert agent.send_window(stream_id) == 1024 * kib
+    # The agent's own receive window did not change: nothing came its way.
+    assert agent._streams[stream_id].window == 256 * kib and agent.grown == 0
+
+
+def test_without_max_window_nothing_grows():
+    server, agent = pair(window=65536)
+    stream_id = established(server, agent)
+    credits = _send_and_consume(agent, server, stream_id, 1048576)
+    # Every byte consumed comes back once, and never more.
+    assert sum(credits) == 1048576 and max(credits) == 65536
+    assert server._streams[stream_id].window == 65536
+    assert server.max_window == 65536 and server.grown == 0
+
+
+def test_a_consumer_behind_its_sender_does_not_grow():
+    server, agent = pair(window=65536, max_window=1048576, growth_budget=1048576)
+    stream_id = established(server, agent)
+    for _ in range(64):
+        # The whole window arrives before the consumer takes a quarter of it.
+        agent.send_data(stream_id, b"s" * agent.send_window(stream_id))
+        pump(agent, server)
+        server.consumed(stream_id, 16384)
+        increments = _credits(server, stream_id)
+        assert increments == [16384]
+        agent.receive_message(encode_frame(FrameType.CREDIT, stream_id,
+                                           struct.pack("!I", 16384)))
+        server.consumed(stream_id, 65536 - 16384)
+        assert _credits(server, stream_id) == [65536 - 16384]
+        agent.receive_message(encode_frame(FrameType.CREDIT, stream_id,
+                                           struct.pack("!I", 65536 - 16384)))
+    assert server._streams[stream_id].window == 65536 and server.grown == 0
+
+
+def test_growth_stays_within_the_budget_and_a_closed_stream_gives_its_growth_back():
+    server, agent = pair(window=65536, max_window=1048576, growth_budget=196608)
+    first = established(server, agent)
+    second = established(server, agent)
+    _send_and_consume(agent, server, first, 4 * 1048576)
+    # 64 -> 128 -> 256 KiB: 192 KiB of growth, the whole budget.
+    assert server._streams[first].window == 262144 and server.grown == 196608
+    _send_and_consume(agent, server, second, 1048576)
+    assert server._streams[second].window == 65536
+    server.reset_stream(first, ResetCode.CANCEL)
+    assert server.grown == 0
+    _send_and_consume(agent, server, second, 4 * 1048576)
+    assert server._streams[second].window == 262144 and server.grown == 196608
+
+
+def test_a_grown_window_is_enforced():
+    server, agent = pair(window=65536, max_window=131072, growth_budget=65536)
+    stream_id = established(server, agent)
+    _send_and_consume(agent, server, stream_id, 1048576)
+    assert server._streams[stream_id].window == 131072
+    # The agent's whole credit (the grown window) is accepted; one byte more is not.
+    assert agent.send_window(stream_id) == 131072
+    agent.send_data(stream_id, b"w" * 131072)
+    pump(agent, server)
+    with pytest.raises(MuxProtocolError):
+        server.receive_message(encode_frame(FrameType.DATA, stream_id, b"x"))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"window": 65536, "max_window": 32768},
+    {"window": 65536, "max_window": mux.MAX_WINDOW + 1},
+    {"window": 65536, "max_window": 131072, "growth_budget": -1},
+])
+def test_bad_growth_settings(kwargs):
+    with pytest.raises(ValueError):
+        Connection("server", **kwargs)

@@ -54,10 +54,10 @@ from websockify.protocol.handshake import (HEADER_LIMIT, RequestHeaders, check_c
 log = logging.getLogger("websockify.agent")
 
 #: Most bytes read from a service socket at once (and never more than the credit).
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 1024 * 1024
 #: Bytes of mux messages framed per write to the server, so that control
 #: frames queued meanwhile go out before the rest of a bulk transfer.
-WRITE_BATCH = 512 * 1024
+WRITE_BATCH = 1024 * 1024
 #: The largest message the server may send (its Connection packs at most 64 KiB + headers).
 MAX_MESSAGE = 1024 * 1024
 _RECV = 256 * 1024
@@ -445,8 +445,9 @@ class Tunnel:
         self.sock = sock
         self._rest = rest
         # With the server's announced window ours is LARGE_WINDOW; without, both default.
-        self.conn = mux.Connection("agent") if peer_window is None else \
-            mux.Connection("agent", window=mux.LARGE_WINDOW, peer_window=peer_window)
+        growth = dict(max_window=mux.GROWN_WINDOW, growth_budget=mux.GROWTH_BUDGET)
+        self.conn = mux.Connection("agent", **growth) if peer_window is None else \
+            mux.Connection("agent", window=mux.LARGE_WINDOW, peer_window=peer_window, **growth)
         self.live = mux.Liveness(cfg.ping_interval, cfg.dead_after, now=time.monotonic())
         self.parser = FrameParser(self._on_data, self._on_control, max_frame_size=MAX_MESSAGE,
                                   expect_masked=False, on_message_end=self._on_message_end)

@@ -26,15 +26,18 @@ Each direction of each stream has a credit window (``DEFAULT_WINDOW``,
 then each receives up to its own ``window`` and sends up to the other's
 ``peer_window``): a sender has at most that many bytes of DATA unacknowledged, and
 the receiver returns CREDIT as its application *consumes* the data (writes
-it to its socket), batched once a quarter of the window is consumed.  A
-user who stops reading therefore stops only their own stream.
+it to its socket), batched once a quarter of the window is consumed, and
+may grant more to grow the window (``_credit_due``).  A user who stops
+reading therefore stops only their own stream.
 
-Memory bound: ``Connection`` queues at most ``window`` bytes per stream in
+Memory bound: ``Connection`` queues at most its window bytes per stream in
 each direction (``send_data`` takes no more than the credit it has, and a
-peer sending past the window is a protocol error), so per agent at most
-``2 * max_streams * window`` bytes (128 MiB at the defaults, 512 MiB with
-LARGE_WINDOW; typical use is
-far less, since a window is only full while its reader is stalled).  The
+peer sending past the window is a protocol error).  A stream's receive
+window may grow while its consumer keeps up (``max_window``,
+``growth_budget``: see ``Connection._credit_due``), so per agent at most
+``2 * (max_streams * window + growth_budget)`` bytes (192 MiB at the
+defaults with GROWTH_BUDGET, 576 MiB with LARGE_WINDOW; typical use is far
+less, since a window is only full while its reader is stalled).  The
 control queue holds what the application asked for plus one PONG: pings
 from a peer that does not read are answered once, for the latest.
 
@@ -72,6 +75,12 @@ WINDOW_HEADER = "X-Websockify-Window"
 #: between two processes is what limits one stream: 1 MiB carries about 1.6
 #: times what 256 KiB does on loopback; more adds nothing there).
 LARGE_WINDOW = 1048576
+#: How far websockify's agent and server let a stream's receive window grow
+#: while its consumer keeps up (Connection._credit_due), and by how much all
+#: the streams of one connection may have grown together.  Larger reads and
+#: fewer CREDIT frames per byte: a bulk stream costs less CPU per byte.
+GROWN_WINDOW = 8 * 1048576
+GROWTH_BUDGET = 32 * 1048576
 MIN_WINDOW = 65536
 MAX_WINDOW = 16 * 1048576
 MAX_OPEN_META = 1024
@@ -243,7 +252,8 @@ class _Stream:
     """One stream's state inside a Connection."""
 
     __slots__ = ("id", "established", "credit", "recv_window", "to_credit", "out",
-                 "out_offset", "queued", "fin_queued", "fin_sent", "remote_fin")
+                 "out_offset", "queued", "fin_queued", "fin_sent", "remote_fin", "window",
+                 "kept_up")
 
     def __init__(self, stream_id: int, window: int, established: bool,
                  peer_window: Optional[int] = None):
@@ -252,6 +262,8 @@ class _Stream:
         # bytes we may still queue: the peer's receive window
         self.credit = window if peer_window is None else peer_window
         self.recv_window = window       # bytes the peer may still send us
+        self.window = window            # our receive window now (it may grow)
+        self.kept_up = 0                # bytes returned while the consumer kept up
         self.to_credit = 0              # consumed bytes not yet returned as CREDIT
         self.out: Deque[Buffer] = deque()   # queued DATA, in order
         self.out_offset = 0             # bytes of out[0] already framed
@@ -325,7 +337,8 @@ class Connection(StreamTable):
 
     def __init__(self, role: str, window: int = DEFAULT_WINDOW, max_streams: int = 256,
                  max_pending_opens: int = 64, max_message: int = 65536 + HEADER_SIZE * 4,
-                 peer_window: Optional[int] = None):
+                 peer_window: Optional[int] = None, max_window: Optional[int] = None,
+                 growth_budget: int = 0):
         if role not in ("server", "agent"):
             raise ValueError("role must be 'server' or 'agent', not %r" % (role,))
         if not 0 < window <= MAX_CREDIT:
@@ -339,11 +352,19 @@ class Connection(StreamTable):
         self.peer_window = window if peer_window is None else peer_window
         if not 0 < self.peer_window <= MAX_CREDIT:
             raise ValueError("peer_window must be in 1..%d" % MAX_CREDIT)
+        #: A stream's receive window may grow up to this (GROWN_WINDOW), while
+        #: the connection's streams together have grown by at most growth_budget.
+        self.max_window = window if max_window is None else max_window
+        if not window <= self.max_window <= MAX_WINDOW:
+            raise ValueError("max_window must be in window..%d" % MAX_WINDOW)
+        if growth_budget < 0:
+            raise ValueError("growth_budget must not be negative")
+        self.growth_budget = growth_budget
+        self.grown = 0                  # bytes the open streams' windows have grown by
         self.max_streams = max_streams
         self.max_pending_opens = max_pending_opens
         self.max_message = max_message
         self._frame_max = min(MAX_DATA, max_message - HEADER_SIZE)
-        self._credit_batch = max(1, window // 4)
         self._streams: Dict[int, _Stream] = {}
         self._pending: set = set()      # ids opened, not yet answered
         self._control: List[bytes] = []
@@ -360,6 +381,52 @@ class Connection(StreamTable):
 
     def is_open(self, stream_id: int) -> bool:
         return stream_id in self._streams
+
+    # -- receive windows ----------------------------------------------------
+
+    def _credit_due(self, stream, n: int) -> int:
+        """``n`` more bytes consumed: the credit to return now (0: batched for
+        later), including any growth of the stream's window.
+
+        Credit goes back once a quarter of the stream's window is consumed.
+        A stream whose consumer keeps up (at most a quarter of its window
+        received and not yet consumed each time credit goes back) for a whole
+        window doubles its window, up to ``max_window`` and within the
+        connection's ``growth_budget``: a bulk stream then needs fewer CREDIT
+        frames and wake-ups per byte, while a consumer slower than its sender
+        (or stalled) never grows its window.  The growth is plain extra
+        credit: a peer sees nothing else.
+        """
+        window = stream.window
+        pending = stream.to_credit + n
+        if pending + stream.recv_window > window:
+            raise ValueError("consumed %d bytes more than received on stream %d"
+                             % (pending + stream.recv_window - window, stream.id))
+        if pending < window >> 2:
+            stream.to_credit = pending
+            return 0
+        stream.recv_window += pending
+        stream.to_credit = 0
+        if window >= self.max_window:
+            return pending
+        if window - stream.recv_window > window >> 2:
+            stream.kept_up = 0      # the consumer is behind: no growth
+            return pending
+        stream.kept_up += pending
+        if stream.kept_up < window:
+            return pending
+        stream.kept_up = 0
+        grow = min(window, self.max_window - window, self.growth_budget - self.grown)
+        if grow <= 0:
+            return pending
+        stream.window = window + grow
+        stream.recv_window += grow
+        self.grown += grow
+        return pending + grow
+
+    def _forget(self, stream) -> None:
+        self.grown -= stream.window - self.window
+        super()._forget(stream)
 
     # -- receiving --------------------------------------------------------
 

@@ -33,8 +33,8 @@ from websockify.errors import BadGateway, BadRequest, HTTPError
 from websockify.net.sockets import tune_stream
 from websockify.protocol.handshake import UpgradeRequest, accept_key, negotiate
 from websockify.protocol.codec import HYBI
-from websockify.protocol.mux import (LARGE_WINDOW, SERVICE_HEADER, SUBPROTOCOL,
-                                     VIEWER_URL_HEADER, WINDOW_HEADER, Connection,
+from websockify.protocol.mux import (GROWN_WINDOW, GROWTH_BUDGET, LARGE_WINDOW, SERVICE_HEADER,
+                                     SUBPROTOCOL, VIEWER_URL_HEADER, WINDOW_HEADER, Connection,
                                      StreamLimitError, parse_window)
 from websockify.protocol.wsmux import ID_HEADER as WSMUX_ID_HEADER
 from websockify.protocol.wsmux import URL_HEADER as WSMUX_URL_HEADER
@@ -265,7 +265,8 @@ class TunnelHub:
         codec = window = None
         if peer_window is not None:
             window = LARGE_WINDOW
-            codec = Connection(role="server", window=window, peer_window=peer_window)
+            codec = Connection(role="server", window=window, peer_window=peer_window,
+                               max_window=GROWN_WINDOW, growth_budget=GROWTH_BUDGET)
         self._start_link(handler, agent_id, expiry,
                          agent_response(headers.get("sec-websocket-key", "").strip(), url,
                                         window),
