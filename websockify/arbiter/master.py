@@ -216,13 +216,18 @@ class Master:
             # The program is the target, before the banner and before any fork.
             self.config = config = config.replace(target_host=self.wrapped.target_host,
                                                   target_port=self.wrapped.target_port)
-        self._banner(nofile)
         try:
+            if not config.daemon:
+                # Before the banner: a signal sent once its last line is out (a
+                # reload right after the start) is queued, not its default
+                # action, which for SIGHUP is to end the process.
+                self._install_signals()
+            self._banner(nofile)
             if config.daemon:
                 self._daemonize()
+                self._install_signals()
             self.pid_file.write()
             self._title()
-            self._install_signals()
             if self.wrapped is not None and not self._start_wrapped():
                 return self.exit_status
             self.arbiter.start()
