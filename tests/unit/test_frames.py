@@ -748,6 +748,18 @@ class TestUnmaskInPlace:
         assert bytes(buf[start + length:]) == original[start + length:]
         assert bytes(buf[start:start + length]) == naive_unmask(original[start:start + length], key)
 
+    # The fixture only picks a function: nothing to reset between examples.
+    @settings(max_examples=300, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(start=st.integers(0, 9), length=st.integers(0, 40), key=st.binary(min_size=4,
+                                                                           max_size=4))
+    def test_any_offset_and_length(self, unmask_into, start, length, key):
+        original = bytes(range(start + length + 5))
+        buf = bytearray(original)
+        unmask_into(buf, start, start + length, key)
+        assert bytes(buf) == (original[:start] + naive_unmask(original[start:start + length], key)
+                              + original[start + length:])
+
     def test_involution(self, unmask_into):
         key = os.urandom(4)
         original = os.urandom(70001)

@@ -124,18 +124,31 @@ def unmask_into_pure(buf: bytearray, start: int, stop: int, key: bytes) -> None:
 
 
 def unmask_into_numpy(buf: bytearray, start: int, stop: int, key: bytes) -> None:
-    """Unmask ``buf[start:stop]`` in place with numpy, four bytes at a time."""
+    """Unmask ``buf[start:stop]`` in place with numpy, four bytes at a time.
+
+    The words XORed start at a multiple of four in ``buf`` (whose memory
+    malloc aligns), the key turned to match: an unaligned uint32 view costs
+    numpy about 1.6 times as much.  The bytes before the first boundary and
+    after the last word are XORed one by one.
+    """
     n = stop - start
     if n <= 0:
         return
-    data = _numpy.frombuffer(buf, dtype=_numpy.uint8, count=n, offset=start)
-    words = n >> 2
+    head = -start & 3
+    if head > n:
+        head = n
+    for index in range(head):
+        buf[start + index] ^= key[index]
+    begin = start + head
+    words = (stop - begin) >> 2
+    if head:
+        key = key[head:] + key[:head]
     if words:
-        view = data[:words * 4].view(_numpy.uint32)
+        view = _numpy.frombuffer(buf, dtype=_numpy.uint32, count=words, offset=begin)
         _numpy.bitwise_xor(view, _numpy.frombuffer(key, dtype=_numpy.uint32)[0], out=view)
-    tail = n & 3
-    if tail:
-        data[words * 4:] ^= _numpy.frombuffer(key[:tail], dtype=_numpy.uint8)
+    done = begin + 4 * words
+    for index in range(stop - done):
+        buf[done + index] ^= key[index]
 
 
 def _unmask_into_auto(buf: bytearray, start: int, stop: int, key: bytes) -> None:
