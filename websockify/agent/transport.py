@@ -444,10 +444,7 @@ class Tunnel:
         self.config = cfg
         self.sock = sock
         self._rest = rest
-        # With the server's announced window ours is LARGE_WINDOW; without, both default.
-        growth = dict(max_window=mux.GROWN_WINDOW, growth_budget=mux.GROWTH_BUDGET)
-        self.conn = mux.Connection("agent", **growth) if peer_window is None else \
-            mux.Connection("agent", window=mux.LARGE_WINDOW, peer_window=peer_window, **growth)
+        self.conn = mux.tunnel_connection("agent", peer_window)
         self.live = mux.Liveness(cfg.ping_interval, cfg.dead_after, now=time.monotonic())
         self.parser = FrameParser(self._on_data, self._on_control, max_frame_size=MAX_MESSAGE,
                                   expect_masked=False, on_message_end=self._on_message_end)

@@ -314,17 +314,22 @@ class StreamTable:
 
     def _credit_due(self, stream, n: int) -> int:
         """``n`` more bytes consumed: the credit to return now (0: batched for later)."""
-        window = self.window
+        return self._take_credit(stream, n, self.window)
+
+    @staticmethod
+    def _take_credit(stream, n: int, window: int) -> int:
+        """``n`` more bytes consumed of a stream whose receive window is ``window``:
+        what they and those before them return once a quarter of it is due, else 0."""
         pending = stream.to_credit + n
         if pending + stream.recv_window > window:
             raise ValueError("consumed %d bytes more than received on stream %d"
                              % (pending + stream.recv_window - window, stream.id))
-        if pending >= self._credit_batch:
-            stream.recv_window += pending
-            stream.to_credit = 0
-            return pending
-        stream.to_credit = pending
-        return 0
+        if pending < max(1, window >> 2):
+            stream.to_credit = pending
+            return 0
+        stream.recv_window += pending
+        stream.to_credit = 0
+        return pending
 
     def _queue_fin(self, stream) -> None:
         stream.fin_queued = True
@@ -398,16 +403,8 @@ class Connection(StreamTable):
         credit: a peer sees nothing else.
         """
         window = stream.window
-        pending = stream.to_credit + n
-        if pending + stream.recv_window > window:
-            raise ValueError("consumed %d bytes more than received on stream %d"
-                             % (pending + stream.recv_window - window, stream.id))
-        if pending < window >> 2:
-            stream.to_credit = pending
-            return 0
-        stream.recv_window += pending
-        stream.to_credit = 0
-        if window >= self.max_window:
+        pending = self._take_credit(stream, n, window)
+        if not pending or window >= self.max_window:
             return pending
         if window - stream.recv_window > window >> 2:
             stream.kept_up = 0      # the consumer is behind: no growth
@@ -813,6 +810,16 @@ class Connection(StreamTable):
         if parts:
             messages.append((parts, size))
         return messages
+
+
+def tunnel_connection(role: str, peer_window: Optional[int]) -> Connection:
+    """The Connection websockify's agent and server run: LARGE_WINDOW each way
+    when the peer announced its window (``peer_window``, its own), else
+    DEFAULT_WINDOW; either way a stream's window grows up to GROWN_WINDOW
+    within GROWTH_BUDGET."""
+    window = DEFAULT_WINDOW if peer_window is None else LARGE_WINDOW
+    return Connection(role, window=window, peer_window=peer_window,
+                      max_window=GROWN_WINDOW, growth_budget=GROWTH_BUDGET)
 
 
 def take_queued(stream, take: int, parts: list) -> int:

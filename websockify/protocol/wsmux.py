@@ -112,7 +112,6 @@ class WsmuxConnection(StreamTable):
         self.max_pending_opens = max_pending_opens
         # A DAT frame is at most our window (the client's credit), one per message.
         self.max_message = HEADER_SIZE + window
-        self._credit_batch = max(1, window // 4)
         self._streams: Dict[int, _Stream] = {}
         self._pending: set = set()
         self._control: List[bytes] = []

@@ -33,9 +33,9 @@ from websockify.errors import BadGateway, BadRequest, HTTPError
 from websockify.net.sockets import tune_stream
 from websockify.protocol.handshake import UpgradeRequest, accept_key, negotiate
 from websockify.protocol.codec import HYBI
-from websockify.protocol.mux import (GROWN_WINDOW, GROWTH_BUDGET, LARGE_WINDOW, SERVICE_HEADER,
-                                     SUBPROTOCOL, VIEWER_URL_HEADER, WINDOW_HEADER, Connection,
-                                     StreamLimitError, parse_window)
+from websockify.protocol.mux import (SERVICE_HEADER, SUBPROTOCOL, VIEWER_URL_HEADER,
+                                     WINDOW_HEADER, StreamLimitError, parse_window,
+                                     tunnel_connection)
 from websockify.protocol.wsmux import ID_HEADER as WSMUX_ID_HEADER
 from websockify.protocol.wsmux import URL_HEADER as WSMUX_URL_HEADER
 from websockify.protocol.http1 import split_face_target
@@ -262,11 +262,8 @@ class TunnelHub:
         # An agent that announces its window gets ours: both then use LARGE_WINDOW-sized
         # receive windows (one from an older agent keeps DEFAULT_WINDOW).
         peer_window = parse_window(headers.get(WINDOW_HEADER))
-        codec = window = None
-        if peer_window is not None:
-            window = LARGE_WINDOW
-            codec = Connection(role="server", window=window, peer_window=peer_window,
-                               max_window=GROWN_WINDOW, growth_budget=GROWTH_BUDGET)
+        codec = tunnel_connection("server", peer_window)
+        window = codec.window if peer_window is not None else None
         self._start_link(handler, agent_id, expiry,
                          agent_response(headers.get("sec-websocket-key", "").strip(), url,
                                         window),

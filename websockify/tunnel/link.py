@@ -29,10 +29,9 @@ from websockify.errors import ProtocolError, WebSocketError
 from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameParser,
                                         binary_header, close_payload, encode_frame,
                                         parse_close_payload)
-from websockify.protocol.mux import (GROWN_WINDOW, GROWTH_BUDGET, Connection, DataReceived,
-                                     GoAwayReceived, Liveness, ResetCode, SendWindowOpened,
-                                     StreamAccepted, StreamClosed, StreamEnded, StreamLimitError,
-                                     StreamReset)
+from websockify.protocol.mux import (DataReceived, GoAwayReceived, Liveness, ResetCode,
+                                     SendWindowOpened, StreamAccepted, StreamClosed, StreamEnded,
+                                     StreamLimitError, StreamReset, tunnel_connection)
 
 log = logging.getLogger("websockify")
 
@@ -88,8 +87,7 @@ class Link:
         self.connected_since = time.time()
         # Our protocol's Connection, or another codec with its operations and
         # events (protocol/wsmux.py's, for websocktunnel's clients).
-        self.conn = codec if codec is not None else Connection(
-            role="server", max_window=GROWN_WINDOW, growth_budget=GROWTH_BUDGET)
+        self.conn = codec if codec is not None else tunnel_connection("server", None)
         self.max_message = self.conn.max_message
         self.parser = FrameParser(self._on_data, self._on_control,
                                   max_frame_size=self.max_message, require_mask=True,
