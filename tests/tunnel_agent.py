@@ -18,9 +18,9 @@ import threading
 import time
 
 from websockify.protocol.frames import FrameParser
-from websockify.protocol.mux import (SUBPROTOCOL, Connection, DataReceived, ResetCode,
-                                     SendWindowOpened, StreamClosed, StreamEnded, StreamOpened,
-                                     StreamReset)
+from websockify.protocol.mux import (SUBPROTOCOL, Connection, DataReceived, PongReceived,
+                                     ResetCode, SendWindowOpened, StreamClosed, StreamEnded,
+                                     StreamOpened, StreamReset)
 
 from tests.helpers import mask_frame, read_http_response
 
@@ -91,6 +91,7 @@ class ScriptedAgent:
         self.opened = []          # (stream id, meta) in order
         self.held = []            # "hold": opens not answered yet
         self.resets = []          # (stream id, code, reason)
+        self.pongs = []           # the payloads of the server's mux PONGs
         self.close_code = None
         self.close_reason = None
         self.closed = threading.Event()
@@ -169,6 +170,12 @@ class ScriptedAgent:
 
     # -- streams ------------------------------------------------------------
 
+    def ping(self, payload: bytes) -> None:
+        """A mux PING: its PONG (in ``pongs``) says the server has handled all sent before."""
+        with self.lock:
+            self.conn.ping(payload)
+            self._flush()
+
     def release(self) -> None:
         """"hold": accept the held opens, and every later one at once."""
         with self.lock:
@@ -211,6 +218,8 @@ class ScriptedAgent:
             self.conn.consumed(event.stream_id, len(event.data))
         elif kind is SendWindowOpened:
             self.window_changed.notify_all()
+        elif kind is PongReceived:
+            self.pongs.append(event.payload)
         elif kind is StreamEnded:
             service = self.services.get(event.stream_id)
             if service is not None:

@@ -107,7 +107,7 @@ class Server:
 
 
 AGENTS = ("auth", "dup", "tcp", "gone", "bridge", "refusing", "ignoring", "timing", "absent",
-          "bad", "good", "bulk", "limit", "burst", "status")
+          "bad", "good", "bulk", "limit", "burst", "status", "drain")
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +213,53 @@ def test_tcp_face_carries_bytes_both_ways(server, echo_service):
         assert meta["face"] == "tcp" and re.fullmatch(r"127\.0\.0\.1:\d+", meta["peer"])
     finally:
         agent.close()
+
+
+def test_bytes_queued_for_a_slow_user_outlive_both_fins(server):
+    """The user half-closes, the agent answers and ends, and both FINs are in
+    while most of the answer still waits for the slow user: every byte arrives
+    before the user's EOF (the mux forgetting the stream once both FINs are
+    in must not drop what it already delivered)."""
+    answer = pattern(240 * 1024 + 5)   # within the stream's first window (256 KiB)
+
+    def answer_after_eof(conn):
+        with conn:
+            while conn.recv(65536):
+                pass
+            conn.sendall(answer)
+
+    service = Service(answer_after_eof)
+    agent = connect_agent(server, "drain", service=service.port)
+    try:
+        user = socket.socket()
+        # A small receive buffer and small segments (the kernel sizes the server's
+        # send buffer by them): most of the answer stays queued in the server.
+        user.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        user.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+        user.settimeout(10)
+        user.connect(("127.0.0.1", server.faces["drain"]))
+        with user:
+            user.sendall(b"request")
+            user.shutdown(socket.SHUT_WR)
+            wait_for(lambda: agent.opened, what="the stream opened")
+            stream_id = agent.opened[0][0]
+            # The agent forgets the stream once it has sent its FIN after the server's.
+            wait_for(lambda: not agent.conn.is_open(stream_id), what="the agent's FIN")
+            agent.ping(b"all in!?")
+            wait_for(lambda: b"all in!?" in agent.pongs, what="the server's PONG")
+            received = bytearray()
+            while True:
+                chunk = user.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        assert len(received) == len(answer)
+        assert bytes(received) == answer
+        server.proc.wait_log(r"-> agent drain: closed after 7 bytes to the agent, 245765 "
+                             r"from it")
+    finally:
+        agent.close()
+        service.close()
 
 
 def test_tcp_user_while_agent_absent_is_closed_at_once(server):

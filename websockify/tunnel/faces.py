@@ -118,7 +118,11 @@ class StreamUser:
         self._finish(tell_link=False)
 
     def closed(self) -> None:
-        self._finish(tell_link=False)
+        # The agent's FIN came after ours: the mux forgets the stream, but what
+        # the agent sent may still be queued for a slow user.  The user gets it
+        # all, then the EOF (``_update`` ends us once ``out`` is written).
+        self.peer_done = True
+        self._update()
 
     def _open_timed_out(self) -> None:
         if self.outcome is None:
