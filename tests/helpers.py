@@ -124,20 +124,39 @@ ESTABLISHED, LISTEN = "01", "0A"      # /proc/net/tcp's state codes
 
 
 def tcp_sockets(port: int) -> list:
-    """(inode, state, remote port) of the TCP sockets whose local port is ``port``."""
+    """(inode, state, remote port) of the TCP sockets whose local port is ``port``.
+
+    The kernel writes the tables a chunk per read and resumes by position, so
+    a table changing meanwhile (other tests' connections) can show a socket
+    twice: each table is read in one large read and each socket counted once.
+    """
     found = []
+    seen = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            with open(table) as handle:
-                lines = handle.readlines()[1:]
+            with open(table, "rb", buffering=0) as handle:
+                text = _read_whole(handle).decode("ascii", "replace")
         except OSError:
             continue
-        for line in lines:
+        for line in text.splitlines()[1:]:
             fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port:
-                found.append((int(fields[9]), fields[3],
-                              int(fields[2].rsplit(":", 1)[1], 16)))
+            if len(fields) < 10 or int(fields[1].rsplit(":", 1)[1], 16) != port:
+                continue
+            inode = int(fields[9])
+            if inode and inode in seen:
+                continue
+            seen.add(inode)
+            found.append((inode, fields[3], int(fields[2].rsplit(":", 1)[1], 16)))
     return found
+
+
+def _read_whole(handle) -> bytes:
+    chunks = []
+    while True:
+        chunk = handle.read(1 << 22)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def rss_kib(pid: int) -> int:

@@ -465,8 +465,13 @@ def test_kill_9_of_one_worker_loses_only_its_sessions(websockify):
     try:
         sessions.open_all(1000)
         all_ok(sessions.echo())
-        held = {pid: held_sessions(pid, port) for pid in workers}
-        assert sum(held.values()) == 1000, held
+        held = {}
+
+        def all_held():
+            held.update({pid: held_sessions(pid, port) for pid in workers})
+            return sum(held.values()) == 1000
+
+        wait_for(all_held, 10, what="the two workers to hold the 1000 sessions")
         victim, survivor = workers
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
