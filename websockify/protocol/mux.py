@@ -184,6 +184,8 @@ class StreamReset:
 class StreamClosed:
     """The peer's FIN or RESET completed the stream: it is forgotten.
 
+    After a FIN, what the peer sent is still the application's to deliver
+    (bytes it has not written yet stay valid; no credit is owed for them).
     When the application's own ``end_stream`` (after the peer's FIN) or
     ``reset_stream`` completes it, no event is reported: it knows.
     """
