@@ -208,6 +208,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          % (USAGE.strip("\n").replace("%(prog)s", "websockify-agent"), exc))
         return EXIT_USAGE
     # gevent is imported only once the command line is good (--help stays fast).
+    from websockify.agent.allocator import keep_read_buffers_on_the_heap
     from websockify.agent.transport import Agent, AgentSetupError
     from websockify.log import reopen_log_files, setup_logging
     try:
@@ -216,6 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write("websockify-agent: cannot open the log file %s: %s\n"
                          % (config.log_file, exc.strerror or exc))
         return EXIT_CONFIG
+    keep_read_buffers_on_the_heap()
     try:
         agent = Agent(config)
     except AgentSetupError as exc:
