@@ -667,7 +667,7 @@ def minor_faults(pid: int) -> int:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
                     reason="the agent's allocator settings are glibc's (mallopt)")
 def test_real_agent_reads_its_service_without_page_faults(tunnel_server, processes, tmp_path):
-    """The agent's 1 MiB service reads stay on the heap (websockify/agent/allocator.py):
+    """The agent's 1 MiB service reads stay on the heap (websockify/allocator.py):
     with glibc's defaults each read could map fresh pages (30 to 180 minor faults
     per MiB measured); now a download costs the agent under 32 per MiB."""
     block = pattern(1024 * 1024)

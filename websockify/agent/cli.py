@@ -208,7 +208,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          % (USAGE.strip("\n").replace("%(prog)s", "websockify-agent"), exc))
         return EXIT_USAGE
     # gevent is imported only once the command line is good (--help stays fast).
-    from websockify.agent.allocator import keep_read_buffers_on_the_heap
+    from websockify.allocator import keep_read_buffers_on_the_heap
     from websockify.agent.transport import Agent, AgentSetupError
     from websockify.log import reopen_log_files, setup_logging
     try:
