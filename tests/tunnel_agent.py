@@ -75,7 +75,7 @@ class ScriptedAgent:
 
     def __init__(self, port, agent_id, token=None, service=None, on_open="accept",
                  path="/tunnel/", ssl_context=None, extra=(), respond=True,
-                 window=None):
+                 window=None, max_message=None):
         self.agent_id = agent_id
         self.service = service
         self.on_open = on_open
@@ -83,8 +83,12 @@ class ScriptedAgent:
         self.sock, self.status, self.headers, rest = upgrade(
             port, path + agent_id, token, extra=extra, ssl_context=ssl_context)
         self.body = rest if self.status != 101 else b""
-        self.conn = Connection(role="agent") if window is None else \
-            Connection(role="agent", window=window)
+        options = {}
+        if window is not None:
+            options["window"] = window
+        if max_message is not None:         # the size of the messages it sends
+            options["max_message"] = max_message
+        self.conn = Connection(role="agent", **options)
         self.lock = threading.RLock()
         self.window_changed = threading.Condition(self.lock)
         self.services = {}

@@ -11,7 +11,8 @@ from websockify.agent.cli import parse_args
 from websockify.agent.transport import upgrade_headers
 from websockify.agent.viewer import BadViewerURL, ViewerURL, check_viewer_url
 from websockify.protocol.handshake import check_client_response, client_key
-from websockify.protocol.mux import LARGE_WINDOW, SERVICE_HEADER, VIEWER_URL_HEADER, WINDOW_HEADER
+from websockify.protocol.mux import (LARGE_WINDOW, MESSAGE_HEADER, SERVICE_HEADER,
+                                     VIEWER_URL_HEADER, WINDOW_HEADER)
 from websockify.tunnel.hub import agent_response
 
 BASE = ["--service", "127.0.0.1:8080", "--server", "ws://h/tunnel/a", "--token-stdin"]
@@ -30,11 +31,14 @@ def test_upgrade_headers():
     from websockify import __version__
     agent = ("User-Agent", "websockify-agent/%s" % __version__)
     window = (WINDOW_HEADER, str(LARGE_WINDOW))
-    assert upgrade_headers(None, False) == [agent, window]
-    assert upgrade_headers("T.K.N", False) == [agent, ("Authorization", "Bearer T.K.N"), window]
+    message = ("X-Websockify-Max-Message", "1048576")
+    assert MESSAGE_HEADER == message[0]
+    assert upgrade_headers(None, False) == [agent, window, message]
+    assert upgrade_headers("T.K.N", False) == [agent, ("Authorization", "Bearer T.K.N"),
+                                               window, message]
     assert upgrade_headers("T.K.N", True) == [agent, ("Authorization", "Bearer T.K.N"),
-                                              ("X-Websockify-Service", "http"), window]
-    assert upgrade_headers(None, True) == [agent, (SERVICE_HEADER, "http"), window]
+                                              ("X-Websockify-Service", "http"), window, message]
+    assert upgrade_headers(None, True) == [agent, (SERVICE_HEADER, "http"), window, message]
 
 
 def test_the_servers_101_gives_its_viewer_url_to_the_agent():
@@ -44,6 +48,15 @@ def test_the_servers_101_gives_its_viewer_url_to_the_agent():
     assert headers.get(VIEWER_URL_HEADER.lower()) == url
     headers = check_client_response(agent_response(key), key, "websockify-tunnel.v1")
     assert headers.get(VIEWER_URL_HEADER.lower()) is None
+    assert headers.get(MESSAGE_HEADER.lower()) is None
+
+
+def test_the_servers_101_announces_the_largest_message_it_takes():
+    key = client_key(os.urandom(16))
+    headers = check_client_response(agent_response(key, None, LARGE_WINDOW, 262256), key,
+                                    "websockify-tunnel.v1")
+    assert headers.get("x-websockify-max-message") == "262256"
+    assert headers.get(WINDOW_HEADER.lower()) == str(LARGE_WINDOW)
 
 
 # -- the URL check --------------------------------------------------------------------

@@ -882,6 +882,40 @@ def test_each_side_sends_up_to_the_others_window_and_receives_up_to_its_own():
         agent.receive_message(encode_frame(FrameType.DATA, stream_id, b"z"))
 
 
+# -- announced message sizes (X-Websockify-Max-Message) ----------------------------------------
+
+@pytest.mark.parametrize("text, size", [
+    ("262256", 262256), (" 65564 ", 65564), ("1048576", 1048576),
+    (str(1048576 + 64 * 7), 1048576 + 64 * 7),
+    ("65563", None), (str(1048576 + 64 * 7 + 1), None), ("2.5e5", None), ("-262256", None),
+    ("\u00b9\u00b2", None), ("", None), (None, None), ("9" * 40, None),
+])
+def test_parse_max_message(text, size):
+    assert mux.parse_max_message(text) == size
+
+
+def test_the_protocol_sizes():
+    assert mux.DEFAULT_MESSAGE == 65564 == 4 * (MAX_DATA + 7)
+    assert mux.LARGE_MESSAGE == 262256 == 16 * (MAX_DATA + 7)
+
+
+def test_tunnel_connection_packs_up_to_the_peers_announced_message():
+    agent = mux.tunnel_connection("agent", mux.LARGE_WINDOW, mux.LARGE_MESSAGE)
+    server = mux.tunnel_connection("server", mux.LARGE_WINDOW, None)
+    assert (agent.max_message, server.max_message) == (262256, 65564)
+    stream_id = established(server, agent)
+    agent.send_data(stream_id, b"L" * (40 * MAX_DATA))
+    messages = agent.data_to_send()
+    # Sixteen full DATA frames a message, the rest in the last one.
+    assert [len(m) for m in messages] == [262256, 262256, 8 * (MAX_DATA + 7)]
+    assert all(len(f[2]) == MAX_DATA for m in messages for f in parse_frames(m))
+    events = [e for m in messages for e in server.receive_message(m)]
+    # Consecutive DATA of one stream in a message: one event per message.
+    assert [len(e.data) for e in events] == [16 * MAX_DATA, 16 * MAX_DATA, 8 * MAX_DATA]
+    # Without an announcement a side keeps the protocol's default.
+    assert mux.tunnel_connection("agent", None).max_message == 65564
+
+
 # -- growing windows (GROWN_WINDOW, GROWTH_BUDGET) -----------------------------------------
 
 def _credits(conn, stream_id):

@@ -58,7 +58,8 @@ READ_CHUNK = 1024 * 1024
 #: Bytes of mux messages framed per write to the server, so that control
 #: frames queued meanwhile go out before the rest of a bulk transfer.
 WRITE_BATCH = 1024 * 1024
-#: The largest message the server may send (its Connection packs at most 64 KiB + headers).
+#: The largest message the agent accepts from the server, announced in its
+#: upgrade (mux.MESSAGE_HEADER); the server's own packs at most 64 KiB + headers.
 MAX_MESSAGE = 1024 * 1024
 _RECV = 256 * 1024
 _CLOSE_WAIT = 1.0           # seconds the close frame gets to go out at the end
@@ -293,7 +294,10 @@ class Agent:
             self.viewer.connected(answer.get(mux.VIEWER_URL_HEADER.lower()))
             # The server's window when it took up ours (an older one: the default).
             peer_window = mux.parse_window(answer.get(mux.WINDOW_HEADER.lower()))
-            tunnel = self.tunnel = Tunnel(self, sock, rest, peer_window=peer_window)
+            # The largest message the server takes (an older one: the default).
+            peer_message = mux.parse_max_message(answer.get(mux.MESSAGE_HEADER.lower()))
+            tunnel = self.tunnel = Tunnel(self, sock, rest, peer_window=peer_window,
+                                          peer_max_message=peer_message)
             try:
                 reason = tunnel.run()
             finally:
@@ -360,6 +364,7 @@ def upgrade_headers(token: Optional[str], http_service: bool) -> List[Tuple[str,
     if http_service:
         headers.append((mux.SERVICE_HEADER, "http"))
     headers.append((mux.WINDOW_HEADER, str(mux.LARGE_WINDOW)))
+    headers.append((mux.MESSAGE_HEADER, str(MAX_MESSAGE)))
     return headers
 
 
@@ -438,13 +443,13 @@ class Tunnel:
     """One WebSocket to the server carrying the mux, until it ends."""
 
     def __init__(self, agent: Agent, sock, rest: bytes = b"",
-                 peer_window: Optional[int] = None):
+                 peer_window: Optional[int] = None, peer_max_message: Optional[int] = None):
         cfg = agent.config
         self.agent = agent
         self.config = cfg
         self.sock = sock
         self._rest = rest
-        self.conn = mux.tunnel_connection("agent", peer_window)
+        self.conn = mux.tunnel_connection("agent", peer_window, peer_max_message)
         self.live = mux.Liveness(cfg.ping_interval, cfg.dead_after, now=time.monotonic())
         self.parser = FrameParser(self._on_data, self._on_control, max_frame_size=MAX_MESSAGE,
                                   expect_masked=False, on_message_end=self._on_message_end)

@@ -99,7 +99,9 @@ class Worker:
                                    web_auth_target=(config.target_host, config.target_port),
                                    trusted_proxy=config.trusted_proxy)
         if runtime.tunnel_host is not None:
+            from websockify.allocator import keep_read_buffers_on_the_heap
             from websockify.tunnel.hub import TunnelHub
+            keep_read_buffers_on_the_heap()
             self.tunnels = TunnelHub(runtime.tunnel_host, config, runtime, self.server, loop,
                                      self.number)
             self.server.tunnels = self.tunnels

@@ -2,7 +2,8 @@
 
 One WebSocket between the server and an agent carries many streams.  Every
 binary WebSocket message holds one or more whole frames (a frame never spans
-messages); a frame is a 7-byte header ``!BIH`` (type u8, stream u32, payload
+messages) and is at most what its receiver announced in the upgrade
+(MESSAGE_HEADER), else DEFAULT_MESSAGE bytes; a frame is a 7-byte header ``!BIH`` (type u8, stream u32, payload
 length u16) and its payload:
 
 ====  ========  ======  ==================================================
@@ -75,6 +76,18 @@ WINDOW_HEADER = "X-Websockify-Window"
 #: between two processes is what limits one stream: 1 MiB carries about 1.6
 #: times what 256 KiB does on loopback; more adds nothing there).
 LARGE_WINDOW = 1048576
+#: In the server's 101 (and an agent's upgrade): the largest message the
+#: sender accepts.  Absent: DEFAULT_MESSAGE.  The other side then sends
+#: messages up to that size (each still whole frames of at most MAX_DATA).
+MESSAGE_HEADER = "X-Websockify-Max-Message"
+#: What a receiver that announces nothing accepts: four full DATA frames.
+DEFAULT_MESSAGE = 4 * (MAX_DATA + HEADER_SIZE)
+#: What websockify's server announces to its agents: sixteen full DATA
+#: frames, so a bulk stream costs the agent's masking and the server's
+#: parsing a quarter as many messages (the agent reads 1 MiB at a time).
+LARGE_MESSAGE = 16 * (MAX_DATA + HEADER_SIZE)
+#: The largest message an announcement may name (a sender packs no more).
+MAX_MESSAGE = 1048576 + 64 * HEADER_SIZE
 #: How far websockify's agent and server let a stream's receive window grow
 #: while its consumer keeps up (Connection._credit_due), and by how much all
 #: the streams of one connection may have grown together.  Larger reads and
@@ -217,6 +230,16 @@ def parse_window(text: Optional[str]) -> Optional[int]:
     return window if MIN_WINDOW <= window <= MAX_WINDOW else None
 
 
+def parse_max_message(text: Optional[str]) -> Optional[int]:
+    """An announced message size (MESSAGE_HEADER's value): bytes in
+    DEFAULT_MESSAGE..MAX_MESSAGE, else None (the sender keeps DEFAULT_MESSAGE)."""
+    text = (text or "").strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
+        return None
+    size = int(text)
+    return size if DEFAULT_MESSAGE <= size <= MAX_MESSAGE else None
+
+
 def parse_frames(message: Buffer) -> List[tuple]:
     """Split one message into (type, stream, payload bytes) without judging them."""
     view = memoryview(message).cast("B")
@@ -343,7 +366,7 @@ class Connection(StreamTable):
     """One end (``"server"`` or ``"agent"``) of a mux connection, sans I/O."""
 
     def __init__(self, role: str, window: int = DEFAULT_WINDOW, max_streams: int = 256,
-                 max_pending_opens: int = 64, max_message: int = 65536 + HEADER_SIZE * 4,
+                 max_pending_opens: int = 64, max_message: int = DEFAULT_MESSAGE,
                  peer_window: Optional[int] = None, max_window: Optional[int] = None,
                  growth_budget: int = 0):
         if role not in ("server", "agent"):
@@ -814,14 +837,17 @@ class Connection(StreamTable):
         return messages
 
 
-def tunnel_connection(role: str, peer_window: Optional[int]) -> Connection:
+def tunnel_connection(role: str, peer_window: Optional[int],
+                      peer_max_message: Optional[int] = None) -> Connection:
     """The Connection websockify's agent and server run: LARGE_WINDOW each way
     when the peer announced its window (``peer_window``, its own), else
     DEFAULT_WINDOW; either way a stream's window grows up to GROWN_WINDOW
-    within GROWTH_BUDGET."""
+    within GROWTH_BUDGET.  Messages sent are at most the peer's announced
+    size (``peer_max_message``), else DEFAULT_MESSAGE."""
     window = DEFAULT_WINDOW if peer_window is None else LARGE_WINDOW
     return Connection(role, window=window, peer_window=peer_window,
-                      max_window=GROWN_WINDOW, growth_budget=GROWTH_BUDGET)
+                      max_window=GROWN_WINDOW, growth_budget=GROWTH_BUDGET,
+                      max_message=peer_max_message or DEFAULT_MESSAGE)
 
 
 def take_queued(stream, take: int, parts: list) -> int:

@@ -64,6 +64,7 @@ class StreamUser:
         self.writer = loop.io(fd, _WRITE)
         self.out = []
         self.out_bytes = 0
+        self.plain = not getattr(sock, "encrypted", False)
         self.is_open = False        # OPEN_OK came
         self.read_done = False      # the user sent EOF (our FIN is queued)
         self.peer_done = False      # the agent sent FIN
@@ -99,7 +100,8 @@ class StreamUser:
             return
         self.out.append(data)
         self.out_bytes += len(data)
-        self._update()
+        if not self.link.defer(self):
+            self._update()
 
     def window_opened(self) -> None:
         self._update()
@@ -186,15 +188,24 @@ class StreamUser:
 
     def _flush(self) -> bool:
         out = self.out
+        sock = self.sock
         written = 0
         try:
             while out:
-                sent = self.sock.send(out[0])
+                # All that one read of the agent brought, in one system call.
+                if len(out) > 1 and self.plain:
+                    sent = sock.sendmsg(out[:64])
+                else:
+                    sent = sock.send(out[0])
                 written += sent
-                if sent < len(out[0]):
-                    out[0] = out[0][sent:]
-                    return False
-                del out[0]
+                while sent:
+                    head = out[0]
+                    if sent < len(head):
+                        # A view, not a slice: a slice of bytes copies the rest.
+                        out[0] = memoryview(head)[sent:]
+                        return False
+                    sent -= len(head)
+                    del out[0]
             return True
         except (BlockingIOError, InterruptedError):
             return False

@@ -33,8 +33,9 @@ from websockify.errors import BadGateway, BadRequest, HTTPError
 from websockify.net.sockets import tune_stream
 from websockify.protocol.handshake import UpgradeRequest, accept_key, negotiate
 from websockify.protocol.codec import HYBI
-from websockify.protocol.mux import (SERVICE_HEADER, SUBPROTOCOL, VIEWER_URL_HEADER,
-                                     WINDOW_HEADER, StreamLimitError, parse_window,
+from websockify.protocol.mux import (LARGE_MESSAGE, MESSAGE_HEADER, SERVICE_HEADER,
+                                     SUBPROTOCOL, VIEWER_URL_HEADER, WINDOW_HEADER,
+                                     StreamLimitError, parse_max_message, parse_window,
                                      tunnel_connection)
 from websockify.protocol.wsmux import ID_HEADER as WSMUX_ID_HEADER
 from websockify.protocol.wsmux import URL_HEADER as WSMUX_URL_HEADER
@@ -57,9 +58,10 @@ class Conflict(HTTPError):
         super().__init__(409, text)
 
 
-def agent_response(key: str, url: Optional[str] = None, window: Optional[int] = None) -> bytes:
-    """The 101 for an agent: the tunnel subprotocol answered (its viewer URL, and our
-    receive window when the agent announced its own)."""
+def agent_response(key: str, url: Optional[str] = None, window: Optional[int] = None,
+                   max_message: Optional[int] = None) -> bytes:
+    """The 101 for an agent: the tunnel subprotocol answered (its viewer URL, our
+    receive window when the agent announced its own, the largest message we accept)."""
     lines = ["HTTP/1.1 101 Switching Protocols",
              "Upgrade: websocket",
              "Connection: Upgrade",
@@ -69,6 +71,8 @@ def agent_response(key: str, url: Optional[str] = None, window: Optional[int] = 
         lines.append("%s: %s" % (VIEWER_URL_HEADER, url))
     if window:
         lines.append("%s: %d" % (WINDOW_HEADER, window))
+    if max_message:
+        lines.append("%s: %d" % (MESSAGE_HEADER, max_message))
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
@@ -262,12 +266,15 @@ class TunnelHub:
         # An agent that announces its window gets ours: both then use LARGE_WINDOW-sized
         # receive windows (one from an older agent keeps DEFAULT_WINDOW).
         peer_window = parse_window(headers.get(WINDOW_HEADER))
-        codec = tunnel_connection("server", peer_window)
+        # Messages: ours to it up to what it announced; its to us up to
+        # LARGE_MESSAGE, which the 101 announces (an older agent ignores that).
+        codec = tunnel_connection("server", peer_window,
+                                  parse_max_message(headers.get(MESSAGE_HEADER)))
         window = codec.window if peer_window is not None else None
         self._start_link(handler, agent_id, expiry,
                          agent_response(headers.get("sec-websocket-key", "").strip(), url,
-                                        window),
-                         codec=codec, http_service=http_service)
+                                        window, LARGE_MESSAGE),
+                         codec=codec, http_service=http_service, max_message=LARGE_MESSAGE)
 
     def accept_wsmux_agent(self, handler) -> None:
         """websocktunnel's client: an upgrade to "/" naming its ID in x-websocktunnel-id.
@@ -319,8 +326,10 @@ class TunnelHub:
         return expiry
 
     def _start_link(self, handler, agent_id: str, expiry: Optional[float], response: bytes,
-                    codec=None, kind: str = "agent", http_service: bool = False) -> None:
-        """Claim the agent's entry, send the 101 and hand the socket to a Link."""
+                    codec=None, kind: str = "agent", http_service: bool = False,
+                    max_message: Optional[int] = None) -> None:
+        """Claim the agent's entry, send the 101 and hand the socket to a Link
+        (which accepts messages up to ``max_message``, else its codec's own)."""
         peer = handler.peer
         claim = self.registry.claim(agent_id, self.pid, self.worker_number, peer,
                                     expiry or 0.0,
@@ -352,7 +361,8 @@ class TunnelHub:
         sock = handler._detach()
         link = Link(self.loop, sock, agent_id=agent_id, peer=peer, serial=claim.serial,
                     on_finish=self._link_finished, ping_interval=self.ping_interval,
-                    dead_after=self.dead_after, token_expiry=expiry, codec=codec)
+                    dead_after=self.dead_after, token_expiry=expiry, codec=codec,
+                    max_message=max_message)
         link.holding = holding      # its record in the cluster registry (None: alone)
         link.http_service = http_service   # keep-alive on the HTTP face (else one request each)
         self.links[agent_id] = link

@@ -75,7 +75,7 @@ class Link:
     def __init__(self, loop, sock, *, agent_id: str, peer: str, serial: int,
                  on_finish: Callable[["Link"], None], ping_interval: float = 15.0,
                  dead_after: float = 45.0, token_expiry: Optional[float] = None,
-                 codec=None):
+                 codec=None, max_message: Optional[int] = None):
         self.loop = loop
         self.sock = sock
         self.agent_id = agent_id
@@ -88,7 +88,9 @@ class Link:
         # Our protocol's Connection, or another codec with its operations and
         # events (protocol/wsmux.py's, for websocktunnel's clients).
         self.conn = codec if codec is not None else tunnel_connection("server", None)
-        self.max_message = self.conn.max_message
+        # The largest message accepted from the agent: what the 101 announced
+        # (MESSAGE_HEADER), else what the codec sends (the protocol's default).
+        self.max_message = max_message or self.conn.max_message
         self.parser = FrameParser(self._on_data, self._on_control,
                                   max_frame_size=self.max_message, require_mask=True,
                                   on_message_end=self._on_message_end)
@@ -113,6 +115,7 @@ class Link:
         self._tick = loop.timer(tick, tick)
         self._close_timer = None
         self._dispatching = False
+        self._deferred = []         # sinks given data during the current read
         self.closing = False        # our close frame is queued or sent
         self.finished = False
         self.going_away = False     # the agent sent GOAWAY: no new streams
@@ -136,6 +139,21 @@ class Link:
         except Exception:
             log.exception("%s: internal error", self.label)
             self._finish()
+
+    def defer(self, sink) -> bool:
+        """While a read's events are handed out: note ``sink`` to be updated
+        once they all are (so what one read brings a user is written in one
+        system call); False otherwise (the sink updates now)."""
+        if not self._dispatching:
+            return False
+        if sink not in self._deferred:
+            self._deferred.append(sink)
+        return True
+
+    def _update_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for sink in deferred:
+            sink._guarded(sink._update)
 
     def kick(self) -> None:
         """Something was queued in the mux connection: send it (once per read
@@ -240,6 +258,8 @@ class Link:
             return
         finally:
             self._dispatching = False
+            if self._deferred:
+                self._update_deferred()
         self._update()
 
     def _on_data(self, chunk, opcode: int) -> None:
@@ -253,8 +273,15 @@ class Link:
         self._parts.append(chunk)
 
     def _own_message(self) -> None:
-        """A message continues in the next read: keep its pieces out of the buffer."""
-        self._parts = [b"".join(self._parts)]
+        """A message continues in the next read: keep its pieces out of the
+        buffer, in one bytearray that the rest of the message is added to."""
+        parts = self._parts
+        if len(parts) == 1 and type(parts[0]) is bytearray:
+            return
+        message = bytearray()
+        for part in parts:
+            message += part
+        self._parts = [message]
 
     def _on_message_end(self, opcode: int) -> None:
         parts, self._parts, self._size = self._parts, [], 0
@@ -263,7 +290,14 @@ class Link:
                 raise ProtocolError("empty message on a tunnel")
             return
         # Usually one frame, one view: the mux parses it in place (no copy).
-        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        # A message begun in an earlier read is a bytearray: the rest joins it.
+        payload = parts[0]
+        if len(parts) > 1:
+            if type(payload) is bytearray:
+                for part in parts[1:]:
+                    payload += part
+            else:
+                payload = b"".join(parts)
         for event in self.conn.receive_message(payload):
             self._dispatch(event)
         if self.waiting:
