@@ -109,7 +109,7 @@ class Server:
 
 AGENTS = ("auth", "dup", "tcp", "gone", "bridge", "refusing", "ignoring", "timing", "absent",
           "bad", "good", "bulk", "limit", "burst", "status", "drain", "heap", "large",
-          "wheap")
+          "wheap", "tail")
 
 
 @pytest.fixture(scope="module")
@@ -768,6 +768,16 @@ def test_malformed_mux_input_variants(server, what, message):
         bad.close()
 
 
+def accept_held(agent) -> int:
+    """A "hold" agent's next open: accepted, OPEN_OK sent; its stream id."""
+    wait_for(lambda: agent.held, what="the open")
+    with agent.lock:
+        stream_id = agent.held.pop()
+        agent.conn.accept_stream(stream_id)
+        agent._flush()
+    return stream_id
+
+
 def test_the_server_takes_the_messages_its_101_announces(server):
     """The 101 says X-Websockify-Max-Message: 262256 (sixteen full DATA frames): a
     message that size is carried; one byte more is 1009 for that agent only."""
@@ -777,11 +787,8 @@ def test_the_server_takes_the_messages_its_101_announces(server):
         assert agent.headers.get("x-websockify-max-message") == "262256"
         payload = bytes(range(256)) * 1024          # the 256 KiB default window
         with tcp_user(server.faces["large"]) as user:
-            wait_for(lambda: agent.held, what="the open")
+            stream_id = accept_held(agent)
             with agent.lock:
-                stream_id = agent.held.pop()
-                agent.conn.accept_stream(stream_id)
-                agent._flush()                      # OPEN_OK
                 assert agent.conn.send_data(stream_id, payload) == len(payload)
                 messages = agent.conn.data_to_send()
                 # The whole window in one message of the announced size.
@@ -801,6 +808,30 @@ def test_the_server_takes_the_messages_its_101_announces(server):
     finally:
         agent.close()
         bystander.close()
+
+
+def test_data_before_a_reset_in_one_message_reaches_the_user(server):
+    """DATA then RESET in one message: the user gets the bytes, then the end (the
+    server writes a read's data at the read's end, and a reset flushes it first)."""
+    agent = connect_agent(server, "tail", on_open="hold")
+    try:
+        with tcp_user(server.faces["tail"]) as user:
+            stream_id = accept_held(agent)
+            body = b"last words before the reset\n" * 100
+            agent.send_message(struct.pack("!BIH", 3, stream_id, len(body)) + body
+                               + struct.pack("!BIHH", 6, stream_id, 2, 1))
+            got = bytearray()
+            while True:
+                try:
+                    chunk = user.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                got += chunk
+            assert bytes(got) == body
+    finally:
+        agent.close()
 
 
 def test_bridge_token_found_as_novnc_sends_it(server, echo_service):

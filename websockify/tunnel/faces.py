@@ -112,6 +112,13 @@ class StreamUser:
 
     def reset(self, code: int, reason: str) -> None:
         self._timer.stop()
+        if self.out and self.is_open and not self.finished:
+            # What came before the RESET in the same read (its write is
+            # deferred to the read's end) still goes out, as far as it fits.
+            try:
+                self._flush()
+            except OSError:
+                pass
         if self.outcome is None:
             self.outcome = ("reset", code, reason)
             self.decided.set()
