@@ -3,8 +3,8 @@
 One WebSocket between the server and an agent carries many streams.  Every
 binary WebSocket message holds one or more whole frames (a frame never spans
 messages) and is at most what its receiver announced in the upgrade
-(MESSAGE_HEADER), else DEFAULT_MESSAGE bytes; a frame is a 7-byte header ``!BIH`` (type u8, stream u32, payload
-length u16) and its payload:
+(MESSAGE_HEADER), else DEFAULT_MESSAGE bytes; a frame is a 7-byte header
+``!BIH`` (type u8, stream u32, payload length u16) and its payload:
 
 ====  ========  ======  ==================================================
 type  name      stream  payload

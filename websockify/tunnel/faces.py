@@ -103,6 +103,10 @@ class StreamUser:
         if not self.link.defer(self):
             self._update()
 
+    def write_deferred(self) -> None:
+        """The read that brought ``data`` is done: write what it queued."""
+        self._guarded(self._update)
+
     def window_opened(self) -> None:
         self._update()
 

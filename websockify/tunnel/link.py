@@ -67,6 +67,7 @@ class StreamSink:
     def reset(self, code: int, reason: str) -> None: ...
     def closed(self) -> None: ...
     def assigned(self, stream_id: int) -> None: ...
+    def write_deferred(self) -> None: ...
 
 
 class Link:
@@ -115,7 +116,7 @@ class Link:
         self._tick = loop.timer(tick, tick)
         self._close_timer = None
         self._dispatching = False
-        self._deferred = []         # sinks given data during the current read
+        self._deferred = {}         # sinks given data during the current read, in order
         self.closing = False        # our close frame is queued or sent
         self.finished = False
         self.going_away = False     # the agent sent GOAWAY: no new streams
@@ -141,19 +142,19 @@ class Link:
             self._finish()
 
     def defer(self, sink) -> bool:
-        """While a read's events are handed out: note ``sink`` to be updated
-        once they all are (so what one read brings a user is written in one
-        system call); False otherwise (the sink updates now)."""
+        """While a read's events are handed out: note ``sink`` to be told
+        (``write_deferred``) once they all are, so that what one read brings
+        a user is written in one system call; False otherwise (the sink
+        writes now)."""
         if not self._dispatching:
             return False
-        if sink not in self._deferred:
-            self._deferred.append(sink)
+        self._deferred[sink] = None
         return True
 
     def _update_deferred(self) -> None:
-        deferred, self._deferred = self._deferred, []
+        deferred, self._deferred = self._deferred, {}
         for sink in deferred:
-            sink._guarded(sink._update)
+            sink.write_deferred()
 
     def kick(self) -> None:
         """Something was queued in the mux connection: send it (once per read
