@@ -491,7 +491,8 @@ def test_tuple_plugin_and_token_file_subclass(websockify, echo4, tmp_path, wild)
 def test_raising_plugin_is_500_one_line_worker_lives(websockify, echo4, wild):
     proc, port = start_tokens(websockify, "--token-plugin", "wildplugins.RaisingPlugin",
                               "{port}", env=wild)
-    pids = children_of(proc.pid)
+    # The master listens before it forks: wait for the worker.
+    pids = wait_for(lambda: children_of(proc.pid), what="the worker")
     for _ in range(5):
         status, body = answer(port, "/?token=x")
         # The plugin's own words stay in the log, not in the answer.
@@ -512,7 +513,8 @@ def test_malformed_lookup_results_are_502_with_one_line_each(websockify, wild):
     tokens = sorted(namespace["MalformedPlugin"].RESULTS)
     proc, port = start_tokens(websockify, "--token-plugin", "wildplugins.MalformedPlugin",
                               "{port}", env=wild)
-    pids = children_of(proc.pid)
+    # The master listens before it forks: wait for the worker.
+    pids = wait_for(lambda: children_of(proc.pid), what="the worker")
     for token in tokens:
         status, body = answer(port, "/?token=" + token)
         assert status == 502 and b"unusable target" in body, (token, status, body)
