@@ -26,6 +26,7 @@ from typing import Callable, List, Optional
 
 from websockify.errors import WebSocketError
 from websockify.metrics import counters as metrics
+from websockify.net.sendqueue import send_some
 from websockify.protocol.codec import HYBI, Codec
 from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, binary_header,
                                         encode_frame, frame_header, parse_close_payload)
@@ -41,7 +42,6 @@ BULK_READ = 32 * 1024      # a target read this large switches to splice(2)
 # past this many bytes we stop reading its pings.
 CONTROL_BACKLOG = 64 * 1024
 CLOSE_TIMEOUT = 5.0        # seconds to wait for the client's close reply
-_IOV_MAX = 512
 
 _READ = 1
 _WRITE = 2
@@ -143,21 +143,10 @@ class _Leg:
         sock = self.sock
         while out:
             try:
-                if self.plain and len(out) > 1:
-                    sent = sock.sendmsg(out[:_IOV_MAX])
-                else:
-                    sent = sock.send(out[0])
+                sent = send_some(sock, out, self.plain)
             except (BlockingIOError, InterruptedError):
                 return False
             self.out_bytes -= sent
-            while sent:
-                head = out[0]
-                if sent >= len(head):
-                    sent -= len(head)
-                    del out[0]
-                else:
-                    out[0] = memoryview(head)[sent:]
-                    sent = 0
         if not self.plain:
             return sock.flush()     # TLS: encrypted bytes may still be waiting
         return True

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 from gevent.event import Event
 
 from websockify.errors import BadGateway, GatewayTimeout, HTTPError
+from websockify.net.sendqueue import send_some
 from websockify.protocol.mux import ResetCode
 
 log = logging.getLogger("websockify")
@@ -204,19 +205,7 @@ class StreamUser:
         try:
             while out:
                 # All that one read of the agent brought, in one system call.
-                if len(out) > 1 and self.plain:
-                    sent = sock.sendmsg(out[:64])
-                else:
-                    sent = sock.send(out[0])
-                written += sent
-                while sent:
-                    head = out[0]
-                    if sent < len(head):
-                        # A view, not a slice: a slice of bytes copies the rest.
-                        out[0] = memoryview(head)[sent:]
-                        return False
-                    sent -= len(head)
-                    del out[0]
+                written += send_some(sock, out, self.plain)
             return True
         except (BlockingIOError, InterruptedError):
             return False

@@ -26,6 +26,7 @@ from collections import deque
 from typing import Callable, Deque, Dict, Optional
 
 from websockify.errors import ProtocolError, WebSocketError
+from websockify.net.sendqueue import send_some
 from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameParser,
                                         binary_header, close_payload, encode_frame,
                                         parse_close_payload)
@@ -203,25 +204,11 @@ class Link:
         out = self.out
         sock = self.sock
         while out:
-            if self.plain and len(out) > 1:
-                try:
-                    sent = sock.sendmsg(out[:512])
-                except (BlockingIOError, InterruptedError):
-                    return False
-            else:
-                try:
-                    sent = sock.send(out[0])
-                except (BlockingIOError, InterruptedError):
-                    return False
+            try:
+                sent = send_some(sock, out, self.plain)
+            except (BlockingIOError, InterruptedError):
+                return False
             self.out_bytes -= sent
-            while sent:
-                head = out[0]
-                if sent >= len(head):
-                    sent -= len(head)
-                    del out[0]
-                else:
-                    out[0] = bytes(memoryview(head)[sent:])
-                    sent = 0
         if not self.plain:
             return sock.flush()
         return True
