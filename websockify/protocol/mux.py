@@ -221,23 +221,24 @@ def encode_frame(frame_type: int, stream_id: int, payload: Buffer = b"") -> byte
     return HEADER.pack(frame_type, stream_id, len(payload)) + bytes(payload)
 
 
-def parse_window(text: Optional[str]) -> Optional[int]:
-    """An announced window (WINDOW_HEADER's value): bytes in MIN_WINDOW..MAX_WINDOW, else None."""
+def _announced_size(text: Optional[str], low: int, high: int) -> Optional[int]:
+    """A byte count announced in a header: ASCII digits for a value in low..high, else None."""
     text = (text or "").strip()
     if not text.isascii() or not text.isdigit() or len(text) > 9:
         return None
-    window = int(text)
-    return window if MIN_WINDOW <= window <= MAX_WINDOW else None
+    size = int(text)
+    return size if low <= size <= high else None
+
+
+def parse_window(text: Optional[str]) -> Optional[int]:
+    """An announced window (WINDOW_HEADER's value): bytes in MIN_WINDOW..MAX_WINDOW, else None."""
+    return _announced_size(text, MIN_WINDOW, MAX_WINDOW)
 
 
 def parse_max_message(text: Optional[str]) -> Optional[int]:
     """An announced message size (MESSAGE_HEADER's value): bytes in
     DEFAULT_MESSAGE..MAX_MESSAGE, else None (the sender keeps DEFAULT_MESSAGE)."""
-    text = (text or "").strip()
-    if not text.isascii() or not text.isdigit() or len(text) > 9:
-        return None
-    size = int(text)
-    return size if DEFAULT_MESSAGE <= size <= MAX_MESSAGE else None
+    return _announced_size(text, DEFAULT_MESSAGE, MAX_MESSAGE)
 
 
 def parse_frames(message: Buffer) -> List[tuple]:
