@@ -36,8 +36,16 @@ Phases:
                ours against websocktunnel and the direct service, and the
                download at two instances
 
+  ceiling      the same one-stream downloads (TCP: beside the bridge; HTTP:
+               beside the direct service) through scripts/bench_bare_relay.py,
+               the least work a two-hop tunnel does: "masked" (each hop reads,
+               XORs and writes, as a WebSocket client and its server must) and
+               "splice" (a link that is not WebSocket: no byte enters either
+               process): how close ours is to what this machine allows
+
 --tunnel-phases cluster runs the two-instance phase alone, --tunnel-phases wst the
-idle wst-client one (N = --wst-agents), --tunnel-phases http the HTTP one.
+idle wst-client one (N = --wst-agents), --tunnel-phases http the HTTP one,
+--tunnel-phases ceiling the ceiling one.
 
 The script is loaded by scripts/bench (--tunnel); it uses its helpers (B).
 """
@@ -765,6 +773,9 @@ def run(bench, opts, cfg):
     if getattr(opts, "tunnel_phases", "all") == "wst":
         wst_phase(python, env, workdir, bindir, why, opts, results, errors)
         return report_wst(results["wst"]), results, errors
+    if getattr(opts, "tunnel_phases", "all") == "ceiling":
+        ceiling_phase(python, env, workdir, volume, cfg, opts, results, errors)
+        return report_ceiling(results["ceiling"]), results, errors
     if getattr(opts, "tunnel_phases", "all") == "http":
         http = load_http_phase()
         http.http_phase(sys.modules[__name__], python, env, workdir, bindir, why, opts, cfg,
@@ -814,10 +825,142 @@ def run(bench, opts, cfg):
     http = load_http_phase()
     http.http_phase(sys.modules[__name__], python, env, workdir, bindir, why, opts, cfg,
                     results, errors)
+    ceiling_phase(python, env, workdir, volume, cfg, opts, results, errors)
     return (report(results, rw is not None, why, volume, each, opts)
             + "\n" + report_wst(results["wst"])
             + "\n" + report_cluster(results["cluster"], volume, opts)
-            + "\n" + http.report(results["http"], opts)), results, errors
+            + "\n" + http.report(results["http"], opts)
+            + "\n" + report_ceiling(results["ceiling"])), results, errors
+
+
+BARE_MODES = ("masked", "splice")
+CEILING_LABELS = {"reference": None, "ours": "ours (tunnel)",
+                  "masked": "bare relay, masked", "splice": "bare relay, splice"}
+
+
+def start_bare_relay(python, mode, service_port, name):
+    """scripts/bench_bare_relay.py in ``mode`` before the service; (procs, the user port)."""
+    script = os.path.join(B.HERE, "bench_bare_relay.py")
+    link, user = B.free_port(), B.free_port()
+    server = B.Proc([python, script, mode, "server", str(link), str(user)], name + "-server",
+                    want_stdout=True)
+    if server.read_line(20) != "READY":
+        server.stop()
+        raise B.BenchError("the bare relay did not start:\n%s" % server.log_tail())
+    agent = B.Proc([python, script, mode, "agent", str(service_port), str(link)],
+                   name + "-agent")
+    if server.read_line(20) != "LINKED":
+        agent.stop()
+        server.stop()
+        raise B.BenchError("the bare relay's agent did not connect:\n%s" % agent.log_tail())
+    return [agent, server], user
+
+
+def ceiling_phase(python, env, workdir, volume, cfg, opts, results, errors):
+    """One-stream downloads: the bridge (TCP) and the direct service (HTTP) against
+    ours and the two bare relays, each path on fresh processes, sides rotating."""
+    http = load_http_phase()
+    http.B, http.T = B, sys.modules[__name__]
+    ours = OursTunnel(workdir, python, env)
+    res = results["ceiling"] = {"tcp": {}, "http": {}, "volume": volume,
+                                "http_size": cfg["http_size"], "rounds": opts.rounds}
+    tcp = {key: [] for key in CEILING_LABELS}
+    web = {key: [] for key in CEILING_LABELS}
+
+    def tcp_path(key):
+        procs = []
+        target, tport = B.start_target(python, "source", volume, "ceiling")
+        procs.append(target)
+        try:
+            if key == "reference":
+                port = B.free_port()
+                procs.append(B.Proc([python, "-m", "websockify", "--workers", "2",
+                                     "127.0.0.1:%d" % port, "127.0.0.1:%d" % tport],
+                                    "ceiling-bridge", env=env))
+                _wait(lambda: B.is_listening(port), 30, "the bridge")
+                return B.measure_downstream(port, volume)
+            if key == "ours":
+                started, port, _ = ours.start(tport, "ceiling-ours")
+            else:
+                started, port = start_bare_relay(python, key, tport, "ceiling-" + key)
+            procs.extend(started)
+            return tcp_download(port, volume)
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+
+    def http_path(key, service_port, service, path, tail):
+        size = cfg["http_size"]
+        if key == "reference":
+            return http.download(service_port, "/big", size, tail)
+        procs = []
+        try:
+            if key == "ours":
+                paths = http.start_paths(python, env, workdir, None, service, service_port,
+                                         procs, errors)
+                if "ours" not in paths:
+                    raise B.BenchError("our HTTP face did not start")
+                port, prefix, _ = paths["ours"]
+                return http.download(port, prefix + "big", size, tail)
+            started, port = start_bare_relay(python, key, service_port, "ceiling-http-" + key)
+            procs.extend(started)
+            return http.download(port, "/big", size, tail)
+        finally:
+            for proc in reversed(procs):
+                if proc is not service:
+                    proc.stop()
+
+    order = list(CEILING_LABELS)
+    service = None
+    try:
+        path, _, tail = http.big_file(workdir, cfg["http_size"])
+        service, service_port = http.start_service(python, path)
+        for number in range(opts.rounds):
+            B.note("ceiling round %d of %d" % (number + 1, opts.rounds))
+            for key in order[number % len(order):] + order[:number % len(order)]:
+                for into, run in ((tcp, lambda: tcp_path(key)),
+                                  (web, lambda: http_path(key, service_port, service, path,
+                                                          tail))):
+                    try:
+                        into[key].append(run())
+                        B.note("  %s %s: %.1f MB/s" % ("TCP" if into is tcp else "HTTP",
+                                                       key, into[key][-1]))
+                    except (OSError, B.BenchError) as exc:
+                        B.note("ERROR ceiling / %s: %s" % (key, exc))
+                        errors.append("ceiling / %s: %s" % (key, exc))
+    except (OSError, B.BenchError) as exc:
+        B.note("ERROR ceiling phase: %s" % exc)
+        errors.append("ceiling phase: %s" % exc)
+    finally:
+        if service is not None:
+            service.stop()
+    for key in order:
+        for into, values in ((res["tcp"], tcp[key]), (res["http"], web[key])):
+            if values:
+                into[key] = sorted(values)[len(values) // 2]
+
+
+def report_ceiling(ceiling):
+    """The ceiling table: each path's median and its ratio to the reference path."""
+    out = ["| one-stream download, MB/s | TCP | / direct bridge | HTTP (%d MiB) | / direct "
+           "service |" % (ceiling["http_size"] >> 20), "|---|---:|---:|---:|---:|"]
+    tcp, web = ceiling["tcp"], ceiling["http"]
+    labels = dict(CEILING_LABELS, reference="direct (bridge / service)")
+    for key, label in labels.items():
+        cells = []
+        for values in (tcp, web):
+            value, base = values.get(key), values.get("reference")
+            cells.append("%.1f" % value if value else "")
+            cells.append("%.2f" % (value / base) if value and base and key != "reference"
+                         else "")
+        out.append("| %s | %s |" % (label, " | ".join(cells)))
+    out.append("")
+    out.append("Median of %d rounds, each path on fresh processes, %d MiB over TCP.  The bare "
+               "relays (scripts/bench_bare_relay.py) carry bytes with no framing, "
+               "multiplexing or flow control: \"masked\" is the least a WebSocket link's two "
+               "hops do, \"splice\" what a link that is not WebSocket could do on plain TCP."
+               % (ceiling["rounds"], ceiling["volume"] >> 20))
+    return "\n".join(out) + "\n"
 
 
 def load_http_phase():
