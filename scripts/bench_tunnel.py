@@ -749,11 +749,7 @@ def run(bench, opts, cfg):
         target = srv = None
         try:
             target, tport = B.start_target(python, mode, total, "tunnel")
-            port = B.free_port()
-            srv = B.Proc([python, "-m", "websockify", "--workers", "2",
-                          "127.0.0.1:%d" % port, "127.0.0.1:%d" % tport], "tunnel-bridge",
-                         env=env)
-            _wait(lambda: B.is_listening(port), 30, "the bridge")
+            srv, port = start_bridge(python, env, tport, "tunnel-bridge")
             fn(port)
         except KeyboardInterrupt:
             raise
@@ -833,9 +829,21 @@ def run(bench, opts, cfg):
             + "\n" + report_ceiling(results["ceiling"])), results, errors
 
 
-BARE_MODES = ("masked", "splice")
-CEILING_LABELS = {"reference": None, "ours": "ours (tunnel)",
+CEILING_LABELS = {"reference": "direct (bridge / service)", "ours": "ours (tunnel)",
                   "masked": "bare relay, masked", "splice": "bare relay, splice"}
+
+
+def start_bridge(python, env, target_port, name):
+    """The direct bridge, ``websockify --workers 2`` to target_port; (proc, its port)."""
+    port = B.free_port()
+    srv = B.Proc([python, "-m", "websockify", "--workers", "2", "127.0.0.1:%d" % port,
+                  "127.0.0.1:%d" % target_port], name, env=env)
+    try:
+        _wait(lambda: B.is_listening(port), 30, "the bridge")
+    except B.BenchError:
+        srv.stop()
+        raise
+    return srv, port
 
 
 def start_bare_relay(python, mode, service_port, name):
@@ -873,11 +881,8 @@ def ceiling_phase(python, env, workdir, volume, cfg, opts, results, errors):
         procs.append(target)
         try:
             if key == "reference":
-                port = B.free_port()
-                procs.append(B.Proc([python, "-m", "websockify", "--workers", "2",
-                                     "127.0.0.1:%d" % port, "127.0.0.1:%d" % tport],
-                                    "ceiling-bridge", env=env))
-                _wait(lambda: B.is_listening(port), 30, "the bridge")
+                srv, port = start_bridge(python, env, tport, "ceiling-bridge")
+                procs.append(srv)
                 return B.measure_downstream(port, volume)
             if key == "ours":
                 started, port, _ = ours.start(tport, "ceiling-ours")
@@ -889,7 +894,7 @@ def ceiling_phase(python, env, workdir, volume, cfg, opts, results, errors):
             for proc in reversed(procs):
                 proc.stop()
 
-    def http_path(key, service_port, service, path, tail):
+    def http_path(key, service_port, service, tail):
         size = cfg["http_size"]
         if key == "reference":
             return http.download(service_port, "/big", size, tail)
@@ -907,8 +912,7 @@ def ceiling_phase(python, env, workdir, volume, cfg, opts, results, errors):
             return http.download(port, "/big", size, tail)
         finally:
             for proc in reversed(procs):
-                if proc is not service:
-                    proc.stop()
+                proc.stop()
 
     order = list(CEILING_LABELS)
     service = None
@@ -918,13 +922,12 @@ def ceiling_phase(python, env, workdir, volume, cfg, opts, results, errors):
         for number in range(opts.rounds):
             B.note("ceiling round %d of %d" % (number + 1, opts.rounds))
             for key in order[number % len(order):] + order[:number % len(order)]:
-                for into, run in ((tcp, lambda: tcp_path(key)),
-                                  (web, lambda: http_path(key, service_port, service, path,
-                                                          tail))):
+                for face, into, run in (
+                        ("TCP", tcp, lambda: tcp_path(key)),
+                        ("HTTP", web, lambda: http_path(key, service_port, service, tail))):
                     try:
                         into[key].append(run())
-                        B.note("  %s %s: %.1f MB/s" % ("TCP" if into is tcp else "HTTP",
-                                                       key, into[key][-1]))
+                        B.note("  %s %s: %.1f MB/s" % (face, key, into[key][-1]))
                     except (OSError, B.BenchError) as exc:
                         B.note("ERROR ceiling / %s: %s" % (key, exc))
                         errors.append("ceiling / %s: %s" % (key, exc))
@@ -937,7 +940,7 @@ def ceiling_phase(python, env, workdir, volume, cfg, opts, results, errors):
     for key in order:
         for into, values in ((res["tcp"], tcp[key]), (res["http"], web[key])):
             if values:
-                into[key] = sorted(values)[len(values) // 2]
+                into[key] = http._median(values)
 
 
 def report_ceiling(ceiling):
@@ -945,8 +948,7 @@ def report_ceiling(ceiling):
     out = ["| one-stream download, MB/s | TCP | / direct bridge | HTTP (%d MiB) | / direct "
            "service |" % (ceiling["http_size"] >> 20), "|---|---:|---:|---:|---:|"]
     tcp, web = ceiling["tcp"], ceiling["http"]
-    labels = dict(CEILING_LABELS, reference="direct (bridge / service)")
-    for key, label in labels.items():
+    for key, label in CEILING_LABELS.items():
         cells = []
         for values in (tcp, web):
             value, base = values.get(key), values.get("reference")
