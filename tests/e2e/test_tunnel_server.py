@@ -72,6 +72,15 @@ def send_and_read_to_eof(user, payload: bytes) -> bytes:
         received += chunk
 
 
+def recv_exactly(sock, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "closed after %d of %d bytes" % (len(data), n)
+        data += chunk
+    return data
+
+
 def echo_check(port, payload):
     with tcp_user(port) as user:
         assert send_and_read_to_eof(user, payload) == payload
@@ -109,7 +118,7 @@ class Server:
 
 AGENTS = ("auth", "dup", "tcp", "gone", "bridge", "refusing", "ignoring", "timing", "absent",
           "bad", "good", "bulk", "limit", "burst", "status", "drain", "heap", "large",
-          "wheap", "tail")
+          "wheap", "tail", "many")
 
 
 @pytest.fixture(scope="module")
@@ -694,6 +703,63 @@ def faults_over_a_download(processes, tmp_path, server, agent_id, pid_of) -> int
             before = minor_faults(pid)
             read(64 << 20)
             return minor_faults(pid) - before
+    finally:
+        service.close()
+
+
+def test_real_agent_carries_more_bulk_streams_than_in_place_buffers(tunnel_server, processes,
+                                                                   tmp_path):
+    """Four users download 12 MiB each at once through one real agent, which has two
+    in-place buffers (agent/transport.py IN_PLACE_BUFFERS): the streams that find
+    none free read through the mux's queue, and every user gets exactly its own
+    bytes, in order; an echo user beside them is answered too."""
+    import hashlib
+    import threading
+    from websockify.agent.transport import IN_PLACE_BUFFERS
+    users = IN_PLACE_BUFFERS + 2
+    block = pattern(1024 * 1024)
+    size = 12 * len(block)
+
+    def body(k):
+        turned = block[k * 4099:] + block[:k * 4099]
+        return turned * (size // len(turned))
+
+    def source(conn):
+        # The first byte names the body; an "e" asks for an echo of 5 bytes instead.
+        with conn:
+            first = conn.recv(1)
+            if first == b"e":
+                conn.sendall(recv_exactly(conn, 5))
+                return
+            conn.sendall(body(first[0]))
+
+    service = Service(source)
+    try:
+        start_real_agent(processes, tmp_path, tunnel_server, "many", service.port)
+        digests = {}
+
+        def download(k):
+            with tcp_user(tunnel_server.faces["many"], timeout=60) as user:
+                user.sendall(bytes([k]))
+                digest, got = hashlib.sha256(), 0
+                while True:
+                    chunk = user.recv(1 << 20)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    got += len(chunk)
+                digests[k] = (got, digest.hexdigest())
+
+        threads = [threading.Thread(target=download, args=(k,)) for k in range(users)]
+        for thread in threads:
+            thread.start()
+        with tcp_user(tunnel_server.faces["many"]) as echo:
+            echo.sendall(b"ehello")
+            assert recv_exactly(echo, 5) == b"hello"
+        for thread in threads:
+            thread.join(90)
+        assert digests == {k: (size, hashlib.sha256(body(k)).hexdigest())
+                           for k in range(users)}
     finally:
         service.close()
 

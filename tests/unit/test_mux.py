@@ -1027,3 +1027,61 @@ def test_a_grown_window_is_enforced():
 def test_bad_growth_settings(kwargs):
     with pytest.raises(ValueError):
         Connection("server", **kwargs)
+
+
+# -- DATA framed in place by the agent (protocol/inplace.py) ----------------------
+
+def in_place_message(layout, stream_id, data):
+    """The mux payloads of the messages a MessageLayout seals for ``data``."""
+    from tests.unit.test_inplace import fill, parse
+    fill(layout, data)
+    pieces = layout.seal(stream_id, len(data), bytes(4 * layout.count(len(data))))
+    messages, _, _ = parse(b"".join(bytes(p) for p in pieces))
+    return messages
+
+
+def test_credit_in_place_is_the_credit_of_an_accepted_stream_with_nothing_queued():
+    server = Connection("server")
+    agent = Connection("agent")
+    stream_id = server.open_stream(META)
+    pump(server, agent)
+    assert agent.credit_in_place(stream_id) == 0        # not accepted yet
+    agent.accept_stream(stream_id)
+    assert agent.credit_in_place(stream_id) == DEFAULT_WINDOW
+    agent.send_data(stream_id, b"queued")
+    assert agent.credit_in_place(stream_id) == 0        # its bytes must go first
+    pump(agent, server)
+    assert agent.credit_in_place(stream_id) == DEFAULT_WINDOW - 6
+    agent.end_stream(stream_id)
+    assert agent.credit_in_place(stream_id) == 0        # ended
+    assert agent.credit_in_place(99) == 0               # never opened
+
+
+def test_data_sent_in_place_takes_credit_and_reaches_the_server():
+    from websockify.protocol.inplace import MessageLayout
+    server, agent = pair()
+    stream_id = established(server, agent)
+    layout = MessageLayout.for_connection(agent, 3 * MAX_DATA)
+    data = bytes(range(256)) * 200                     # 51200 bytes: four frames
+    agent.sent_in_place(stream_id, len(data))
+    assert agent.credit_in_place(stream_id) == DEFAULT_WINDOW - len(data)
+    assert agent.send_window(stream_id) == DEFAULT_WINDOW - len(data)
+    assert agent.bytes_out == len(data)
+    events = []
+    for message in in_place_message(layout, stream_id, data):
+        events += server.receive_message(message)
+    assert data_events(events) == {stream_id: data}
+    assert server.bytes_in == len(data)
+
+
+def test_sent_in_place_past_the_credit_is_refused():
+    server, agent = pair(window=65536)
+    stream_id = established(server, agent)
+    with pytest.raises(ValueError):
+        agent.sent_in_place(stream_id, 65537)
+    with pytest.raises(ValueError):
+        agent.sent_in_place(stream_id, 0)
+    agent.sent_in_place(stream_id, 65536)
+    with pytest.raises(ValueError):
+        agent.sent_in_place(stream_id, 1)              # no credit left
+    assert agent.send_window(stream_id) == 0

@@ -13,13 +13,19 @@ A ``Tunnel`` is one WebSocket to the server and four kinds of greenlets:
   them unmasked) -> whole messages -> ``Connection.receive_message`` ->
   events, handled at once (nothing in it blocks);
 * the writer: the mux's ``data_to_send`` as masked binary frames (a fresh
-  ``os.urandom`` key per frame), with pongs and the close frame first;
+  ``os.urandom`` key per frame), with pongs and the close frame first, and
+  between those batches the streams' in-place messages, one read each;
 * the timer: ``Liveness`` pings, and the end of a server silent too long;
 * per stream, once the service is connected: one greenlet reads the
   service only while the stream has credit (``send_window > 0``; a
   ``SendWindowOpened`` wakes it) and another writes what the server sent,
   then calls ``consumed`` so credit goes back.  A stream thus holds at most
   its window in each direction, whatever the service or the user does.
+  The reader reads up to IN_PLACE_READ bytes straight into the messages
+  that carry them (protocol/inplace.py: one system call each way, no copy in
+  the process), hands them to the writer and waits until they are sent;
+  when all IN_PLACE_BUFFERS buffers are in use (or the stream's bytes are
+  queued) it reads into the mux's queue as before.
 """
 
 import ipaddress
@@ -40,9 +46,11 @@ from gevent.event import Event
 
 from websockify import __version__
 from websockify.agent.backoff import Backoff
+from websockify.protocol.inplace import MessageLayout
 from websockify.agent.tokens import TokenError, TokenFile, TokenStdin
 from websockify.agent.viewer import ViewerURL
 from websockify.errors import EXIT_CONFIG, EXIT_OK, TunnelHandshakeError, WebSocketError
+from websockify.net.sendqueue import send_some
 from websockify.net.tls import describe_error
 from websockify.protocol import mux
 from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT,
@@ -61,6 +69,13 @@ WRITE_BATCH = 1024 * 1024
 #: The largest message the agent accepts from the server, announced in its
 #: upgrade (mux.MESSAGE_HEADER); the server's own packs at most 64 KiB + headers.
 MAX_MESSAGE = 1024 * 1024
+#: Bytes one read of a service takes into a stream's in-place messages
+#: (protocol/inplace.py): several messages per system call each way.
+IN_PLACE_READ = 4 * 1024 * 1024
+#: In-place buffers a tunnel makes at most (kept for reuse): a stream that
+#: finds none free reads through the queue instead.  So bulk streams cost
+#: the agent at most IN_PLACE_BUFFERS * IN_PLACE_READ bytes of buffers.
+IN_PLACE_BUFFERS = 2
 _RECV = 256 * 1024
 _CLOSE_WAIT = 1.0           # seconds the close frame gets to go out at the end
 _BODY_LIMIT = 2048          # bytes of a refusal's body read for the log
@@ -418,8 +433,8 @@ def _read_body(sock, head: bytes, rest: bytes, deadline: float) -> str:
 class _Stream:
     """A stream whose service connection is up."""
 
-    __slots__ = ("id", "sock", "peer", "out", "out_wake", "window_wake", "reader", "writer",
-                 "reader_done", "writer_done", "closed")
+    __slots__ = ("id", "sock", "peer", "out", "out_wake", "window_wake", "sent_wake", "reader",
+                 "writer", "reader_done", "writer_done", "closed")
 
     def __init__(self, stream_id: int, sock, peer: str):
         self.id = stream_id
@@ -428,6 +443,7 @@ class _Stream:
         self.out: Deque[Optional[bytes]] = deque()   # for the service; None: the server's FIN
         self.out_wake = Event()
         self.window_wake = Event()
+        self.sent_wake = Event()     # the writer sent this stream's in-place messages
         self.reader = None
         self.writer = None
         self.reader_done = False    # the service's EOF was passed on as FIN
@@ -460,6 +476,10 @@ class Tunnel:
         self._wake = Event()
         self._done = Event()
         self._close_queued = False
+        #: Streams' in-place messages for the writer: (stream, layout, pieces), in order.
+        self._in_place: Deque[tuple] = deque()
+        self._layouts: List[MessageLayout] = []     # made and free, for the next read
+        self._layouts_made = 0
         self.server_close_code: Optional[int] = None   # the code of the server's close frame
         self.reason = ""
         self._greenlets: list = []
@@ -619,6 +639,8 @@ class Tunnel:
         sock = self.sock
         conn = self.conn
         wake = self._wake
+        in_place = self._in_place
+        plain = not isinstance(sock, (ssl.SSLSocket, gssl.SSLSocket))
         out_buffer = bytearray()
         try:
             while True:
@@ -629,26 +651,49 @@ class Tunnel:
                     self._ws_out = []
                     closing = self._close_queued
                     messages = [] if closing else conn.message_parts(WRITE_BATCH)
-                    if not frames and not messages:
+                    if frames or messages:
+                        prefix = frames[0] if len(frames) == 1 else b"".join(frames)
+                        if messages:
+                            # One buffer for every batch: sendall is done with it
+                            # before the next batch is built.
+                            wire = mask_messages(messages, prefix, out_buffer)
+                            try:
+                                sock.sendall(wire)
+                            finally:
+                                wire.release()
+                        else:
+                            sock.sendall(prefix)
+                        if closing:
+                            return
+                    elif not in_place:
                         break
-                    prefix = frames[0] if len(frames) == 1 else b"".join(frames)
-                    if messages:
-                        # One buffer for every batch: sendall is done with it
-                        # before the next batch is built.
-                        wire = mask_messages(messages, prefix, out_buffer)
+                    if in_place:
+                        # One read's messages of one stream after what was queued
+                        # before it: control frames wait behind at most one.
+                        stream, layout, pieces = in_place.popleft()
                         try:
-                            sock.sendall(wire)
+                            if conn.is_open(stream.id):
+                                # send_some, not sendall: no SO_SNDBUF query and
+                                # 1 MiB chunks per call; both pieces in one sendmsg.
+                                while pieces:
+                                    send_some(sock, pieces, plain)
                         finally:
-                            wire.release()
-                    else:
-                        sock.sendall(prefix)
-                    if closing:
-                        return
+                            self._layouts.append(layout)
+                            stream.sent_wake.set()
         except OSError as exc:
             self._end("connection lost: %s" % _reason(exc))
         except Exception:
             log.exception("internal error writing to the server")
             self._end("agent internal error")
+
+    def _take_layout(self) -> Optional[MessageLayout]:
+        """A free in-place buffer, a new one if fewer than IN_PLACE_BUFFERS exist, else None."""
+        if self._layouts:
+            return self._layouts.pop()
+        if self._layouts_made >= IN_PLACE_BUFFERS:
+            return None
+        self._layouts_made += 1
+        return MessageLayout.for_connection(self.conn, IN_PLACE_READ)
 
     # -- liveness ------------------------------------------------------------
 
@@ -708,10 +753,41 @@ class Tunnel:
     def _service_to_server(self, stream: _Stream) -> None:
         conn = self.conn
         sid = stream.id
-        recv = stream.sock.recv
+        sock = stream.sock
+        recv = sock.recv
         wake = self._wake
+        peek = bytearray(1)
+        drained = True      # the last read emptied the socket: wait before taking a buffer
         try:
             while True:
+                credit = conn.credit_in_place(sid)
+                if credit:
+                    # The usual case: read into the messages that carry the bytes
+                    # (protocol/inplace.py); idle streams wait holding no buffer.
+                    if drained and not sock.recv_into(peek, 1, socket.MSG_PEEK):
+                        break
+                    layout = self._take_layout()
+                    if layout is not None:
+                        handed = False
+                        try:
+                            want = min(credit, layout.capacity)
+                            n = sock.recvmsg_into(layout.views(want))[0]
+                            if not n:
+                                break
+                            if not conn.is_open(sid):
+                                return
+                            drained = n < want
+                            conn.sent_in_place(sid, n)
+                            pieces = layout.seal(sid, n, os.urandom(4 * layout.count(n)))
+                            stream.sent_wake.clear()
+                            self._in_place.append((stream, layout, pieces))
+                            handed = True
+                        finally:
+                            if not handed:
+                                self._layouts.append(layout)
+                        wake.set()
+                        stream.sent_wake.wait()     # the writer is done with the buffer
+                        continue
                 window = conn.send_window(sid)
                 if window <= 0:
                     if not conn.is_open(sid):

@@ -702,6 +702,33 @@ class Connection(StreamTable):
             return 0
         return stream.credit
 
+    @property
+    def frame_max(self) -> int:
+        """The largest DATA payload this end sends (MAX_DATA, or less for small messages)."""
+        return self._frame_max
+
+    def credit_in_place(self, stream_id: int) -> int:
+        """How many bytes of ``stream_id``'s DATA the caller may frame itself now
+        (then ``sent_in_place``): the stream's credit when none of its bytes
+        wait in the queue (they must not be overtaken); 0 when it is not
+        accepted yet, ended, closed or has queued bytes (then ``send_data``)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.fin_queued or stream.out or not stream.established:
+            return 0
+        return stream.credit
+
+    def sent_in_place(self, stream_id: int, n: int) -> None:
+        """The caller framed ``n`` bytes of DATA for ``stream_id`` itself (at most
+        ``credit_in_place``): they take the stream's credit.  The caller sends
+        that message after everything ``message_parts`` has returned before
+        and before anything it returns after (an accepted stream's OPEN_OK is
+        queued there, and goes first)."""
+        if not 0 < n <= self.credit_in_place(stream_id):
+            raise ValueError("%d bytes framed in place on stream %d exceed its credit"
+                             % (n, stream_id))
+        self._streams[stream_id].credit -= n
+        self.bytes_out += n
+
     def send_data(self, stream_id: int, data: Buffer) -> int:
         """Queue up to ``send_window`` bytes of ``data``; returns how many were taken.
 
