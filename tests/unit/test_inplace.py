@@ -45,12 +45,15 @@ def parse(wire):
 
 
 def carried(layout, stream_id, data):
-    """Fill, seal and parse back: (the DATA bytes in order, the messages' frames, pieces)."""
+    """Fill, seal and parse back: (the DATA bytes in order, the messages' frames, their
+    views); each view is one whole message."""
     fill(layout, data)
     count = layout.count(len(data))
-    pieces = layout.seal(stream_id, len(data), os.urandom(4 * count))
-    wire = b"".join(bytes(piece) for piece in pieces)
-    messages, keys, _ = parse(wire)
+    views = layout.seal(stream_id, len(data), os.urandom(4 * count))
+    assert len(views) == count
+    for view in views:
+        assert len(parse(bytes(view))[0]) == 1
+    messages, keys, _ = parse(b"".join(bytes(view) for view in views))
     assert len(messages) == count
     frames = [mux.parse_frames(message) for message in messages]
     out = b"".join(payload for message in frames for _, _, payload in message)
@@ -58,7 +61,14 @@ def carried(layout, stream_id, data):
         for frame_type, sid, payload in message:
             assert (frame_type, sid) == (DATA, stream_id)
             assert 0 < len(payload) <= layout.frame_max
-    return out, frames, pieces
+    return out, frames, views
+
+
+def gaps(views):
+    """Bytes between consecutive messages in the layout's buffer (0: end to end)."""
+    import ctypes
+    starts = [ctypes.addressof(ctypes.c_char.from_buffer(view)) for view in views]
+    return [b - (a + len(v)) for a, b, v in zip(starts, starts[1:], views)]
 
 
 @pytest.mark.parametrize("n, sizes", [
@@ -77,22 +87,22 @@ def test_small_layout_frames_and_messages(n, sizes):
     assert [[len(p) for _, _, p in message] for message in frames] == sizes
 
 
-def test_full_messages_lie_end_to_end_and_a_short_last_one_is_a_second_piece():
+def test_full_messages_lie_end_to_end_and_only_a_short_last_one_leaves_a_gap():
     layout = MessageLayout(frame_max=mux.MAX_DATA, frames=16, messages=4)
     per = layout.per_message
-    for n, pieces_wanted in ((4 * per, 1), (3 * per, 1), (per + 70000, 1),
-                             (per + 100, 2), (per + 1, 2), (per - 1, 1)):
+    for n, gaps_wanted in ((4 * per, [0, 0, 0]), (3 * per, [0, 0]), (per + 70000, [0]),
+                           (per + 100, [8]), (per + 1, [8]), (per + 1000, [6]), (per - 1, [])):
         data = os.urandom(n)
-        out, frames, pieces = carried(layout, 3, data)
+        out, frames, views = carried(layout, 3, data)
         assert out == data
-        assert len(pieces) == pieces_wanted, n
+        assert gaps(views) == gaps_wanted, n
 
 
 def test_the_largest_message_is_what_the_server_announces():
     layout = MessageLayout(frame_max=mux.MAX_DATA, frames=16, messages=2)
     fill(layout, os.urandom(layout.capacity))
-    pieces = layout.seal(1, layout.capacity, os.urandom(8))
-    messages, _, lengths = parse(b"".join(bytes(p) for p in pieces))
+    views = layout.seal(1, layout.capacity, os.urandom(8))
+    messages, _, lengths = parse(b"".join(bytes(v) for v in views))
     assert [len(m) for m in messages] == [mux.LARGE_MESSAGE] * 2
     assert lengths == [14, 14]
 
@@ -101,8 +111,8 @@ def test_each_message_has_its_own_key():
     layout = MessageLayout(frame_max=8, frames=2, messages=3)
     keys = b"AAAABBBBCCCC"
     fill(layout, bytes(48))
-    pieces = layout.seal(1, 48, keys)
-    _, got, _ = parse(b"".join(bytes(p) for p in pieces))
+    views = layout.seal(1, 48, keys)
+    _, got, _ = parse(b"".join(bytes(v) for v in views))
     assert got == [b"AAAA", b"BBBB", b"CCCC"]
 
 
@@ -146,6 +156,6 @@ def test_any_read_parses_back_to_its_bytes(frame_max, frames, messages, data, st
     for _ in range(3):
         n = data.draw(st.integers(1, layout.capacity))
         payload = data.draw(st.binary(min_size=n, max_size=n))
-        out, frames_got, pieces = carried(layout, stream_id, payload)
+        out, frames_got, views = carried(layout, stream_id, payload)
         assert out == payload
-        assert len(pieces) <= 2
+        assert all(gap == 0 for gap in gaps(views)[:-1])

@@ -1035,8 +1035,8 @@ def in_place_message(layout, stream_id, data):
     """The mux payloads of the messages a MessageLayout seals for ``data``."""
     from tests.unit.test_inplace import fill, parse
     fill(layout, data)
-    pieces = layout.seal(stream_id, len(data), bytes(4 * layout.count(len(data))))
-    messages, _, _ = parse(b"".join(bytes(p) for p in pieces))
+    views = layout.seal(stream_id, len(data), bytes(4 * layout.count(len(data))))
+    messages, _, _ = parse(b"".join(bytes(v) for v in views))
     return messages
 
 

@@ -72,6 +72,8 @@ MAX_MESSAGE = 1024 * 1024
 #: Bytes one read of a service takes into a stream's in-place messages
 #: (protocol/inplace.py): several messages per system call each way.
 IN_PLACE_READ = 4 * 1024 * 1024
+#: In-place messages sent per write: about WRITE_BATCH bytes (4 full ones).
+IN_PLACE_WRITE = 4
 #: In-place buffers a tunnel makes at most (kept for reuse): a stream that
 #: finds none free reads through the queue instead.  So bulk streams cost
 #: the agent at most IN_PLACE_BUFFERS * IN_PLACE_READ bytes of buffers.
@@ -476,7 +478,8 @@ class Tunnel:
         self._wake = Event()
         self._done = Event()
         self._close_queued = False
-        #: Streams' in-place messages for the writer: (stream, layout, pieces), in order.
+        #: Streams' in-place reads for the writer: (stream, layout, the messages
+        #: not sent yet), in order.
         self._in_place: Deque[tuple] = deque()
         self._layouts: List[MessageLayout] = []     # made and free, for the next read
         self._layouts_made = 0
@@ -668,18 +671,25 @@ class Tunnel:
                     elif not in_place:
                         break
                     if in_place:
-                        # One read's messages of one stream after what was queued
-                        # before it: control frames wait behind at most one.
-                        stream, layout, pieces = in_place.popleft()
+                        # A stream's in-place messages, IN_PLACE_WRITE at a time,
+                        # each batch after what was queued before it: control
+                        # frames wait behind at most one batch.
+                        stream, layout, wire = in_place[0]
+                        done = True
                         try:
                             if conn.is_open(stream.id):
-                                # send_some, not sendall: no SO_SNDBUF query and
-                                # 1 MiB chunks per call; both pieces in one sendmsg.
-                                while pieces:
-                                    send_some(sock, pieces, plain)
+                                batch = wire[:IN_PLACE_WRITE]
+                                del wire[:IN_PLACE_WRITE]
+                                done = not wire
+                                # send_some, not sendall: one sendmsg gathers the
+                                # batch (no SO_SNDBUF query, no 1 MiB chunks).
+                                while batch:
+                                    send_some(sock, batch, plain)
                         finally:
-                            self._layouts.append(layout)
-                            stream.sent_wake.set()
+                            if done:
+                                in_place.popleft()
+                                self._layouts.append(layout)
+                                stream.sent_wake.set()
         except OSError as exc:
             self._end("connection lost: %s" % _reason(exc))
         except Exception:
@@ -778,9 +788,9 @@ class Tunnel:
                                 return
                             drained = n < want
                             conn.sent_in_place(sid, n)
-                            pieces = layout.seal(sid, n, os.urandom(4 * layout.count(n)))
+                            wire = layout.seal(sid, n, os.urandom(4 * layout.count(n)))
                             stream.sent_wake.clear()
-                            self._in_place.append((stream, layout, pieces))
+                            self._in_place.append((stream, layout, wire))
                             handed = True
                         finally:
                             if not handed:

@@ -13,8 +13,8 @@ byte once more, into the frame buffer), and a read of up to ``capacity``
 bytes (several messages) costs one system call each way.
 
 A full message's header fills its room exactly, so full messages lie end
-to end; only the last one, when short, can have a shorter header, and then
-``seal`` returns it as a second piece.
+to end (a sendmsg of their views is one contiguous write); only the last
+one, when short, can have a shorter header and a gap before it.
 
 Pure: no sockets; the transport reads and sends.
 """
@@ -81,11 +81,11 @@ class MessageLayout:
         return self._payloads[:full] + [self._payloads[full][:part]]
 
     def seal(self, stream_id: int, n: int, keys: bytes) -> List[memoryview]:
-        """The wire bytes (one or two pieces, to send in order) of the messages that
-        carry the ``n`` bytes (1..capacity) a read put into ``views``: DATA and
-        WebSocket headers written in, each message masked in place with its own
-        4 bytes of ``keys`` (4 per message, ``count(n)`` messages).  Valid until
-        the next read into this layout."""
+        """The wire bytes of the messages that carry the ``n`` bytes (1..capacity) a
+        read put into ``views``, one view per message, in order: DATA and WebSocket
+        headers written in, each message masked in place with its own 4 bytes of
+        ``keys`` (4 per message, ``count(n)`` messages).  Valid until the next read
+        into this layout; all but a short last one lie end to end."""
         if not 0 < n <= self.capacity:
             raise ValueError("%d bytes do not fit a layout of %d" % (n, self.capacity))
         count = self.count(n)
@@ -97,13 +97,11 @@ class MessageLayout:
         slot = self._slot
         room = self._room
         pack = mux.HEADER.pack_into
-        pieces = []
-        piece_start = 0
+        wire = []
         for message in range(count):
-            base = message * self._span
             carried = min(self.per_message, n - message * self.per_message)
             full, last = divmod(carried, frame_max)
-            at = begin = base + room
+            at = begin = message * self._span + room
             for _ in range(full):
                 pack(buf, at, _DATA, stream_id, frame_max)
                 at += slot
@@ -112,26 +110,18 @@ class MessageLayout:
                 at += mux.HEADER_SIZE + last
             size = at - begin
             key = keys[4 * message:4 * message + 4]
-            length = header_length(size)
-            start = begin - length
-            if length == 6:
+            start = begin - header_length(size)
+            if size < 126:
                 buf[start] = _FIRST
                 buf[start + 1] = 0x80 | size
                 buf[start + 2:begin] = key
-            elif length == 8:
+            elif size < 65536:
                 _WS_16(buf, start, _FIRST, 0x80 | 126, size, key)
             else:
                 _WS_64(buf, start, _FIRST, 0x80 | 127, size, key)
             unmask_into(buf, begin, at, key)
-            if message == 0:
-                piece_start = start
-            elif length != room:
-                # A short last message: its header leaves a gap before it.
-                pieces.append(view[piece_start:base])
-                piece_start = start
-            piece_end = at
-        pieces.append(view[piece_start:piece_end])
-        return pieces
+            wire.append(view[start:at])
+        return wire
 
     def count(self, n: int) -> int:
         """How many messages carry ``n`` bytes."""
