@@ -896,6 +896,7 @@ def ceiling_phase(python, env, workdir, volume, cfg, opts, results, errors):
 
     def http_path(key, service_port, service, tail):
         size = cfg["http_size"]
+        http.warm(body)
         if key == "reference":
             return http.download(service_port, "/big", size, tail)
         procs = []
@@ -917,8 +918,8 @@ def ceiling_phase(python, env, workdir, volume, cfg, opts, results, errors):
     order = list(CEILING_LABELS)
     service = None
     try:
-        path, _, tail = http.big_file(workdir, cfg["http_size"])
-        service, service_port = http.start_service(python, path)
+        body, _, tail = http.big_file(workdir, cfg["http_size"])
+        service, service_port = http.start_service(python, body)
         for number in range(opts.rounds):
             B.note("ceiling round %d of %d" % (number + 1, opts.rounds))
             for key in order[number % len(order):] + order[:number % len(order)]:
