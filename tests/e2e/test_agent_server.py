@@ -289,7 +289,8 @@ def test_wss_with_the_servers_certificate_verified(processes, tmp_path, pki, ech
     good = start_agent(processes, "wss://127.0.0.1:%d/tunnel/secure" % port, echo.port,
                        "--token-file", token, "--ca-cert", pki.ca.cert, "-v")
     good.wait_log(r"tunnel up")
-    payload = pattern(200000)
+    # Several MiB: the agent's in-place messages go out over TLS one view per send.
+    payload = pattern(6 * 1024 * 1024 + 5)
     assert transfer(faces["secure"], payload) == payload
     bad = start_agent(processes, "wss://127.0.0.1:%d/tunnel/secure" % port, echo.port,
                       "--token-file", token, "--ca-cert", pki.other_ca.cert)
