@@ -53,7 +53,7 @@ def carried(layout, stream_id, data):
     assert len(views) == count
     for view in views:
         assert len(parse(bytes(view))[0]) == 1
-    messages, keys, _ = parse(b"".join(bytes(view) for view in views))
+    messages, _, _ = parse(b"".join(bytes(view) for view in views))
     assert len(messages) == count
     frames = [mux.parse_frames(message) for message in messages]
     out = b"".join(payload for message in frames for _, _, payload in message)
@@ -93,7 +93,7 @@ def test_full_messages_lie_end_to_end_and_only_a_short_last_one_leaves_a_gap():
     for n, gaps_wanted in ((4 * per, [0, 0, 0]), (3 * per, [0, 0]), (per + 70000, [0]),
                            (per + 100, [8]), (per + 1, [8]), (per + 1000, [6]), (per - 1, [])):
         data = os.urandom(n)
-        out, frames, views = carried(layout, 3, data)
+        out, _, views = carried(layout, 3, data)
         assert out == data
         assert gaps(views) == gaps_wanted, n
 
@@ -156,6 +156,6 @@ def test_any_read_parses_back_to_its_bytes(frame_max, frames, messages, data, st
     for _ in range(3):
         n = data.draw(st.integers(1, layout.capacity))
         payload = data.draw(st.binary(min_size=n, max_size=n))
-        out, frames_got, views = carried(layout, stream_id, payload)
+        out, _, views = carried(layout, stream_id, payload)
         assert out == payload
         assert all(gap == 0 for gap in gaps(views)[:-1])

@@ -46,7 +46,6 @@ from gevent.event import Event
 
 from websockify import __version__
 from websockify.agent.backoff import Backoff
-from websockify.protocol.inplace import MessageLayout
 from websockify.agent.tokens import TokenError, TokenFile, TokenStdin
 from websockify.agent.viewer import ViewerURL
 from websockify.errors import EXIT_CONFIG, EXIT_OK, TunnelHandshakeError, WebSocketError
@@ -58,6 +57,7 @@ from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, O
                                         parse_close_payload, unmask_into)
 from websockify.protocol.handshake import (HEADER_LIMIT, RequestHeaders, check_client_response,
                                            client_key, client_request, head_end)
+from websockify.protocol.inplace import MessageLayout
 
 log = logging.getLogger("websockify.agent")
 
