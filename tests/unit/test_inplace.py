@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from websockify.protocol.inplace import MessageLayout, header_length
 from websockify.protocol import mux
-from websockify.protocol.frames import FrameParser
+from websockify.protocol.frames import FrameParser, client_header_length
+from websockify.protocol.inplace import MessageLayout
 
 DATA = int(mux.FrameType.DATA)
 
@@ -36,7 +36,7 @@ def parse(wire):
         assert wire[pos] == 0x82 and wire[pos + 1] & 0x80       # FIN binary, masked
         code = wire[pos + 1] & 0x7F
         length = {126: 8, 127: 14}.get(code, 6)
-        assert length == header_length(len(payload))           # the shortest form
+        assert length == client_header_length(len(payload))           # the shortest form
         keys.append(wire[pos + length - 4:pos + length])
         lengths.append(length)
         pos += length + len(payload)

@@ -34,7 +34,6 @@ import os
 import re
 import socket
 import ssl
-import struct
 import time
 from collections import deque
 from typing import Deque, Dict, List, Optional, Tuple
@@ -52,8 +51,9 @@ from websockify.errors import EXIT_CONFIG, EXIT_OK, TunnelHandshakeError, WebSoc
 from websockify.net.sendqueue import send_some
 from websockify.net.tls import describe_error
 from websockify.protocol import mux
-from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT,
-                                        FrameParser, close_payload, encode_client_frame,
+from websockify.protocol.frames import (OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameParser,
+                                        client_header_length, close_payload,
+                                        encode_client_frame, pack_client_header,
                                         parse_close_payload, unmask_into)
 from websockify.protocol.handshake import (HEADER_LIMIT, RequestHeaders, check_client_response,
                                            client_key, client_request, head_end)
@@ -90,8 +90,6 @@ SENT_AWAY = (1000, 1008)
 
 _HTML_TITLE = re.compile(r"<title>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 _CONTENT_LENGTH = re.compile(rb"\r?\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
-_HEADER_16 = struct.Struct("!BBH4s").pack_into
-_HEADER_64 = struct.Struct("!BBQ4s").pack_into
 
 
 def mask_messages(messages: List[tuple], prefix: bytes = b"",
@@ -108,7 +106,7 @@ def mask_messages(messages: List[tuple], prefix: bytes = b"",
     """
     total = len(prefix)
     for _, size in messages:
-        total += size + (6 if size < 126 else 8 if size < 65536 else 14)
+        total += size + client_header_length(size)
     if buffer is None:
         out = bytearray(total)
     else:
@@ -121,17 +119,7 @@ def mask_messages(messages: List[tuple], prefix: bytes = b"",
     view[:pos] = prefix
     for index, (parts, size) in enumerate(messages):
         key = keys[4 * index:4 * index + 4]
-        if size < 126:
-            out[pos] = 0x80 | OP_BINARY
-            out[pos + 1] = 0x80 | size
-            out[pos + 2:pos + 6] = key
-            pos += 6
-        elif size < 65536:
-            _HEADER_16(out, pos, 0x80 | OP_BINARY, 0x80 | 126, size, key)
-            pos += 8
-        else:
-            _HEADER_64(out, pos, 0x80 | OP_BINARY, 0x80 | 127, size, key)
-            pos += 14
+        pos = pack_client_header(out, pos, size, key)
         begin = pos
         for part in parts:
             end = pos + len(part)

@@ -199,23 +199,42 @@ def encode_frame(opcode: int, payload: bytes = b"") -> bytes:
     return binary_header(len(payload), opcode) + payload
 
 
+_PACK_INTO_16 = struct.Struct("!BBH4s").pack_into
+_PACK_INTO_64 = struct.Struct("!BBQ4s").pack_into
+
+
+def client_header_length(length: int) -> int:
+    """The length of a masked client frame's header for a ``length``-byte payload."""
+    return 6 if length < 126 else 8 if length < 65536 else 14
+
+
+def pack_client_header(buf: bytearray, pos: int, length: int, key: bytes,
+                       opcode: int = OP_BINARY) -> int:
+    """Write the header of a masked final frame of ``length`` payload bytes (masking
+    ``key``) into ``buf`` at ``pos``, in the shortest form; returns where the
+    payload starts."""
+    first = 0x80 | opcode
+    if length < 126:
+        buf[pos] = first
+        buf[pos + 1] = 0x80 | length
+        buf[pos + 2:pos + 6] = key
+        return pos + 6
+    if length < 65536:
+        _PACK_INTO_16(buf, pos, first, 0x80 | 126, length, key)
+        return pos + 8
+    _PACK_INTO_64(buf, pos, first, 0x80 | 127, length, key)
+    return pos + 14
+
+
 def encode_client_frame(opcode: int, payload: bytes, mask_key: bytes) -> bytes:
     """A complete final frame masked with ``mask_key``, as a client sends it."""
     if len(mask_key) != 4:
         raise ValueError("a masking key is 4 bytes")
     length = len(payload)
-    first = 0x80 | opcode
-    if length < 126:
-        header = bytes((first, 0x80 | length))
-    elif length < 65536:
-        header = _PACK_16(first, 0x80 | 126, length)
-    else:
-        header = _PACK_64(first, 0x80 | 127, length)
+    out = bytearray(client_header_length(length) + length)
+    start = pack_client_header(out, 0, length, mask_key, opcode)
+    out[start:] = payload
     # XOR is its own inverse: masking is unmasking.
-    out = bytearray(header)
-    out += mask_key
-    start = len(out)
-    out += payload
     unmask_into(out, start, len(out), mask_key)
     return bytes(out)
 

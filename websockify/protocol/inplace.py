@@ -19,21 +19,12 @@ one, when short, can have a shorter header and a gap before it.
 Pure: no sockets; the transport reads and sends.
 """
 
-import struct
 from typing import List
 
 from websockify.protocol import mux
-from websockify.protocol.frames import OP_BINARY, unmask_into
+from websockify.protocol.frames import client_header_length, pack_client_header, unmask_into
 
 _DATA = int(mux.FrameType.DATA)
-_WS_16 = struct.Struct("!BBH4s").pack_into
-_WS_64 = struct.Struct("!BBQ4s").pack_into
-_FIRST = 0x80 | OP_BINARY       # FIN, binary
-
-
-def header_length(size: int) -> int:
-    """The length of a masked client frame's header for a ``size``-byte payload."""
-    return 6 if size < 126 else 8 if size < 65536 else 14
 
 
 class MessageLayout:
@@ -54,7 +45,7 @@ class MessageLayout:
         self.per_message = frames * frame_max
         self.capacity = messages * self.per_message
         self._slot = mux.HEADER_SIZE + frame_max
-        self._room = header_length(frames * self._slot)
+        self._room = client_header_length(frames * self._slot)
         self._span = self._room + frames * self._slot
         self.buffer = bytearray(messages * self._span)
         view = memoryview(self.buffer)
@@ -110,15 +101,8 @@ class MessageLayout:
                 at += mux.HEADER_SIZE + last
             size = at - begin
             key = keys[4 * message:4 * message + 4]
-            start = begin - header_length(size)
-            if size < 126:
-                buf[start] = _FIRST
-                buf[start + 1] = 0x80 | size
-                buf[start + 2:begin] = key
-            elif size < 65536:
-                _WS_16(buf, start, _FIRST, 0x80 | 126, size, key)
-            else:
-                _WS_64(buf, start, _FIRST, 0x80 | 127, size, key)
+            start = begin - client_header_length(size)
+            pack_client_header(buf, start, size, key)
             unmask_into(buf, begin, at, key)
             wire.append(view[start:at])
         return wire
