@@ -118,7 +118,7 @@ class Server:
 
 AGENTS = ("auth", "dup", "tcp", "gone", "bridge", "refusing", "ignoring", "timing", "absent",
           "bad", "good", "bulk", "limit", "burst", "status", "drain", "heap", "large",
-          "wheap", "tail", "many")
+          "wheap", "tail", "many", "reuse")
 
 
 @pytest.fixture(scope="module")
@@ -760,6 +760,67 @@ def test_real_agent_carries_more_bulk_streams_than_in_place_buffers(tunnel_serve
             thread.join(90)
         assert digests == {k: (size, hashlib.sha256(body(k)).hexdigest())
                            for k in range(users)}
+    finally:
+        service.close()
+
+
+def test_a_stalled_user_keeps_its_bytes_while_the_read_buffer_is_reused(tunnel_server,
+                                                                        processes, tmp_path):
+    """The worker writes DATA to users straight from its one read buffer
+    (tunnel/link.py, Link.keep): what a stalled user's socket does not take is
+    copied before the next read.  One user stops reading while another
+    downloads 24 MiB through the same real agent (many reads of that buffer);
+    then the first reads on, and both get exactly their own bytes."""
+    import hashlib
+    import threading
+    block = pattern(1024 * 1024)
+    sizes = {0: 2 * len(block), 1: 24 * len(block)}
+
+    def body(k):
+        turned = block[k * 4099:] + block[:k * 4099]
+        return turned * (sizes[k] // len(turned))
+
+    def source(conn):
+        with conn:
+            k = conn.recv(1)[0]
+            try:
+                conn.sendall(body(k))
+            except OSError:
+                pass
+
+    def read_all(user):
+        digest, got = hashlib.sha256(), 0
+        while True:
+            chunk = user.recv(1 << 20)
+            if not chunk:
+                return got, digest.hexdigest()
+            digest.update(chunk)
+            got += len(chunk)
+
+    service = Service(source)
+    try:
+        start_real_agent(processes, tmp_path, tunnel_server, "reuse", service.port)
+        stalled = tcp_user(tunnel_server.faces["reuse"], timeout=60)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        with stalled:
+            stalled.sendall(b"\x00")
+            first = recv_exactly(stalled, 1000)      # its stream is flowing, then it stalls
+            results = {}
+
+            def bulk():
+                with tcp_user(tunnel_server.faces["reuse"], timeout=60) as user:
+                    user.sendall(b"\x01")
+                    results[1] = read_all(user)
+
+            thread = threading.Thread(target=bulk)
+            thread.start()
+            thread.join(90)
+            assert results.get(1) == (sizes[1], hashlib.sha256(body(1)).hexdigest())
+            assert first == body(0)[:1000]
+            # Read on with a receive buffer that no longer slows the rest.
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            assert read_all(stalled) == (sizes[0] - 1000,
+                                         hashlib.sha256(body(0)[1000:]).hexdigest())
     finally:
         service.close()
 

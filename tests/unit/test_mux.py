@@ -1085,3 +1085,55 @@ def test_sent_in_place_past_the_credit_is_refused():
     with pytest.raises(ValueError):
         agent.sent_in_place(stream_id, 1)              # no credit left
     assert agent.send_window(stream_id) == 0
+
+
+# -- borrowed DATA (receive_message(borrow=True)) ----------------------------------
+
+def test_borrowed_data_is_views_of_the_message_one_event_per_run():
+    server, agent = pair()
+    first = established(server, agent)
+    second = established(server, agent)
+    message = bytearray(F(3, first, b"a" * MAX_DATA) + F(3, first, b"bc")
+                        + F(3, second, b"de") + F(7, 0, b"12345678")
+                        + F(3, second, b"f"))
+    events = agent.receive_message(message, borrow=True)
+    # The PING between them ends the second stream's run.
+    assert all(type(event) is mux.DataViewsReceived for event in events)
+    runs = [(e.stream_id, [bytes(v) for v in e.views], e.size) for e in events]
+    assert runs == [(first, [b"a" * MAX_DATA, b"bc"], MAX_DATA + 2),
+                    (second, [b"de"], 2), (second, [b"f"], 1)]
+    # Views of the message itself, not copies: a later write to it shows.
+    view = events[0].views[1]
+    assert view.obj is message
+    message[HEADER.size + MAX_DATA + HEADER.size] = ord("X")
+    assert bytes(view) == b"Xc"
+    assert agent.bytes_in == MAX_DATA + 5
+
+
+def test_borrowed_data_counts_against_the_window_as_joined_data_does():
+    server, agent = pair(window=65536)
+    stream_id = established(server, agent)
+    full = F(3, stream_id, b"x" * MAX_DATA)
+    events = agent.receive_message(full * 3 + F(3, stream_id, b"x" * 16383), borrow=True)
+    assert [e.size for e in events] == [65535]
+    with pytest.raises(ProtocolError, match="over the receive window"):
+        agent.receive_message(F(3, stream_id, b"yz"), borrow=True)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from([0, 1]), st.integers(1, 3000)), min_size=1,
+                max_size=30))
+def test_borrowed_and_joined_data_are_the_same_bytes(pieces):
+    """Any interleaving of two streams' DATA frames: the borrowed events, joined,
+    are the joined events, in the same order, with the same sizes."""
+    results = []
+    for borrow in (False, True):
+        server, agent = pair()
+        ids = [established(server, agent), established(server, agent)]
+        message = b"".join(F(3, ids[which], bytes([n % 251]) * n) for which, n in pieces)
+        events = agent.receive_message(message, borrow=borrow)
+        if borrow:
+            assert all(e.size == sum(len(v) for v in e.views) for e in events)
+            events = [DataReceived(e.stream_id, b"".join(e.views)) for e in events]
+        results.append(events)
+    assert results[0] == results[1]

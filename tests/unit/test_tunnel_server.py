@@ -251,3 +251,21 @@ def test_registry_open_registration_entries(tmp_path):
     registry.configure(["A", "B"], keep_open=False)
     assert (registry.removed("Y"), registry.known("Y"), registry.known("A")) == \
         (True, False, True)
+
+
+# -- the link's shared read buffer -------------------------------------------------
+
+def test_link_keep_copies_only_views_of_the_read_buffer():
+    from websockify.tunnel import link
+    shared = memoryview(link._receive_buffer)
+    shared[:6] = b"abcdef"
+    own = bytearray(b"mine")
+    whole = b"bytes"
+    out = [shared[0:3], whole, memoryview(own)[1:], shared[3:6][1:]]
+    link.Link.keep(out)
+    assert out == [b"abc", b"bytes", b"ine", b"ef"]
+    assert type(out[0]) is bytes and type(out[3]) is bytes
+    assert out[1] is whole and type(out[2]) is memoryview and out[2].obj is own
+    shared[:6] = b"XXXXXX"              # the next read: what was kept is unchanged
+    assert out == [b"abc", b"bytes", b"ine", b"ef"]
+    del shared

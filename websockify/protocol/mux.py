@@ -174,6 +174,17 @@ class DataReceived:
 
 
 @dataclass(frozen=True)
+class DataViewsReceived:
+    """DATA as views of the message given to ``receive_message(..., borrow=True)``:
+    one run of a stream's consecutive DATA frames, uncopied (``size`` bytes in
+    all).  The views are valid only while that message's buffer is: the
+    application copies what it has not written before the buffer is reused."""
+    stream_id: int
+    views: list
+    size: int
+
+
+@dataclass(frozen=True)
 class SendWindowOpened:
     """Credit arrived: the application may send (resume reading its socket)."""
     stream_id: int
@@ -363,6 +374,12 @@ class StreamTable:
             self._ready[stream.id] = stream
 
 
+def _data_event(stream_id: int, run: list, size: int, borrow: bool):
+    if borrow:
+        return DataViewsReceived(stream_id, run, size)
+    return DataReceived(stream_id, b"".join(run))
+
+
 class Connection(StreamTable):
     """One end (``"server"`` or ``"agent"``) of a mux connection, sans I/O."""
 
@@ -453,8 +470,13 @@ class Connection(StreamTable):
 
     # -- receiving --------------------------------------------------------
 
-    def receive_message(self, payload: Buffer) -> list:
-        """Handle one binary WebSocket message; returns the events, in order."""
+    def receive_message(self, payload: Buffer, borrow: bool = False) -> list:
+        """Handle one binary WebSocket message; returns the events, in order.
+
+        A stream's consecutive DATA frames become one event: DataReceived with
+        their bytes joined, or, when ``borrow``, DataViewsReceived with views of
+        ``payload`` (no copy; the caller keeps them no longer than the buffer).
+        """
         view = memoryview(payload)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
@@ -466,6 +488,7 @@ class Connection(StreamTable):
         unpack = HEADER.unpack_from
         run_id = 0          # consecutive DATA of one stream become one event
         run: list = []
+        run_size = 0
         pos = 0
         while pos < end:
             if end - pos < HEADER_SIZE:
@@ -497,17 +520,20 @@ class Connection(StreamTable):
                 stream.recv_window -= length
                 self.bytes_in += length
                 if run and run_id != stream_id:
-                    events.append(DataReceived(run_id, b"".join(run)))
+                    events.append(_data_event(run_id, run, run_size, borrow))
                     run = []
+                    run_size = 0
                 run_id = stream_id
                 run.append(view[start:pos])
+                run_size += length
                 continue
             if run:
-                events.append(DataReceived(run_id, b"".join(run)))
+                events.append(_data_event(run_id, run, run_size, borrow))
                 run = []
+                run_size = 0
             self._control_frame(frame_type, stream_id, view[start:pos], events)
         if run:
-            events.append(DataReceived(run_id, b"".join(run)))
+            events.append(_data_event(run_id, run, run_size, borrow))
         return events
 
     def _check_closed(self, stream_id: int, what: str) -> None:

@@ -130,8 +130,11 @@ class WsmuxConnection(StreamTable):
 
     # -- receiving --------------------------------------------------------
 
-    def receive_message(self, payload: Buffer) -> list:
-        """Handle one binary WebSocket message (one frame); returns the events."""
+    def receive_message(self, payload: Buffer, borrow: bool = False) -> list:
+        """Handle one binary WebSocket message (one frame); returns the events.
+
+        ``borrow`` is accepted for the same call as mux.Connection's and
+        changes nothing: a wsmux DATA body is always copied (DataReceived)."""
         view = memoryview(payload)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")

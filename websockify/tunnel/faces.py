@@ -66,6 +66,10 @@ class StreamUser:
         self.out = []
         self.out_bytes = 0
         self.plain = not getattr(sock, "encrypted", False)
+        # Views of the link's read buffer go out gathered in one sendmsg; a
+        # TLS socket sends one buffer a call, so it is given joined bytes.
+        self.takes_views = self.plain
+        self.borrowing = False      # ``out`` may hold views of the link's read buffer
         self.is_open = False        # OPEN_OK came
         self.read_done = False      # the user sent EOF (our FIN is queued)
         self.peer_done = False      # the agent sent FIN
@@ -104,9 +108,24 @@ class StreamUser:
         if not self.link.defer(self):
             self._update()
 
+    def data_views(self, views: list, size: int) -> None:
+        """DATA as views of the link's read buffer: written with the rest of the
+        read at its end; what the socket does not take then is copied."""
+        if self.finished:
+            self.link.consumed(self.stream_id, size)
+            return
+        self.out.extend(views)
+        self.out_bytes += size
+        self.borrowing = True
+        if not self.link.defer(self):
+            self.write_deferred()
+
     def write_deferred(self) -> None:
         """The read that brought ``data`` is done: write what it queued."""
         self._guarded(self._update)
+        if self.borrowing:
+            self.borrowing = False
+            self.link.keep(self.out)
 
     def window_opened(self) -> None:
         self._update()

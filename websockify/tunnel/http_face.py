@@ -310,6 +310,14 @@ class HttpStreamUser(ViewerSide, StreamUser):
             return
         StreamUser.data(self, out)
 
+    def data_views(self, views: list, size: int) -> None:
+        if not self.answered or self.refused or self.finished:
+            self.data(b"".join(views))       # judged (or refused) on bytes of its own
+            return
+        self.active_at = time.monotonic()
+        self.down_bytes += size
+        StreamUser.data_views(self, views, size)
+
     def reset(self, code: int, reason: str) -> None:
         if self.is_open and not self.answered and not self.finished:
             # Reset before any answer: the viewer still gets one.

@@ -5,7 +5,10 @@ a read and a write watcher on the worker's loop and a liveness timer.  The
 agent's masked frames go through protocol/frames.py's parser; each binary
 message is handed to the mux ``Connection(role="server")``
 (protocol/mux.py), whose events go to the stream's user (tunnel/faces.py's
-``StreamUser``, through the ``StreamSink`` methods).  What the connection
+``StreamUser``, through the ``StreamSink`` methods).  DATA reaches the users
+uncopied, as views of the worker's one read buffer, written to their sockets
+when the read's events are all handed out; what a socket does not take then
+is copied (``Link.keep``) before the next read.  What the connection
 queues is sent as unmasked binary messages, pulled from it only while the
 socket has little queued, so control frames never wait behind bulk data.
 
@@ -30,7 +33,7 @@ from websockify.net.sendqueue import send_some
 from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameParser,
                                         binary_header, close_payload, encode_frame,
                                         parse_close_payload)
-from websockify.protocol.mux import (DataReceived, GoAwayReceived, Liveness, ResetCode,
+from websockify.protocol.mux import (DataReceived, DataViewsReceived, GoAwayReceived, Liveness, ResetCode,
                                      SendWindowOpened, StreamAccepted, StreamClosed, StreamEnded,
                                      StreamLimitError, StreamReset, tunnel_connection)
 
@@ -44,6 +47,9 @@ CLOSE_TIMEOUT = 2.0
 _READ = 1
 _WRITE = 2
 
+# One read buffer for every link of the worker: what a read brings is
+# handed out (and written to the users, as far as their sockets take it)
+# before the next read, so views of it never outlive the read (Link.keep).
 _receive_buffer = bytearray(READ_CHUNK)
 
 
@@ -62,7 +68,11 @@ class StreamSink:
     """What a stream's user side must answer (tunnel/faces.py implements it)."""
 
     def accepted(self) -> None: ...
+    #: True: DATA may come as views of the read buffer (``data_views``).
+    takes_views = False
+
     def data(self, data: bytes) -> None: ...
+    def data_views(self, views: list, size: int) -> None: ...
     def window_opened(self) -> None: ...
     def ended(self) -> None: ...
     def reset(self, code: int, reason: str) -> None: ...
@@ -151,6 +161,15 @@ class Link:
             return False
         self._deferred[sink] = None
         return True
+
+    @staticmethod
+    def keep(out: list) -> None:
+        """Copy, in place in ``out``, the views of the read buffer: a sink
+        given ``data_views`` calls this with what it could not write before
+        the read is over (the buffer's next read would overwrite them)."""
+        for index, part in enumerate(out):
+            if type(part) is memoryview and part.obj is _receive_buffer:
+                out[index] = bytes(part)
 
     def _update_deferred(self) -> None:
         deferred, self._deferred = self._deferred, {}
@@ -286,14 +305,25 @@ class Link:
                     payload += part
             else:
                 payload = b"".join(parts)
-        for event in self.conn.receive_message(payload):
+        # Borrowed: DATA comes as views of the read buffer, written to the
+        # users at the read's end; only what a user's socket did not take
+        # is copied (Link.keep).
+        for event in self.conn.receive_message(payload, borrow=True):
             self._dispatch(event)
         if self.waiting:
             self._admit_waiting()
 
     def _dispatch(self, event) -> None:
         kind = type(event)
-        if kind is DataReceived:
+        if kind is DataViewsReceived:
+            sink = self.sinks.get(event.stream_id)
+            if sink is None:
+                self.conn.consumed(event.stream_id, event.size)
+            elif sink.takes_views:
+                sink.data_views(event.views, event.size)
+            else:
+                sink.data(b"".join(event.views))
+        elif kind is DataReceived:
             sink = self.sinks.get(event.stream_id)
             if sink is not None:
                 sink.data(event.data)
