@@ -69,7 +69,6 @@ class StreamUser:
         # Views of the link's read buffer go out gathered in one sendmsg; a
         # TLS socket sends one buffer a call, so it is given joined bytes.
         self.takes_views = self.plain
-        self.borrowing = False      # ``out`` may hold views of the link's read buffer
         self.is_open = False        # OPEN_OK came
         self.read_done = False      # the user sent EOF (our FIN is queued)
         self.peer_done = False      # the agent sent FIN
@@ -116,16 +115,14 @@ class StreamUser:
             return
         self.out.extend(views)
         self.out_bytes += size
-        self.borrowing = True
         if not self.link.defer(self):
             self.write_deferred()
 
     def write_deferred(self) -> None:
         """The read that brought ``data`` is done: write what it queued."""
         self._guarded(self._update)
-        if self.borrowing:
-            self.borrowing = False
-            self.link.keep(self.out)
+        # What the socket did not take of the read buffer's views is copied.
+        self.link.keep(self.out)
 
     def window_opened(self) -> None:
         self._update()

@@ -33,9 +33,10 @@ from websockify.net.sendqueue import send_some
 from websockify.protocol.frames import (OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameParser,
                                         binary_header, close_payload, encode_frame,
                                         parse_close_payload)
-from websockify.protocol.mux import (DataReceived, DataViewsReceived, GoAwayReceived, Liveness, ResetCode,
-                                     SendWindowOpened, StreamAccepted, StreamClosed, StreamEnded,
-                                     StreamLimitError, StreamReset, tunnel_connection)
+from websockify.protocol.mux import (DataReceived, DataViewsReceived, GoAwayReceived,
+                                     Liveness, ResetCode, SendWindowOpened, StreamAccepted,
+                                     StreamClosed, StreamEnded, StreamLimitError, StreamReset,
+                                     tunnel_connection)
 
 log = logging.getLogger("websockify")
 
@@ -67,10 +68,10 @@ def liveness_settings() -> tuple:
 class StreamSink:
     """What a stream's user side must answer (tunnel/faces.py implements it)."""
 
-    def accepted(self) -> None: ...
     #: True: DATA may come as views of the read buffer (``data_views``).
     takes_views = False
 
+    def accepted(self) -> None: ...
     def data(self, data: bytes) -> None: ...
     def data_views(self, views: list, size: int) -> None: ...
     def window_opened(self) -> None: ...
